@@ -1,6 +1,109 @@
-"""The GRPO trainer (DeepSpeed ZeRO-2) -- placeholder until the trainer issue lands."""
+"""GRPO / Dr.GRPO / DAPO / GSPO training with the reference model in its own process.
+
+Each step: take prompts, sample a group of G completions per prompt with the current policy,
+score them with the functions in rewards.py, turn rewards into group-relative advantages, get the
+reference model's per-token log-probs from the reference server (the HTTP queue that extra
+generation boxes also feed), and take one or more clipped policy-gradient steps with DeepSpeed.
+
+Launch:
+    python grpo_ref_split.py                        # CPU, one process, the default run
+    deepspeed --num_gpus 2 grpo_ref_split.py        # 2 processes (GPUs, or CPU with gloo)
+    CUDA_VISIBLE_DEVICES=1,2,3 deepspeed grpo_ref_split.py --ref_url=http://127.0.0.1:59875
+    python grpo_ref_split.py --help                 # every option with its docstring
+
+With beta > 0 and no --ref_url, a reference server is started on a free loopback port and
+stopped at exit. With beta = 0 no reference model is needed at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
 import sys
+import time
+from pathlib import Path
+
+from simple_grpo.errors import UserError
+
+
+def main(argv: list[str]) -> dict:
+    import torch
+
+    from simple_grpo import checkpoint, data, engine as eng, models, rollout, train_loop
+    from simple_grpo.config import parse_config
+    from simple_grpo.train_config import TrainConfig, derive, loss_kwargs, resolve
+
+    cfg = resolve(parse_config(TrainConfig, argv, env_prefix="GRPO_", prog="grpo_ref_split.py"))
+    if cfg.mode == "generate":
+        raise UserError("--mode=generate (generation workers) is not implemented yet")
+    dist = eng.init_distributed()
+    d = derive(cfg, dist.world_size)
+    run_dir = Path(cfg.run_dir or f"runs/{cfg.preset}-{Path(cfg.task).stem}-{cfg.seed}")
+    torch.manual_seed(cfg.seed + dist.rank)
+
+    # Model, data, rewards: everything fails fast with a readable message before training starts.
+    tokenizer = models.load_tokenizer(cfg.model)
+    model = models.load_model(cfg.model, cfg.dtype, str(dist.device))
+    specs = train_loop.reward_specs(cfg)
+    system_prompt = cfg.system_prompt if cfg.system_prompt is not None else data.DEFAULT_SYSTEM_PROMPT
+    fields = dict(question_field=cfg.question_field, answer_field=cfg.answer_field)
+    train_examples = data.load_examples(cfg.task, "train", seed=cfg.seed, **fields)
+    test_examples = data.load_examples(cfg.task, "test", seed=cfg.seed, **fields)[:cfg.eval_prompts] \
+        if cfg.eval_every > 0 else []
+    stream = data.PromptStream(train_examples, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    render = lambda ex: data.render_prompt(tokenizer, ex["question"], system_prompt)  # noqa: E731
+    eos_ids = rollout.eos_token_ids(tokenizer, model)
+
+    ds = eng.ds_config(cfg.ds_config, micro_batch=cfg.micro_batch_size, grad_accum=d.grad_accum,
+                       world_size=dist.world_size, grad_clip=cfg.grad_clip,
+                       bf16=models.resolve_dtype(cfg.dtype, dist.device) == torch.bfloat16)
+    engine = eng.build_engine(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                              warmup_steps=cfg.warmup_steps, config=ds)
+    ref = train_loop.connect_ref(cfg, dist)  # None when beta == 0
+
+    state = {"step": 0, "weight_version": 0}
+    if cfg.resume:
+        client_state = checkpoint.load_latest(engine, run_dir / "checkpoints")
+        if client_state is None:
+            raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+        state = {"step": client_state["step"], "weight_version": client_state["weight_version"]}
+        stream.load_state_dict(client_state["stream"][dist.rank])
+        checkpoint.set_rng_state(client_state["rng"][dist.rank])
+    out = train_loop.Outputs(run_dir, cfg, dist, resume_step=state["step"])
+    ctx = train_loop.StepContext(cfg=cfg, d=d, dist=dist, engine=engine, tokenizer=tokenizer,
+                                 stream=stream, render=render, eos_ids=eos_ids, specs=specs,
+                                 loss_kw=loss_kwargs(cfg), ref=ref)
+
+    if state["step"] == 0 and test_examples:
+        out.log_eval(0, train_loop.evaluate(ctx, test_examples))
+    bar = out.progress(state["step"], cfg.steps)
+    for step in range(state["step"] + 1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        metrics, roll = train_loop.step(ctx, state["weight_version"])
+        state.update(step=step, weight_version=state["weight_version"] + cfg.num_iterations)
+        metrics.update(step=step, weight_version=state["weight_version"],
+                       step_seconds=time.perf_counter() - t0)
+        if test_examples and (step % cfg.eval_every == 0 or step == cfg.steps):
+            metrics["eval_accuracy"] = train_loop.evaluate(ctx, test_examples)
+        out.log_step(step, metrics, roll, bar)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            client_state = dict(state, stream=train_loop.gather(stream.state_dict(), dist),
+                                rng=train_loop.gather(checkpoint.rng_state(), dist),
+                                config=dataclasses.asdict(cfg))
+            checkpoint.save_checkpoint(engine, run_dir / "checkpoints", step, client_state,
+                                       keep_last=cfg.keep_last, on_error=cfg.on_save_error)
+    out.finish(engine.module, tokenizer)
+    if ref is not None:
+        ref.close()
+    return {"run_dir": str(run_dir), "steps": state["step"]}
+
 
 if __name__ == "__main__":
-    print("grpo_ref_split.py: the trainer is not implemented yet (see the trainer issue)")
-    sys.exit(2)
+    try:
+        result = main(sys.argv[1:])
+    except UserError as e:
+        print(f"grpo_ref_split.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("grpo_ref_split.py: interrupted", file=sys.stderr)
+        sys.exit(130)
+    print(json.dumps(result))

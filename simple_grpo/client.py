@@ -1,0 +1,181 @@
+"""Client of the reference server (simple_grpo.server), for the trainer and generation workers.
+
+    client = RefClient("http://127.0.0.1:59875", token=os.environ.get("REF_SERVER_TOKEN"))
+    client.wait_ready(timeout_s=300)          # prints "waiting for ref server at URL ..."
+    batch_id = client.upload(batch)           # RolloutBatch -> id; safe to retry (idempotent)
+    batch = client.get(wait_s=10)             # RolloutBatch with ref_logprobs, or None
+    logp_BC = client.logprobs(prompt_ids, prompt_lens, completion_ids, completion_lens)
+
+Retries: connection errors, timeouts, 429 and 503 are retried with exponential backoff (honouring
+Retry-After), up to `retries` times; any other 4xx raises RefServerError at once with the
+server's one-line message. Uploads carry a client-made batch_id, so a retried upload whose first
+attempt did reach the server is answered "duplicate" instead of being enqueued twice. A batch that
+/get popped but whose answer was lost in transit is lost (there are no acks).
+A RefClient holds a requests.Session: use one client per thread.
+"""
+from __future__ import annotations
+
+import random
+import sys
+import time
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import requests
+import torch
+
+from simple_grpo import codec
+from simple_grpo.errors import UserError
+
+_RETRY_STATUS = (429, 503)
+
+
+class RefServerError(RuntimeError):
+    """The server refused a request (4xx, or 5xx after retries); `.status`, `.message`."""
+
+    def __init__(self, status: int, message: str, url: str):
+        super().__init__(f"ref server {url} answered {status}: {message}")
+        self.status, self.message, self.url = status, message, url
+
+
+class RefServerAuthError(RefServerError, UserError):
+    """401: the token is missing or wrong -- something the user must fix."""
+
+
+class RefServerUnavailable(UserError):
+    """The server could not be reached (or stayed busy) within the retries or the timeout."""
+
+
+class RefClient:
+    """HTTP client of the reference server; see the module docstring."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 120.0,
+                 retries: int = 5, backoff_s: float = 0.25, max_backoff_s: float = 8.0,
+                 max_body_bytes: int | None = None):
+        self.url = url.rstrip("/")
+        self.timeout, self.retries = timeout, retries
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.max_body_bytes = max_body_bytes  # learnt from /health when not given
+        self.last_upload: dict[str, Any] = {}  # the server's answer to the last upload
+        self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    # ------------------------------------------------------------------ plumbing
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after is not None:
+            try:
+                return min(max(float(retry_after), 0.0), 60.0)
+            except ValueError:
+                pass  # an HTTP date: fall back to our own backoff
+        return min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + random.random() / 2)
+
+    def _error(self, r: requests.Response) -> RefServerError:
+        try:
+            message = str(r.json()["error"])
+        except (ValueError, KeyError, TypeError):
+            message = " ".join(r.text.split())[:300] or r.reason
+        cls = RefServerAuthError if r.status_code == 401 else RefServerError
+        return cls(r.status_code, message, self.url)
+
+    def _request(self, method: str, path: str, body: bytes | None = None,
+                 params: dict | None = None, timeout: float | None = None,
+                 retries: int | None = None) -> requests.Response:
+        retries = self.retries if retries is None else retries
+        if body is not None and self.max_body_bytes is not None and len(body) > self.max_body_bytes:
+            raise RefServerError(413, f"body of {len(body)} bytes exceeds the server's limit of "
+                                      f"{self.max_body_bytes} (split the batch)", self.url)
+        headers = {"Content-Type": "application/octet-stream"} if body is not None else None
+        last = ""
+        for attempt in range(retries + 1):
+            try:
+                r = self.session.request(method, self.url + path, data=body, params=params,
+                                         headers=headers, timeout=timeout or self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as e:
+                last, retry_after = f"{type(e).__name__}: {e}", None
+            else:
+                if r.status_code < 400:
+                    return r
+                if r.status_code not in _RETRY_STATUS:
+                    raise self._error(r)
+                last, retry_after = str(self._error(r)), r.headers.get("Retry-After")
+            if attempt < retries:
+                time.sleep(self._delay(attempt, retry_after))
+        raise RefServerUnavailable(f"ref server at {self.url} failed {method} {path} after "
+                                   f"{retries + 1} attempt(s): {last[:300]}")
+
+    # ------------------------------------------------------------------ API
+    def health(self) -> dict[str, Any]:
+        """GET /health -> {"model", "dtype", "device", "vocab_size", "protocol_version", ...}."""
+        info = self._request("GET", "/health").json()
+        self.max_body_bytes = self.max_body_bytes or info.get("max_body_bytes")
+        return info
+
+    def wait_ready(self, timeout_s: float = 300.0, poll_s: float = 0.5,
+                   log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict[str, Any]:
+        """Poll /health until it answers (printing what it waits for), or raise after timeout_s."""
+        deadline, said, last = time.monotonic() + timeout_s, 0.0, ""
+        while True:
+            try:
+                info = self._request("GET", "/health", timeout=min(10.0, self.timeout), retries=0)
+            except RefServerAuthError:
+                raise
+            except (RefServerUnavailable, RefServerError) as e:
+                last = str(e)
+            else:
+                info = info.json()
+                if info.get("protocol_version") != codec.SCHEMA_VERSION:
+                    raise UserError(f"ref server at {self.url} speaks protocol "
+                                    f"{info.get('protocol_version')}, this client "
+                                    f"{codec.SCHEMA_VERSION}; upgrade one of them")
+                self.max_body_bytes = self.max_body_bytes or info.get("max_body_bytes")
+                return info
+            now = time.monotonic()
+            if now >= deadline:
+                raise RefServerUnavailable(f"ref server at {self.url} not ready after "
+                                           f"{timeout_s:.0f} s (start it with: python "
+                                           f"ref_server.py --model=...); last error: {last[:200]}")
+            if now - said >= 10.0:
+                log(f"waiting for ref server at {self.url} ... ({deadline - now:.0f} s left)")
+                said = now
+            time.sleep(min(poll_s, max(0.0, deadline - now)))
+
+    def upload(self, batch: codec.RolloutBatch) -> str:
+        """POST /upload -> the batch id ("queued", or already known: "duplicate", or "stale")."""
+        batch_id = batch.batch_id or uuid.uuid4().hex
+        r = self._request("POST", "/upload", codec.encode(replace(batch, batch_id=batch_id)))
+        self.last_upload = r.json()
+        return self.last_upload["batch_id"]
+
+    def get(self, wait_s: float = 0.0, weight_version: int | None = None) -> codec.RolloutBatch | None:
+        """GET /get -> the next ready batch (with ref_logprobs), or None when none is ready
+        within wait_s. weight_version reports the consumer's version (for max_staleness)."""
+        params: dict[str, Any] = {"wait": wait_s}
+        if weight_version is not None:
+            params["weight_version"] = weight_version
+        r = self._request("GET", "/get", params=params, timeout=self.timeout + wait_s)
+        if r.status_code == 204:
+            return None
+        return codec.decode(r.content, codec.RolloutBatch)
+
+    def logprobs(self, prompt_ids_BP: torch.Tensor, prompt_lens_B: torch.Tensor,
+                 completion_ids_BC: torch.Tensor, completion_lens_B: torch.Tensor) -> torch.Tensor:
+        """POST /logprobs -> reference log-probs [B, C] float32, 0 past each completion length."""
+        req = codec.LogprobRequest(prompt_ids_BP, prompt_lens_B, completion_ids_BC,
+                                   completion_lens_B)
+        r = self._request("POST", "/logprobs", codec.encode(req))
+        return codec.decode(r.content, codec.LogprobResponse).logprobs
+
+    def stats(self) -> dict[str, Any]:
+        """GET /stats -> counters (batches in/out/dropped, tokens/s, mean compute ms, ...)."""
+        return self._request("GET", "/stats").json()
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> "RefClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

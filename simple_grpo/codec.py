@@ -1,0 +1,229 @@
+"""The data-only wire format between rollout producers, the reference server and the trainer.
+
+A message is exactly one safetensors file held in memory (`safetensors.torch.save` / `load`):
+
+    [8 bytes little-endian header length N][N bytes JSON header][raw tensor bytes]
+
+The tensors are stored under their field names. The safetensors `__metadata__` dict holds one
+key, "simple_grpo", whose value is our own JSON header:
+
+    {"schema_version": 1, "kind": "rollout" | "logprob_request" | "logprob_response",
+     "weight_version": 3, "batch_id": "a1b2..." | null, "meta": {...}}   # scalars of that kind
+
+No pickle anywhere: tensors are raw little-endian bytes with a declared dtype and shape, and the
+rest is JSON. `decode` checks the schema version, the kind, every dtype and every shape (the
+symbols B, P, C below must agree across fields) and raises `CodecError` with a one-line message,
+so a server can answer bad input with a 400 naming the problem. `encode(decode(x))` round-trips
+bit-exactly.
+
+Batch layout (see simple_grpo/logprobs.py):
+    prompt_ids       [B, P] int64   left-padded prompts; row i's prompt is its last prompt_lens[i]
+    completion_ids   [B, C] int64   right-padded completions; row i's is its first completion_lens[i]
+    *_lens           [B]    int64   in [0, P] and [0, C]
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+SCHEMA_VERSION = 1
+_META_KEY = "simple_grpo"
+_MAX_HEADER_BYTES = 16 << 20  # a header this large is garbage, not a batch
+
+
+class CodecError(ValueError):
+    """A message that is not a valid encoding of the expected kind (one-line message)."""
+
+
+@dataclass(eq=False)
+class RolloutBatch:
+    """One scored rollout batch, as uploaded by a producer and handed to the trainer."""
+    prompt_ids: torch.Tensor  # [B, P] int64, left-padded
+    prompt_lens: torch.Tensor  # [B] int64
+    completion_ids: torch.Tensor  # [B, C] int64, right-padded
+    completion_lens: torch.Tensor  # [B] int64
+    rewards: torch.Tensor  # [B] float32
+    advantages: torch.Tensor  # [B] float32
+    gen_logprobs: torch.Tensor | None = None  # [B, C] float32, from the generator (optional)
+    ref_logprobs: torch.Tensor | None = None  # [B, C] float32, filled by the reference server
+    weight_version: int = 0  # version of the policy weights that generated the batch
+    meta: dict = field(default_factory=dict)  # JSON-able extras (prompts' ids, timings, ...)
+    batch_id: str | None = None  # set by the client (idempotent retries) or the server
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.prompt_ids.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (unpadded) prompt + completion tokens."""
+        return int(self.prompt_lens.sum()) + int(self.completion_lens.sum())
+
+
+@dataclass(eq=False)
+class LogprobRequest:
+    """Body of POST /logprobs: sequences to score, no rewards."""
+    prompt_ids: torch.Tensor  # [B, P] int64, left-padded
+    prompt_lens: torch.Tensor  # [B] int64
+    completion_ids: torch.Tensor  # [B, C] int64, right-padded
+    completion_lens: torch.Tensor  # [B] int64
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.prompt_lens.sum()) + int(self.completion_lens.sum())
+
+
+@dataclass(eq=False)
+class LogprobResponse:
+    """Answer of POST /logprobs: reference log-probs of the completion tokens, 0 past each length."""
+    logprobs: torch.Tensor  # [B, C] float32
+
+
+Message = Union[RolloutBatch, LogprobRequest, LogprobResponse]
+
+_I64, _F32 = torch.int64, torch.float32
+_IDS = {"prompt_ids": (_I64, ("B", "P")), "prompt_lens": (_I64, ("B",)),
+        "completion_ids": (_I64, ("B", "C")), "completion_lens": (_I64, ("B",))}
+# kind -> (class, {tensor field: (dtype, symbolic shape)}, optional tensor fields)
+_KINDS: dict[str, tuple[type, dict[str, tuple[torch.dtype, tuple[str, ...]]], frozenset]] = {
+    "rollout": (RolloutBatch, {**_IDS, "rewards": (_F32, ("B",)), "advantages": (_F32, ("B",)),
+                               "gen_logprobs": (_F32, ("B", "C")),
+                               "ref_logprobs": (_F32, ("B", "C"))},
+                frozenset({"gen_logprobs", "ref_logprobs"})),
+    "logprob_request": (LogprobRequest, dict(_IDS), frozenset()),
+    "logprob_response": (LogprobResponse, {"logprobs": (_F32, ("B", "C"))}, frozenset()),
+}
+_KIND_OF = {cls: kind for kind, (cls, _, _) in _KINDS.items()}
+
+
+def _kind_of(obj: Any) -> str:
+    kind = _KIND_OF.get(type(obj))
+    if kind is None:
+        raise CodecError(f"cannot encode {type(obj).__name__}; expected one of "
+                         f"{', '.join(c.__name__ for c in _KIND_OF)}")
+    return kind
+
+
+def _scalar_names(cls: type) -> list[str]:
+    tensors = _KINDS[_KIND_OF[cls]][1]
+    return [f.name for f in dataclasses.fields(cls) if f.name not in tensors]
+
+
+def validate(obj: Message) -> None:
+    """Check dtypes, shapes, length ranges and scalar types; raise CodecError naming the problem."""
+    kind = _kind_of(obj)
+    _, spec, optional = _KINDS[kind]
+    sizes: dict[str, int] = {}
+    for name, (dtype, dims) in spec.items():
+        t = getattr(obj, name)
+        if t is None:
+            if name in optional:
+                continue
+            raise CodecError(f"{name} is missing")
+        if not isinstance(t, torch.Tensor):
+            raise CodecError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise CodecError(f"{name} has dtype {str(t.dtype).removeprefix('torch.')}, "
+                             f"expected {str(dtype).removeprefix('torch.')}")
+        if t.dim() != len(dims):
+            raise CodecError(f"{name} has shape {list(t.shape)}, expected [{', '.join(dims)}]")
+        for sym, n in zip(dims, t.shape):
+            if sizes.setdefault(sym, int(n)) != n:
+                want = ", ".join(f"{s}={sizes[s]}" if s in sizes else s for s in dims)
+                raise CodecError(f"{name} has shape {list(t.shape)}, expected [{want}] "
+                                 f"(mismatched shapes)")
+    for lens, width in (("prompt_lens", "P"), ("completion_lens", "C")):
+        t = getattr(obj, lens, None)
+        if t is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) > sizes[width]):
+            raise CodecError(f"{lens} must lie in [0, {width}={sizes[width]}], got values in "
+                             f"[{int(t.min())}, {int(t.max())}]")
+    if isinstance(obj, RolloutBatch):
+        if type(obj.weight_version) is not int or obj.weight_version < 0:
+            raise CodecError(f"weight_version must be an int >= 0, got {obj.weight_version!r}")
+        if not isinstance(obj.meta, dict) or not all(isinstance(k, str) for k in obj.meta):
+            raise CodecError("meta must be a dict with str keys")
+        if obj.batch_id is not None and (not isinstance(obj.batch_id, str) or
+                                         not 0 < len(obj.batch_id) <= 128):
+            raise CodecError("batch_id must be None or a str of 1 to 128 characters")
+
+
+def encode(obj: Message) -> bytes:
+    """RolloutBatch | LogprobRequest | LogprobResponse -> bytes (a safetensors file)."""
+    validate(obj)
+    kind = _kind_of(obj)
+    header: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "kind": kind}
+    for name in _scalar_names(type(obj)):
+        header[name] = getattr(obj, name)
+    try:
+        header_json = json.dumps(header, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise CodecError(f"meta is not JSON-serialisable: {e}") from None
+    tensors = {name: getattr(obj, name).detach().cpu().contiguous()
+               for name in _KINDS[kind][1] if getattr(obj, name) is not None}
+    return _st_save(tensors, metadata={_META_KEY: header_json})
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _read_header(data: bytes) -> dict[str, Any]:
+    """Our JSON header from the safetensors header, with a clear error for anything else."""
+    if len(data) < 8:
+        raise CodecError(f"body too short ({len(data)} bytes) to be an encoded batch")
+    n = int.from_bytes(data[:8], "little")
+    if n > min(len(data) - 8, _MAX_HEADER_BYTES):
+        raise CodecError(f"truncated or not a safetensors body (header length {n}, "
+                         f"body {len(data)} bytes)")
+    try:
+        st_header = json.loads(bytes(data[8:8 + n]), parse_constant=_reject_constant)
+        ours = json.loads(st_header["__metadata__"][_META_KEY], parse_constant=_reject_constant)
+    except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+        raise CodecError(f"not a simple_grpo message (bad header: {type(e).__name__}: "
+                         f"{str(e)[:80]})") from None
+    if not isinstance(ours, dict):
+        raise CodecError("not a simple_grpo message (header is not a JSON object)")
+    if ours.get("schema_version") != SCHEMA_VERSION:
+        raise CodecError(f"schema version {ours.get('schema_version')!r} is not supported "
+                         f"(this side speaks {SCHEMA_VERSION})")
+    unknown = set(st_header) - {"__metadata__"} - set(_KINDS.get(ours.get("kind"), ((), {}))[1])
+    if ours.get("kind") in _KINDS and unknown:
+        raise CodecError(f"unexpected tensor(s) {', '.join(sorted(unknown))} "
+                         f"for kind {ours['kind']!r}")
+    return ours
+
+
+def decode(data: bytes | bytearray | memoryview, expect: type = RolloutBatch) -> Message:
+    """bytes -> an instance of `expect` (RolloutBatch by default), fully validated."""
+    header = _read_header(data)
+    kind = header.get("kind")
+    if kind not in _KINDS:
+        raise CodecError(f"unknown message kind {kind!r}")
+    cls, spec, _ = _KINDS[kind]
+    if cls is not expect:
+        raise CodecError(f"expected a {_KIND_OF[expect]!r} message, got {kind!r}")
+    try:
+        tensors = _st_load(bytes(data))
+    except SafetensorError as e:
+        raise CodecError(f"corrupt tensor data: {str(e)[:120]}") from None
+    kw: dict[str, Any] = {name: tensors.get(name) for name in spec}
+    for name in _scalar_names(cls):
+        if name in header:
+            kw[name] = header[name]
+    try:
+        obj = cls(**kw)
+    except TypeError as e:
+        raise CodecError(f"bad message fields: {e}") from None
+    validate(obj)
+    return obj
+
+
+__all__ = ["SCHEMA_VERSION", "CodecError", "RolloutBatch", "LogprobRequest", "LogprobResponse",
+           "encode", "decode", "validate"]

@@ -1,0 +1,96 @@
+"""Process group and DeepSpeed ZeRO-2 engine, on GPUs (nccl, bf16) or CPUs (gloo, fp32).
+
+`python grpo_ref_split.py` is a world of one; `deepspeed [--num_gpus N] grpo_ref_split.py` or
+`torchrun` set RANK/WORLD_SIZE/LOCAL_RANK for each process. On CPU nothing is JIT-compiled: the
+optimizer is a torch AdamW object (DeepSpeed's CPU FusedAdam would compile ~2 min) and the
+shared-memory all-reduce op (compiled ~1 min on every fresh machine) is skipped; gloo does the
+reductions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from simple_grpo.errors import UserError
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> Dist:
+    """Join (or, for a plain `python` launch, create) the process group."""
+    import importlib
+
+    import deepspeed
+
+    # `import deepspeed.comm.torch as m` would bind the *torch* package (an attribute of deepspeed.comm)
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+
+    if "RANK" not in os.environ:  # plain `python grpo_ref_split.py`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    cuda = torch.cuda.is_available()
+    if not cuda and hasattr(ds_torch_comm, "build_shm_op"):
+        ds_torch_comm.build_shm_op = lambda: None  # no JIT compile on CPU; gloo all-reduce instead
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # 1 per process on CPU
+        device = torch.device("cpu")
+    return Dist(rank, world, local_rank, device)
+
+
+def ds_config(path: str | Path, *, micro_batch: int, grad_accum: int, world_size: int,
+              grad_clip: float, bf16: bool) -> dict:
+    """The DeepSpeed JSON with its "auto" values filled from the trainer config."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"DeepSpeed config {p} not found (set --ds_config=PATH)")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"DeepSpeed config {p} is not valid JSON: {e}") from None
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["gradient_accumulation_steps"] = grad_accum
+    cfg["train_batch_size"] = micro_batch * grad_accum * world_size
+    cfg["gradient_clipping"] = grad_clip  # the trainer config owns it (0 disables)
+    cfg.setdefault("bf16", {})["enabled"] = bf16
+    cfg["zero_allow_untested_optimizer"] = True  # a torch AdamW object, see the module docstring
+    cfg.setdefault("zero_optimization", {}).setdefault("stage", 2)
+    return cfg
+
+
+def build_engine(model, *, lr: float, weight_decay: float, warmup_steps: int, config: dict):
+    """DeepSpeed engine with AdamW and a linear warm-up (then constant) learning rate."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99), eps=1e-8)
+    warm = max(1, warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                           config=config)
+    return engine

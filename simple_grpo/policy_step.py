@@ -1,0 +1,84 @@
+"""One optimisation step on a scored batch: micro-batches, `num_iterations` passes, the loss
+normalised by the whole step's token / sequence counts (across micro-batches and ranks), and
+DeepSpeed backward/step with gradient accumulation.
+
+Gradient bookkeeping: each micro-batch's loss already divides by the step-wide count, so the sum of
+micro-batch gradients over all ranks *is* the full-batch gradient. DeepSpeed would divide by the
+accumulation steps (we pass scale_wrt_gas=False) and average over data-parallel ranks (we multiply
+by world_size to undo it), so a 2-rank step equals a 1-process step on the full batch.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from simple_grpo.codec import RolloutBatch
+from simple_grpo.logprobs import completion_logprobs
+from simple_grpo.losses import policy_loss
+from simple_grpo.masks import mask_from_lengths, truncated
+
+
+def loss_mask(batch: RolloutBatch, eos_ids: list[int], overlong_filter: bool) -> torch.Tensor:
+    """[B, C] bool: completion tokens that enter the loss (DAPO's overlong filter drops truncated rows)."""
+    mask_BC = mask_from_lengths(batch.completion_lens, batch.completion_ids.shape[1])
+    if overlong_filter:
+        mask_BC &= ~truncated(batch.completion_ids, batch.completion_lens, eos_ids)[:, None]
+    return mask_BC
+
+
+def global_counts(mask_BC: torch.Tensor, world_size: int) -> tuple[float, int]:
+    """(valid tokens, sequences) of this step summed over every rank."""
+    counts = torch.tensor([float(mask_BC.sum()), float(mask_BC.shape[0])], dtype=torch.float64)
+    if world_size > 1:
+        torch.distributed.all_reduce(counts)
+    return float(counts[0]), int(counts[1])
+
+
+def _micro(batch: RolloutBatch, sl: slice, device):
+    return (batch.prompt_ids[sl].to(device), batch.prompt_lens[sl].to(device),
+            batch.completion_ids[sl].to(device), batch.completion_lens[sl].to(device))
+
+
+def train_on_batch(engine, batch: RolloutBatch, *, micro_batch: int, num_iterations: int,
+                   loss_kw: dict, eos_ids: list[int], overlong_filter: bool, temperature: float,
+                   world_size: int, device) -> dict[str, float]:
+    """Run `num_iterations` optimizer steps over `batch`; returns averaged metrics."""
+    B = batch.batch_size
+    assert B % micro_batch == 0, f"batch of {B} does not split into micro-batches of {micro_batch}"
+    assert batch.ref_logprobs is not None or loss_kw["beta"] == 0, "beta > 0 needs ref log-probs"
+    t0 = time.perf_counter()
+    mask_BC = loss_mask(batch, eos_ids, overlong_filter)
+    num_tokens, num_seqs = global_counts(mask_BC, world_size)
+    if loss_kw["agg"] == "seq-mean-token-sum-norm":
+        num_tokens = num_seqs * loss_kw["max_tokens"]  # Dr.GRPO's constant normaliser
+    slices = [slice(s, s + micro_batch) for s in range(0, B, micro_batch)]
+
+    old_BC = batch.gen_logprobs  # sampling log-probs from a generation worker, when it sent them
+    if old_BC is None and num_iterations > 1:  # record the old policy before the first update
+        with torch.no_grad():
+            old_BC = torch.cat([completion_logprobs(engine, *_micro(batch, sl, device),
+                                                    temperature=temperature).cpu() for sl in slices])
+    sums: dict[str, float] = {}
+    for _ in range(num_iterations):
+        for sl in slices:
+            logp_bC = completion_logprobs(engine, *_micro(batch, sl, device), temperature=temperature)
+            old = None if old_BC is None else old_BC[sl].to(device)
+            ref = None if batch.ref_logprobs is None else batch.ref_logprobs[sl].to(device)
+            loss, m = policy_loss(logp_bC, old, ref, batch.advantages[sl].to(device),
+                                  mask_BC[sl].to(device), num_tokens=num_tokens, num_seqs=num_seqs,
+                                  **loss_kw)
+            engine.backward(loss * world_size, scale_wrt_gas=False)
+            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+            w = m["tokens"]
+            for k, v in m.items():
+                if k != "tokens":
+                    sums[k] = sums.get(k, 0.0) + (v if k in ("loss", "pg_loss") else v * w)
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            sums["tokens"] = sums.get("tokens", 0.0) + w
+    tok = max(sums.pop("tokens", 0.0), 1.0)
+    out = {k: (v / num_iterations if k in ("loss", "pg_loss") else v / tok) for k, v in sums.items()}
+    out["train_seconds"] = time.perf_counter() - t0
+    out["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+    out["lr"] = float(engine.get_lr()[0])
+    return out

@@ -1,0 +1,44 @@
+"""Start `ref_server.py` as a child process on a free loopback port, and stop it at exit.
+
+Used when beta > 0 and no --ref_url is given, so the default run needs one command. The child
+gets its own process (and so its own CPU core / GPU), which is the point of the split: the
+reference forward pass runs while the trainer works.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from simple_grpo.engine import free_port
+
+REF_SERVER = Path(__file__).resolve().parents[1] / "ref_server.py"
+
+
+class RefProcess:
+    """A ref server child process; `url` to reach it, `stop()` (also run at exit) to end it."""
+
+    def __init__(self, model: str, *, dtype: str = "auto", device: str = "auto", extra: list[str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, str(REF_SERVER), f"--model={model}", "--host=127.0.0.1",
+               f"--port={self.port}", f"--dtype={dtype}", f"--device={device}", *(extra or [])]
+        env = dict(os.environ)
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)  # the server is not part of the trainer's process group
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        atexit.register(self.stop)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

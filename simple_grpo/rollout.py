@@ -1,0 +1,173 @@
+"""Rollouts: sample G completions per prompt, score them, compute group advantages, and apply
+DAPO's dynamic sampling (drop zero-variance groups, refill with new prompts, bounded).
+
+The output is a `RolloutBatch` (simple_grpo.codec), the same typed record that generation workers
+upload to the reference server, so the trainer consumes local and remote rollouts the same way.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from simple_grpo.advantages import group_advantages, zero_variance_groups
+from simple_grpo.codec import RolloutBatch
+from simple_grpo.masks import lengths_from_eos, truncated
+from simple_grpo.reward_registry import RewardSpec, combine, with_completion_info
+
+
+@dataclass
+class SampleSettings:
+    """How completions are sampled; derived from the TrainConfig once."""
+
+    num_generations: int
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    overlong_cache: int | None = None
+
+
+@dataclass
+class Rollout:
+    """A scored batch plus what the trainer logs about it."""
+
+    batch: RolloutBatch
+    examples: list[dict]  # one per prompt
+    completions: list[str]  # decoded, one per row
+    breakdown: dict[str, list[float]]  # unweighted reward per function, one per row
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: list[int], *,
+           greedy: bool = False, repeat: int | None = None):
+    """-> prompt_ids [n*G, P], prompt_lens [n*G], completion_ids [n*G, C], completion_lens [n*G]."""
+    G = s.num_generations if repeat is None else repeat
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                    add_special_tokens=False)
+    prompt_ids_NP = enc.input_ids.repeat_interleave(G, 0).to(device)
+    attn_NP = enc.attention_mask.repeat_interleave(G, 0).to(device)
+    was_training = model.training
+    model.eval()
+    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=s.temperature,
+                                                     top_p=s.top_p, top_k=0)
+    out_NT = model.generate(input_ids=prompt_ids_NP, attention_mask=attn_NP,
+                            max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
+                            eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                            use_cache=True, **kw)
+    model.train(was_training)
+    completion_ids_NC = out_NT[:, prompt_ids_NP.shape[1]:]
+    if completion_ids_NC.shape[1] == 0:  # cannot happen with max_new_tokens >= 1; keep shapes sane
+        completion_ids_NC = torch.full_like(prompt_ids_NP[:, :1], tokenizer.pad_token_id)
+    completion_lens_N = lengths_from_eos(completion_ids_NC, eos_ids)
+    return prompt_ids_NP.cpu(), attn_NP.sum(1).cpu(), completion_ids_NC.cpu(), completion_lens_N.cpu()
+
+
+def decode_completions(tokenizer, completion_ids_NC: torch.Tensor, lens_N: torch.Tensor) -> list[str]:
+    return [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
+            for row, n in zip(completion_ids_NC, lens_N.tolist())]
+
+
+def score(completions: list[str], examples: list[dict], lens_N: torch.Tensor, specs: list[RewardSpec],
+          s: SampleSettings, failure_value: float):
+    """Weighted rewards [N] and the unweighted per-function breakdown; failures are counted."""
+    rows = [with_completion_info(ex, n, s.max_new_tokens, s.overlong_cache)
+            for ex, n in zip(examples, lens_N.tolist())]
+    result = combine(completions, rows, specs, failure_value=failure_value)
+    return torch.tensor(result.totals, dtype=torch.float32), result.breakdown, result.failures
+
+
+def pad_cat(parts: list[torch.Tensor], pad_id: int, left: bool) -> torch.Tensor:
+    """Concatenate [n_i, W_i] tensors along rows, padding to the widest (left or right)."""
+    width = max(p.shape[1] for p in parts)
+    padded = []
+    for p in parts:
+        fill = torch.full((p.shape[0], width - p.shape[1]), pad_id, dtype=p.dtype)
+        padded.append(torch.cat([fill, p] if left else [p, fill], 1))
+    return torch.cat(padded, 0)
+
+
+def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, specs: list[RewardSpec],
+                 *, system_render, eos_ids: list[int], dynamic_sampling: bool = False,
+                 max_refill_rounds: int = 0, failure_value: float = 0.0, scale: str = "std",
+                 weight_version: int = 0) -> Rollout:
+    """Generate and score `n_prompts` groups of G; with dynamic sampling keep only groups whose
+    rewards differ, refilling with new prompts for at most `max_refill_rounds` extra rounds."""
+    G = s.num_generations
+    kept: list[tuple] = []  # (examples, prompt_ids, prompt_lens, comp_ids, comp_lens, rewards, texts, breakdown)
+    spare: list[tuple] = []  # zero-variance groups, used to top up when refills run out
+    stats = {"refill_rounds": 0.0, "zero_var_frac": 0.0, "reward_failures": 0.0,
+             "topped_up_groups": 0.0}
+    t0, rounds, generated_groups = time.perf_counter(), 0, 0
+    while len(kept) < n_prompts:
+        want = n_prompts - len(kept)
+        examples = stream.next_batch(want)
+        p_ids, p_lens, c_ids, c_lens = sample(model, tokenizer, [system_render(e) for e in examples],
+                                              s, eos_ids)
+        texts = decode_completions(tokenizer, c_ids, c_lens)
+        rep = [ex for ex in examples for _ in range(G)]
+        rewards_N, breakdown, failures = score(texts, rep, c_lens, specs, s, failure_value)
+        stats["reward_failures"] += sum(failures.values())
+        flat = zero_variance_groups(rewards_N.view(-1, G))
+        if rounds == 0:
+            stats["zero_var_frac"] = float(flat.float().mean())
+        generated_groups += len(examples)
+        for g, ex in enumerate(examples):
+            sl = slice(g * G, (g + 1) * G)
+            group = (ex, p_ids[sl], p_lens[sl], c_ids[sl], c_lens[sl], rewards_N[sl], texts[sl],
+                     {k: v[sl] for k, v in breakdown.items()})
+            (spare if dynamic_sampling and flat[g] else kept).append(group)
+        if len(kept) >= n_prompts or not dynamic_sampling:
+            break
+        if rounds >= max_refill_rounds:
+            top_up = spare[: n_prompts - len(kept)]  # zero advantages: only the KL term acts
+            stats["topped_up_groups"] = float(len(top_up))
+            kept += top_up
+            break
+        rounds += 1
+    stats["refill_rounds"] = float(rounds)
+    kept = kept[:n_prompts]
+    pad = tokenizer.pad_token_id
+    rewards_N = torch.cat([g[5] for g in kept])
+    adv_N = group_advantages(rewards_N.view(-1, G).double(), scale=scale).float().view(-1)
+    c_ids = pad_cat([g[3] for g in kept], pad, left=False)
+    c_lens = torch.cat([g[4] for g in kept])
+    batch = RolloutBatch(prompt_ids=pad_cat([g[1] for g in kept], pad, left=True),
+                         prompt_lens=torch.cat([g[2] for g in kept]), completion_ids=c_ids,
+                         completion_lens=c_lens, rewards=rewards_N, advantages=adv_N,
+                         weight_version=weight_version, meta={"group_size": G})
+    breakdown = {k: [x for g in kept for x in g[7][k]] for k in kept[0][7]}
+    trunc = truncated(c_ids, c_lens, eos_ids)
+    stats.update(generated_groups=float(generated_groups), gen_seconds=time.perf_counter() - t0,
+                 completion_len_mean=float(c_lens.float().mean()),
+                 completion_len_max=float(c_lens.max()), truncated_frac=float(trunc.float().mean()),
+                 reward_mean=float(rewards_N.mean()), reward_std=float(rewards_N.std()))
+    for name, values in breakdown.items():
+        stats[f"reward/{name}"] = sum(values) / len(values)
+    return Rollout(batch, [g[0] for g in kept], [t for g in kept for t in g[6]], breakdown, stats)
+
+
+def evaluate(model, tokenizer, examples: list[dict], system_render, eos_ids: list[int],
+             max_new_tokens: int, reward: str, batch_size: int = 32) -> float:
+    """Held-out accuracy: greedy completions scored by `reward` (1.0 = correct), as a fraction."""
+    s = SampleSettings(num_generations=1, max_new_tokens=max_new_tokens)
+    correct = 0.0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        _, _, c_ids, c_lens = sample(model, tokenizer, [system_render(e) for e in chunk], s,
+                                     eos_ids, greedy=True, repeat=1)
+        texts = decode_completions(tokenizer, c_ids, c_lens)
+        _, breakdown, _ = score(texts, chunk, c_lens, [RewardSpec(reward)], s, 0.0)
+        correct += sum(1.0 for v in breakdown[reward] if v >= 1.0)
+    return correct / max(len(examples), 1)

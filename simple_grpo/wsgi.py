@@ -1,0 +1,104 @@
+"""HTTP plumbing shared by the simple_grpo servers: JSON error answers, a size-capped body reader,
+and a waitress server whose own 413s are JSON too, runnable on a background thread."""
+from __future__ import annotations
+
+import json
+import threading
+
+import bottle
+from waitress import create_server
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
+from waitress.utilities import RequestEntityTooLarge
+
+
+class ApiError(Exception):
+    """An HTTP error answer: status, one-line message, optional extra headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def json_response(obj: dict, status: int = 200, headers: dict | None = None) -> bottle.HTTPResponse:
+    return bottle.HTTPResponse(json.dumps(obj), status=status, headers={
+        "Content-Type": "application/json", **(headers or {})})
+
+
+def read_body(environ: dict, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes (413) before reading it when the length
+    is declared, and while reading it when the server passes a chunked body through."""
+    stream, cl = environ["wsgi.input"], environ.get("CONTENT_LENGTH") or ""
+    if cl:
+        if not cl.isdigit():
+            raise ApiError(400, f"bad Content-Length {cl[:40]!r}")
+        n = int(cl)
+        if n > limit:
+            raise ApiError(413, f"body too large: {n} bytes > limit {limit}")
+    elif environ.get("wsgi.input_terminated"):  # chunked, de-chunked by the server
+        n = limit + 1
+    else:
+        return b""
+    parts, got = [], 0
+    while got < n:
+        chunk = stream.read(min(n - got, 1 << 20))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    if got > limit:
+        raise ApiError(413, f"body too large: more than {limit} bytes")
+    if cl and got < n:
+        raise ApiError(400, f"truncated body: got {got} of {n} bytes")
+    return b"".join(parts)
+
+
+class _Json413(RequestEntityTooLarge):
+    def to_response(self, ident=None):
+        body = json.dumps({"error": f"body too large: {self.body}"}).encode()
+        return (f"{self.code} {self.reason}", [("Content-Type", "application/json")], body)
+
+
+class _Parser(HTTPRequestParser):
+    """waitress's parser, answering its own 413 (declared or streamed size) with our JSON."""
+
+    def received(self, data):
+        n = super().received(data)
+        if type(self.error) is RequestEntityTooLarge:
+            self.error = _Json413(f"more than {self.adj.max_request_body_size - _SLACK} bytes")
+        return n
+
+
+class _Channel(HTTPChannel):
+    parser_class = _Parser
+
+
+_SLACK = 1 << 16  # chunk framing bytes waitress counts against its limit
+
+
+def make_server(app, host: str = "127.0.0.1", port: int = 0, threads: int = 8,
+                max_body_bytes: int = 64 << 20):
+    """A waitress server (not started) whose 413s are JSON; `.effective_port` is the bound port."""
+    server = create_server(app, host=host, port=port, threads=threads,
+                           max_request_body_size=max_body_bytes + _SLACK, ident="ref_server",
+                           channel_timeout=300, clear_untrusted_proxy_headers=True)
+    server.channel_class = _Channel
+    return server
+
+
+class RunningServer:
+    """A waitress server for `app` on a background thread; close() stops it (tests, tools)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, threads: int = 8,
+                 max_body_bytes: int = 64 << 20):
+        self.server = make_server(app, host, port, threads, max_body_bytes)
+        self.url = f"http://{host}:{self.server.effective_port}"
+        self.thread = threading.Thread(target=self.server.run, name="waitress", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        from waitress import wasyncore
+
+        self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self.server._map))
+        self.thread.join(timeout=10)
+        self.server.task_dispatcher.shutdown(timeout=5)

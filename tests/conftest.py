@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny HF model folder built from a config, and reference servers on free
+loopback ports that stop themselves at the end of the test."""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # the test machine is small and shared
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random tiny Llama + byte-level tokenizer saved as a normal HF folder (no downloads)."""
+    from simple_grpo.models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    """The tiny model loaded once per session, fp32 on CPU, in eval mode."""
+    from simple_grpo.models import load_model
+
+    return load_model(str(tiny_model_dir), "float32", "cpu").eval()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RefServerHandle:
+    url: str
+    state: object  # simple_grpo.server.ServerState
+    running: object  # simple_grpo.wsgi.RunningServer
+
+    def close(self) -> None:
+        self.running.close()
+
+
+@pytest.fixture
+def ref_server(tiny_model_dir, tiny_model):
+    """Factory: `ref_server(**ServerConfig overrides) -> RefServerHandle` serving the tiny model
+    in-process on a free 127.0.0.1 port; every server started is closed after the test."""
+    from simple_grpo.server import ServerConfig, ServerState, start
+
+    handles: list[RefServerHandle] = []
+
+    def make(**overrides) -> RefServerHandle:
+        cfg = ServerConfig(**{"model": str(tiny_model_dir), "port": 0, **overrides})
+        state = ServerState(cfg, tiny_model)
+        running = start(state)
+        handles.append(RefServerHandle(running.url, state, running))
+        return handles[-1]
+
+    yield make
+    for h in handles:
+        h.close()

@@ -1,0 +1,217 @@
+"""Checkpoints through a real DeepSpeed ZeRO-2 engine on CPU (one process, gloo): exact resume,
+keep_last, crash and full-disk safety, HF export, RNG helpers.
+
+The first DeepSpeed CPU init on a machine JIT-compiles its shared-memory comm op (~1 min, cached in
+~/.cache/torch_extensions); later inits take about a second."""
+import errno
+import json
+import logging
+import os
+import random
+import resource
+import signal
+import socket
+
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
+
+from simple_grpo import checkpoint as ck  # noqa: E402
+from simple_grpo.errors import UserError  # noqa: E402
+from simple_grpo.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+
+torch.set_num_threads(1)
+deepspeed = pytest.importorskip("deepspeed")
+
+DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+             "gradient_clipping": 1.0, "zero_optimization": {"stage": 2},
+             "steps_per_print": 10**9, "wall_clock_breakdown": False}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dist_env():
+    """Single-process 'distributed' env for DeepSpeed; restores the environment afterwards."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    if not torch.distributed.is_initialized():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def make_engine(dist_env):
+    """make_engine(seed) -> a fresh ZeRO-2 engine around a tiny Llama, AdamW and a LR schedule."""
+    def make(seed: int = 0):
+        model = build_tiny_model(seed=seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.1, total_iters=10)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                               config=DS_CONFIG)
+        return engine
+    return make
+
+
+def train(engine, steps: int) -> None:
+    """Steps on data drawn from the global torch RNG, so resuming must restore the RNG too."""
+    for _ in range(steps):
+        x = torch.randint(3, 300, (2, 12))
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+
+
+def params(engine) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def client(step: int) -> dict:
+    return {"step": step, "rng": ck.rng_state(), "data_pos": 7 * step, "weight_version": step}
+
+
+def test_resume_is_bit_exact(make_engine, tmp_path):
+    torch.manual_seed(1)
+    a = make_engine()
+    train(a, 2)
+    assert ck.save_checkpoint(a, tmp_path, 2, client(2)) == tmp_path / "step-000002"
+    train(a, 2)
+    params_a = params(a)
+
+    torch.manual_seed(999)  # different RNG and different initial weights: all must come from disk
+    b = make_engine(seed=5)
+    state = ck.load_latest(b, tmp_path)
+    assert state is not None and state["step"] == 2 and state["data_pos"] == 14
+    ck.set_rng_state(state["rng"])
+    train(b, 2)
+    params_b = params(b)
+    assert params_a.keys() == params_b.keys()
+    for k in params_a:
+        assert torch.equal(params_a[k], params_b[k]), f"{k} differs after resume"
+    assert b.global_steps == a.global_steps == 4
+    assert b.lr_scheduler.get_last_lr() == a.lr_scheduler.get_last_lr()
+
+
+def test_keep_last_and_layout(make_engine, tmp_path):
+    e = make_engine()
+    for step in (1, 2, 3, 4):
+        train(e, 1)
+        ck.save_checkpoint(e, tmp_path, step, client(step), keep_last=2)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [3, 4]
+    assert (tmp_path / "latest").read_text() == "step-000004"
+    assert not list(tmp_path.glob(".tmp-*"))
+    files = {p.name for p in (tmp_path / "step-000004").iterdir()}
+    assert "mp_rank_00_model_states.pt" in files, files
+    assert any(f.startswith("zero_pp_rank_0") for f in files), files
+    # saving the same step again replaces it in place
+    ck.save_checkpoint(e, tmp_path, 4, client(4), keep_last=2)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [3, 4]
+
+
+def test_no_checkpoint_and_dangling_latest(make_engine, tmp_path):
+    e = make_engine()
+    assert ck.load_latest(e, tmp_path / "nothing") is None
+    (tmp_path / "latest").write_text("step-000009")
+    with pytest.raises(UserError, match="does not exist"):
+        ck.load_latest(e, tmp_path)
+
+
+def _crash_mid_save(engine, monkeypatch):
+    """Make engine.save_checkpoint write part of the files, then fail like a full disk."""
+    real = engine.save_checkpoint
+
+    def partial(save_dir, tag=None, client_state={}, save_latest=True, **kw):
+        d = os.path.join(save_dir, tag)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "mp_rank_00_model_states.pt"), "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine, "save_checkpoint", partial)
+    return real
+
+
+def test_crash_mid_save_keeps_previous(make_engine, tmp_path, monkeypatch, caplog):
+    e = make_engine()
+    train(e, 1)
+    ck.save_checkpoint(e, tmp_path, 1, client(1))
+    before = params(e)
+    train(e, 1)
+    _crash_mid_save(e, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="simple_grpo"):
+        assert ck.save_checkpoint(e, tmp_path, 2, client(2), on_error="warn") is None
+    assert "step 2" in caplog.text and "No space left" in caplog.text and "step-000001" in caplog.text
+    assert (tmp_path / "latest").read_text() == "step-000001"
+    assert not list(tmp_path.glob(".tmp-*")), "partial temp folder left behind"
+
+    with pytest.raises(UserError, match="disk full"):
+        ck.save_checkpoint(e, tmp_path, 2, client(2), on_error="stop")
+    assert (tmp_path / "latest").read_text() == "step-000001"
+
+    # a leftover .tmp folder from a hard crash (process killed) is ignored by load and cleaned by save
+    (tmp_path / ".tmp-step-000003").mkdir()
+    (tmp_path / ".tmp-step-000003" / "mp_rank_00_model_states.pt").write_bytes(b"junk")
+    fresh = make_engine(seed=3)
+    assert ck.load_latest(fresh, tmp_path)["step"] == 1
+    for k, v in params(fresh).items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_real_write_limit(make_engine, tmp_path, caplog):
+    """A real failing write (RLIMIT_FSIZE -> EFBIG, like a full disk; needs no mount or root).
+    torch.save reports it as a RuntimeError from its zip writer, not as OSError."""
+    e = make_engine()
+    train(e, 1)
+    ck.save_checkpoint(e, tmp_path, 1, client(1))
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # the model file is ~0.5 MB
+    try:
+        with caplog.at_level(logging.WARNING, logger="simple_grpo"):
+            out = ck.save_checkpoint(e, tmp_path, 2, client(2), min_free_gb=1e6)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert out is None
+    assert "low disk space" in caplog.text and str(tmp_path) in caplog.text  # the pre-save check
+    assert "checkpoint of step 2" in caplog.text
+    assert (tmp_path / "latest").read_text() == "step-000001"
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert ck.load_latest(make_engine(), tmp_path)["step"] == 1
+
+
+def test_export_pretrained_roundtrip(make_engine, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    e = make_engine()
+    train(e, 1)
+    out = ck.export_pretrained(e, build_tiny_tokenizer(), tmp_path / "final")
+    assert (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists()
+    ck.export_pretrained(e, build_tiny_tokenizer(), tmp_path / "final")  # overwrite works
+    assert [p.name for p in tmp_path.iterdir()] == ["final"], "temp folders left behind"
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(3, 300, (2, 9))
+    e.module.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, e.module(input_ids=x).logits)
+
+
+def test_rng_state_roundtrip_through_json():
+    np = pytest.importorskip("numpy")
+    state = json.loads(json.dumps(ck.rng_state()))
+    want = (random.random(), float(np.random.rand()), torch.rand(3))
+    random.seed(123), np.random.seed(123), torch.manual_seed(123)
+    ck.set_rng_state(state)
+    got = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert want[0] == got[0] and want[1] == got[1] and torch.equal(want[2], got[2])
