@@ -259,6 +259,8 @@ def _failed(ckpt_root: Path, tmp_tag: str, step: int, error: BaseException | Non
     why = f"{type(error).__name__}: {error}" if error is not None else "a write failed on another rank"
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         why += " (disk full or quota reached: free space or lower keep_last)"
+    elif isinstance(error, RuntimeError):
+        why += " (torch.save could not write: disk full, quota or I/O error?)"
     msg = (f"checkpoint of step {step} in {ckpt_root} failed ({why}); the partial files were removed "
            f"and the previous checkpoint {latest or '(none)'} is still the latest")
     log.warning(msg)

@@ -6,7 +6,7 @@
     batch = client.get(wait_s=10)             # RolloutBatch with ref_logprobs, or None
     logp_BC = client.logprobs(prompt_ids, prompt_lens, completion_ids, completion_lens)
 
-Retries: connection errors, timeouts, 429 and 503 are retried with exponential backoff (honouring
+Retries: connection errors, timeouts, 429, 502, 503 and 504 are retried with exponential backoff (honouring
 Retry-After), up to `retries` times; any other 4xx raises RefServerError at once with the
 server's one-line message. Uploads carry a client-made batch_id, so a retried upload whose first
 attempt did reach the server is answered "duplicate" instead of being enqueued twice. A batch that
@@ -28,7 +28,7 @@ import torch
 from simple_grpo import codec
 from simple_grpo.errors import UserError
 
-_RETRY_STATUS = (429, 503)
+_RETRY_STATUS = (429, 502, 503, 504)  # queue full, busy, or a proxy in between
 
 
 class RefServerError(RuntimeError):
@@ -58,6 +58,7 @@ class RefClient:
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.max_body_bytes = max_body_bytes  # learnt from /health when not given
         self.last_upload: dict[str, Any] = {}  # the server's answer to the last upload
+        self.last_compute_ms = 0.0  # server-side forward time of the last /logprobs call
         self.session = requests.Session()
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
@@ -165,6 +166,7 @@ class RefClient:
         req = codec.LogprobRequest(prompt_ids_BP, prompt_lens_B, completion_ids_BC,
                                    completion_lens_B)
         r = self._request("POST", "/logprobs", codec.encode(req))
+        self.last_compute_ms = float(r.headers.get("X-Compute-Ms", "nan"))
         return codec.decode(r.content, codec.LogprobResponse).logprobs
 
     def stats(self) -> dict[str, Any]:

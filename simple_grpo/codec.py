@@ -213,14 +213,14 @@ def decode(data: bytes | bytearray | memoryview, expect: type = RolloutBatch) ->
         tensors = _st_load(bytes(data))
     except SafetensorError as e:
         raise CodecError(f"corrupt tensor data: {str(e)[:120]}") from None
+    scalars = _scalar_names(cls)
+    unknown = set(header) - {"schema_version", "kind"} - set(scalars)
+    if unknown:
+        raise CodecError(f"bad message fields: unexpected header field(s) "
+                         f"{', '.join(sorted(unknown))[:100]}")
     kw: dict[str, Any] = {name: tensors.get(name) for name in spec}
-    for name in _scalar_names(cls):
-        if name in header:
-            kw[name] = header[name]
-    try:
-        obj = cls(**kw)
-    except TypeError as e:
-        raise CodecError(f"bad message fields: {e}") from None
+    kw.update({name: header[name] for name in scalars if name in header})
+    obj = cls(**kw)
     validate(obj)
     return obj
 

@@ -260,8 +260,17 @@ def make_app(state: ServerState) -> bottle.Bottle:
 
     def error_page(res: bottle.HTTPError) -> str:
         bottle.response.content_type = "application/json"
-        msg = f"{res.status_line}: {res.body}" if res.status_code < 500 else (
-            f"internal error: {type(res.exception).__name__}: {res.exception}")
+        req = bottle.request
+        if res.status_code == 404:
+            paths = sorted({r.rule for r in app.routes})
+            msg = f"no such endpoint {req.method} {req.path} (endpoints: {', '.join(paths)})"
+        elif res.status_code == 405:
+            msg = (f"method {req.method} not allowed on {req.path} "
+                   f"(allowed: {res.headers.get('Allow', '?')})")
+        elif res.status_code >= 500:
+            msg = f"internal error: {type(res.exception).__name__}: {res.exception}"
+        else:
+            msg = f"{res.status_line}: {res.body}"
         return json.dumps({"error": " ".join(str(msg).split())[:500]})
 
     app.default_error_handler = error_page

@@ -38,7 +38,7 @@ class RefConnection:
         self.client.upload(batch)
         deadline = time.monotonic() + self.timeout
         while True:
-            got = self.client.get()
+            got = self.client.get(wait_s=1.0)  # the server holds the request until a batch is ready
             if got is not None:
                 return got
             if self.process is not None and not self.process.alive():
@@ -46,7 +46,6 @@ class RefConnection:
             if time.monotonic() > deadline:
                 raise UserError(f"no batch from the reference server at {self.url} within "
                                 f"{self.timeout:.0f} s (raise --ref_timeout?)")
-            time.sleep(0.02)
 
     def close(self) -> None:
         if self.process is not None:

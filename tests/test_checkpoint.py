@@ -215,3 +215,41 @@ def test_rng_state_roundtrip_through_json():
     ck.set_rng_state(state)
     got = (random.random(), float(np.random.rand()), torch.rand(3))
     assert want[0] == got[0] and want[1] == got[1] and torch.equal(want[2], got[2])
+
+
+def _two_rank_worker(rank: int, port: int, root: str, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import deepspeed as ds
+
+    model = build_tiny_model(seed=0)
+    engine, *_ = ds.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                               config=DS_CONFIG)
+    torch.manual_seed(rank)
+    train(engine, 1)
+    ok = ck.save_checkpoint(engine, root, 1, {"step": 1})
+    if rank == 1:  # this rank alone hits a full disk inside DeepSpeed's real save path
+        def full(*a, **k):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+        engine.checkpoint_engine.save = full
+    train(engine, 1)
+    failed = ck.save_checkpoint(engine, root, 2, {"step": 2})
+    state = ck.load_latest(engine, root)
+    results[rank] = (ok is not None, failed is None, state["step"])
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_a_one_rank_failure(tmp_path):
+    """Two gloo ranks: both write their ZeRO-2 shard; when one rank's write fails, neither hangs,
+    both report the failure and `latest` stays at the previous step."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_two_rank_worker, args=(_free_port(), str(tmp_path), results), nprocs=2, join=True)
+        assert dict(results) == {0: (True, True, 1), 1: (True, True, 1)}
+    files = {p.name for p in (tmp_path / "step-000001").iterdir()}
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files, files
+    assert not list(tmp_path.glob(".tmp-*"))

@@ -1,0 +1,200 @@
+"""The wire codec: exact round trips for every optional-field combination, and a CodecError with a
+one-line message (never another exception) for anything that is not a valid message."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save as st_save
+
+from simple_grpo import codec
+from simple_grpo.codec import CodecError, LogprobRequest, LogprobResponse, RolloutBatch
+
+
+def make_batch(B: int = 3, P: int = 5, C: int = 4, gen: bool = True, ref: bool = True,
+               seed: int = 0, **kw) -> RolloutBatch:
+    """A random valid batch; keyword arguments override any field."""
+    g = torch.Generator().manual_seed(seed)
+    fields = dict(
+        prompt_ids=torch.randint(0, 1000, (B, P), generator=g),
+        prompt_lens=torch.randint(1, P + 1, (B,), generator=g) if P else torch.zeros(B, dtype=torch.long),
+        completion_ids=torch.randint(0, 1000, (B, C), generator=g),
+        completion_lens=torch.randint(0, C + 1, (B,), generator=g),
+        rewards=torch.randn(B, generator=g), advantages=torch.randn(B, generator=g),
+        gen_logprobs=-torch.rand(B, C, generator=g) if gen else None,
+        ref_logprobs=-torch.rand(B, C, generator=g) if ref else None)
+    return RolloutBatch(**{**fields, **kw})
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a tensor, so NaN payloads and -0.0 compare exactly too."""
+    return t.contiguous().view(torch.uint8)
+
+
+def assert_same(a, b) -> None:
+    assert type(a) is type(b)
+    for f in a.__dataclass_fields__:
+        x, y = getattr(a, f), getattr(b, f)
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and x.shape == y.shape, f
+            assert torch.equal(bits(x), bits(y)), f"{f} differs"
+        else:
+            assert x == y and type(x) is type(y), f
+
+
+def raw(tensors: dict[str, torch.Tensor], **header) -> bytes:
+    """A safetensors body with our header, bypassing encode's validation (to build bad input)."""
+    hdr = {"schema_version": codec.SCHEMA_VERSION, "kind": "rollout", "weight_version": 0,
+           "meta": {}, "batch_id": None, **header}
+    return st_save(tensors, metadata={"simple_grpo": json.dumps(hdr)})
+
+
+@pytest.mark.parametrize("gen,ref,meta,batch_id,version", list(itertools.product(
+    [False, True], [False, True], [{}, {"group": [1, 2], "note": "é", "x": None}],
+    [None, "b-1"], [0, 7])))
+def test_rollout_round_trip_every_optional_combination(gen, ref, meta, batch_id, version):
+    b = make_batch(gen=gen, ref=ref, meta=meta, batch_id=batch_id, weight_version=version)
+    data = codec.encode(b)
+    assert isinstance(data, bytes)
+    out = codec.decode(data)
+    assert_same(b, out)
+    assert codec.encode(out) == data  # byte-stable
+
+
+def test_special_float_values_and_empty_shapes_round_trip():
+    b = make_batch()
+    b.gen_logprobs[0, 0] = float("nan")
+    b.gen_logprobs[0, 1] = -float("inf")
+    b.ref_logprobs[1, 0] = -0.0
+    assert_same(b, codec.decode(codec.encode(b)))
+    for B, P, C in [(0, 3, 2), (2, 3, 0), (0, 0, 0)]:
+        e = make_batch(B, P, C)
+        assert_same(e, codec.decode(codec.encode(e)))
+
+
+def test_non_contiguous_views_encode_like_copies():
+    b = make_batch(4, 6, 5)
+    v = RolloutBatch(b.prompt_ids.t().contiguous().t(), b.prompt_lens, b.completion_ids[:, :],
+                     b.completion_lens, b.rewards, b.advantages, b.gen_logprobs.t().contiguous().t())
+    assert not v.prompt_ids.is_contiguous()
+    assert_same(codec.decode(codec.encode(v)),
+                RolloutBatch(*[getattr(b, f) for f in ("prompt_ids", "prompt_lens", "completion_ids",
+                                                       "completion_lens", "rewards", "advantages",
+                                                       "gen_logprobs")]))
+
+
+def test_logprob_request_and_response_round_trip():
+    b = make_batch()
+    req = LogprobRequest(b.prompt_ids, b.prompt_lens, b.completion_ids, b.completion_lens)
+    assert_same(req, codec.decode(codec.encode(req), LogprobRequest))
+    resp = LogprobResponse(-torch.rand(3, 4))
+    assert_same(resp, codec.decode(codec.encode(resp), LogprobResponse))
+
+
+def test_wrong_kind_is_refused():
+    b = make_batch()
+    req = LogprobRequest(b.prompt_ids, b.prompt_lens, b.completion_ids, b.completion_lens)
+    with pytest.raises(CodecError, match="expected a 'rollout' message, got 'logprob_request'"):
+        codec.decode(codec.encode(req))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(prompt_ids=torch.zeros(3, 5, dtype=torch.int32)), "prompt_ids has dtype int32"),
+    (dict(rewards=torch.zeros(3, dtype=torch.float64)), "rewards has dtype float64"),
+    (dict(completion_lens=torch.zeros(4, dtype=torch.long)), "mismatched shapes"),
+    (dict(gen_logprobs=torch.zeros(3, 5)), "mismatched shapes"),
+    (dict(prompt_ids=torch.zeros(3, 5, 1, dtype=torch.long)), r"expected \[B, P\]"),
+    (dict(prompt_lens=torch.tensor([1, 6, 2])), r"prompt_lens must lie in \[0, P=5\]"),
+    (dict(completion_lens=torch.tensor([-1, 0, 2])), "completion_lens must lie in"),
+    (dict(weight_version=-1), "weight_version"),
+    (dict(weight_version=True), "weight_version"),
+    (dict(meta=[1, 2]), "meta must be a dict"),
+    (dict(meta={"x": object()}), "not JSON-serialisable"),
+    (dict(meta={"x": float("nan")}), "not JSON-serialisable"),
+    (dict(batch_id=""), "batch_id"),
+    (dict(rewards=None), "rewards is missing"),
+    (dict(rewards=[1.0, 2.0, 3.0]), "must be a torch.Tensor"),
+])
+def test_encode_validates(change, match):
+    b = make_batch()
+    for k, v in change.items():
+        setattr(b, k, v)
+    with pytest.raises(CodecError, match=match):
+        codec.encode(b)
+
+
+def _tensors(b: RolloutBatch) -> dict[str, torch.Tensor]:
+    return {k: getattr(b, k) for k in ("prompt_ids", "prompt_lens", "completion_ids",
+                                       "completion_lens", "rewards", "advantages")}
+
+
+@pytest.mark.parametrize("mutate,header,match", [
+    (lambda t: t.update(prompt_ids=t["prompt_ids"].int()), {}, "prompt_ids has dtype int32"),
+    (lambda t: t.update(rewards=t["rewards"].half()), {}, "rewards has dtype float16"),
+    (lambda t: t.update(completion_lens=t["completion_lens"][:2]), {}, "mismatched shapes"),
+    (lambda t: t.pop("advantages"), {}, "advantages is missing"),
+    (lambda t: t.update(extra=torch.zeros(2)), {}, "unexpected tensor"),
+    (lambda t: None, {"schema_version": 2}, "schema version 2 is not supported"),
+    (lambda t: None, {"kind": "weights"}, "unknown message kind"),
+    (lambda t: None, {"weight_version": "3"}, "weight_version"),
+    (lambda t: None, {"meta": "x"}, "meta must be a dict"),
+    (lambda t: None, {"surprise": 1}, "bad message fields"),
+])
+def test_decode_validates(mutate, header, match):
+    t = _tensors(make_batch())
+    mutate(t)
+    with pytest.raises(CodecError, match=match):
+        codec.decode(raw(t, **header))
+
+
+def test_foreign_safetensors_and_garbage_are_refused():
+    with pytest.raises(CodecError, match="not a simple_grpo message"):
+        codec.decode(st_save({"a": torch.zeros(2)}))
+    for junk in [b"", b"abc", b"\x00" * 8, b"\xff" * 16, b"GET / HTTP/1.1\r\n\r\n", b"{}" * 10]:
+        with pytest.raises(CodecError):
+            codec.decode(junk)
+
+
+def test_every_truncation_is_a_codec_error():
+    data = codec.encode(make_batch(2, 3, 2))
+    for n in range(len(data)):
+        with pytest.raises(CodecError):
+            codec.decode(data[:n])
+    with pytest.raises(CodecError):
+        codec.decode(data + b"\x00")
+
+
+def test_errors_are_one_line():
+    t = _tensors(make_batch())
+    t["prompt_ids"] = t["prompt_ids"].float()
+    with pytest.raises(CodecError) as e:
+        codec.decode(raw(t))
+    assert "\n" not in str(e.value)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300))
+def test_random_bytes_only_raise_codec_error(data):
+    with pytest.raises(CodecError):
+        codec.decode(data)
+
+
+_GOOD = codec.encode(make_batch(2, 3, 2, meta={"k": 1}))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(_GOOD) - 1), st.integers(0, 255)), min_size=1,
+                max_size=4))
+def test_corrupted_bytes_decode_or_raise_codec_error(edits):
+    data = bytearray(_GOOD)
+    for i, v in edits:
+        data[i] = v
+    try:
+        out = codec.decode(bytes(data))
+    except CodecError:
+        return
+    codec.validate(out)  # whatever decodes is a valid batch
