@@ -80,7 +80,7 @@ def main(argv: list[str]) -> dict:
         t0 = time.perf_counter()
         metrics, roll = train_loop.step(ctx, state["weight_version"])
         state.update(step=step, weight_version=state["weight_version"] + cfg.num_iterations)
-        metrics.update(step=step, weight_version=state["weight_version"],
+        metrics.update(weight_version=state["weight_version"],
                        step_seconds=time.perf_counter() - t0)
         if test_examples and (step % cfg.eval_every == 0 or step == cfg.steps):
             metrics["eval_accuracy"] = train_loop.evaluate(ctx, test_examples)

@@ -67,6 +67,8 @@ def ds_config(path: str | Path, *, micro_batch: int, grad_accum: int, world_size
               grad_clip: float, bf16: bool) -> dict:
     """The DeepSpeed JSON with its "auto" values filled from the trainer config."""
     p = Path(path)
+    if not p.exists() and not p.is_absolute():  # the repo's own ds_config.json from any cwd
+        p = Path(__file__).resolve().parents[1] / p
     if not p.exists():
         raise UserError(f"DeepSpeed config {p} not found (set --ds_config=PATH)")
     try:

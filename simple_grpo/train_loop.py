@@ -181,7 +181,7 @@ class Outputs:
 
     def log_eval(self, step: int, accuracy: float) -> None:
         if self.main:
-            self.logger.log(step, {"step": step, "eval_accuracy": accuracy})
+            self.logger.log(step, {"eval_accuracy": accuracy})
             print(f"[trainer] step {step}: held-out accuracy {accuracy:.3f}", flush=True)
 
     def log_step(self, step: int, metrics: dict, roll, bar) -> None:
