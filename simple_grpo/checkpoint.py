@@ -280,6 +280,8 @@ def load_latest(engine, ckpt_root: Path) -> dict | None:
     folder = ckpt_root / tag
     if not folder.is_dir():
         found = ", ".join(p.name for _, p in list_checkpoints(ckpt_root)) or "none"
+        if (ckpt_root / f".tmp-old-{tag}").is_dir():  # crash while re-saving the same step
+            found += f"; or rename {ckpt_root / f'.tmp-old-{tag}'} to {folder}"
         raise UserError(f"{ckpt_root / LATEST} names {tag!r} but {folder} does not exist "
                         f"(complete checkpoints there: {found}); write one of them into "
                         f"{ckpt_root / LATEST} or start without resuming")

@@ -188,10 +188,11 @@ class Outputs:
         if not self.main:
             return
         self.logger.log(step, metrics)
-        bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0):.4f}",
                         s=f"{metrics['step_seconds']:.1f}",
-                        **({"acc": f"{metrics['eval_accuracy']:.2f}"} if "eval_accuracy" in metrics else {}))
+                        **({"acc": f"{metrics['eval_accuracy']:.2f}"} if "eval_accuracy" in metrics else {}),
+                        refresh=False)
+        bar.update(1)
         c = self.cfg
         if c.samples_every and step % c.samples_every == 0:
             G = c.num_generations

@@ -1,0 +1,111 @@
+"""Seconds per GRPO step: simple_grpo's trainer next to TRL's GRPOTrainer, same settings, same run.
+
+Default settings (the issue's anchor): the bundled SmolLM2-135M-Instruct, 2 prompts x G=8 x 48 new
+tokens (fixed length: min_new_tokens = max_new_tokens), beta 0.04, one torch thread per process.
+simple_grpo runs as `python grpo_ref_split.py` (the reference model in its own server process);
+TRL runs in-process (`pip install -r requirements-bench.txt`). The first `--warmup` steps of each
+are excluded.
+
+    python benchmarks/step_time.py [--steps=6] [--warmup=1] [--skip_trl] [--model=smollm2-135m]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("gen_seconds", "ref_seconds", "train_seconds", "step_seconds")
+
+
+def run_ours(a, run_dir: Path) -> list[dict]:
+    cmd = [sys.executable, str(ROOT / "grpo_ref_split.py"), f"--model={a.model}", f"--steps={a.steps}",
+           f"--prompts_per_step={a.prompts}", f"--num_generations={a.G}", f"--micro_batch_size={a.micro}",
+           f"--max_new_tokens={a.tokens}", f"--min_new_tokens={a.tokens}", f"--beta={a.beta}",
+           "--eval_every=0", "--save_every=0", "--plot_every=0", "--samples_every=0",
+           "--rewards=correct_lenient", f"--run_dir={run_dir}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_trl(a, out_dir: Path) -> list[float]:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    sys.path.insert(0, str(ROOT))
+    import rewards  # noqa: F401  (registers the reward functions)
+    from simple_grpo import data
+    from simple_grpo.models import resolve_model_path
+    from simple_grpo.reward_registry import get_reward
+
+    torch.set_num_threads(1)
+    examples = data.load_examples("arithmetic", "train")
+    ds = Dataset.from_list([{"prompt": [{"role": "system", "content": data.DEFAULT_SYSTEM_PROMPT},
+                                        {"role": "user", "content": e["question"]}],
+                             "answer": e["answer"]} for e in examples])
+    lenient = get_reward("correct_lenient")
+
+    def reward(completions, answer, **_):
+        return [lenient(c[0]["content"], {"answer": ans}) for c, ans in zip(completions, answer)]
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *args, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *args, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    cfg = GRPOConfig(output_dir=str(out_dir), use_cpu=True, bf16=False, max_steps=a.steps,
+                     per_device_train_batch_size=a.prompts * a.G, num_generations=a.G,
+                     max_completion_length=a.tokens, generation_kwargs={"min_new_tokens": a.tokens},
+                     beta=a.beta, gradient_checkpointing=False, learning_rate=1e-6, logging_steps=1,
+                     report_to=[], save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=resolve_model_path(a.model), reward_funcs=reward, args=cfg,
+                          train_dataset=ds, callbacks=[Clock()])
+    trainer.train()
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--G", type=int, default=8)
+    p.add_argument("--micro", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--skip_trl", action="store_true")
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = run_ours(a, Path(tmp) / "ours")[a.warmup:]
+        rows = [r for r in rows if "step_seconds" in r]
+        ours = {k: sum(r[k] for r in rows) / len(rows) for k in PHASES}
+        trl = None
+        if not a.skip_trl:
+            t = run_trl(a, Path(tmp) / "trl")[a.warmup:]
+            trl = sum(t) / len(t)
+    print(f"\n{a.prompts} prompts x G={a.G} x {a.tokens} new tokens (fixed), beta {a.beta}, "
+          f"model {a.model}, {len(rows)} timed steps each")
+    print(f"| trainer | s/step | generate | ref | train | steps/hour |")
+    print(f"|---|---|---|---|---|---|")
+    print(f"| simple_grpo | {ours['step_seconds']:.1f} | {ours['gen_seconds']:.1f} | "
+          f"{ours['ref_seconds']:.1f} | {ours['train_seconds']:.1f} | {3600 / ours['step_seconds']:.0f} |")
+    if trl is not None:
+        print(f"| TRL GRPOTrainer | {trl:.1f} | | | | {3600 / trl:.0f} |")
+        print(f"\nratio (steps/hour, simple_grpo / TRL): {trl / ours['step_seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
