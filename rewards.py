@@ -34,12 +34,13 @@ from simple_grpo.reward_registry import (
     soft_overlong_punishment,
 )
 
-# Correctness is what we want (1.0). Format gets half of that: enough for a base model to pick up
-# the <think>/<answer> tags early (`correct` only reads <answer> tags, so it gives no signal
-# before), small enough that a well-formatted wrong answer (0.5) never beats a correct one (1.5).
-DEFAULT_REWARDS = [RewardSpec("format", 0.5), RewardSpec("correct", 1.0)]
-# DAPO adds the soft overlong punishment (in [-1, 0]) with weight 1.
-DAPO_REWARDS = DEFAULT_REWARDS + [RewardSpec("overlong", 1.0)]
+# Used when --rewards is not given. The default run's 135M model never writes <answer> tags, so
+# it is rewarded for the right final number anywhere (`correct_lenient`); models that follow the
+# tag format train better with TAGGED_REWARDS: format at half the weight of correctness, enough
+# to pick up the tags early, small enough that a well-formatted wrong answer (0.5) never beats a
+# correct one (1.5). DAPO's soft overlong punishment is added by the trainer (--overlong_reward).
+DEFAULT_REWARDS = [RewardSpec("correct_lenient", 1.0)]
+TAGGED_REWARDS = [RewardSpec("format", 0.5), RewardSpec("correct", 1.0)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def eos_token_ids(tokenizer, model) -> list[int]:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: list[int], *,
-           greedy: bool = False, repeat: int | None = None):
+           greedy: bool = False, repeat: int | None = None, share_prefill: bool = True):
     """-> prompt_ids [n*G, P], prompt_lens [n*G], completion_ids [n*G, C], completion_lens [n*G]."""
     G = s.num_generations if repeat is None else repeat
     device = next(model.parameters()).device
@@ -62,6 +62,8 @@ def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: lis
     model.eval()
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=s.temperature,
                                                      top_p=s.top_p, top_k=0)
+    if G > 1 and share_prefill and enc.input_ids.shape[1] > 1:
+        kw["past_key_values"] = _prefill(model, enc.input_ids.to(device), enc.attention_mask.to(device), G)
     out_NT = model.generate(input_ids=prompt_ids_NP, attention_mask=attn_NP,
                             max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
                             eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
@@ -72,6 +74,17 @@ def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: lis
         completion_ids_NC = torch.full_like(prompt_ids_NP[:, :1], tokenizer.pad_token_id)
     completion_lens_N = lengths_from_eos(completion_ids_NC, eos_ids)
     return prompt_ids_NP.cpu(), attn_NP.sum(1).cpu(), completion_ids_NC.cpu(), completion_lens_N.cpu()
+
+
+def _prefill(model, ids_nP: torch.Tensor, attn_nP: torch.Tensor, G: int):
+    """KV cache of every prompt but its last token, computed once per prompt and repeated for its
+    G rows: generate() then only runs the last prompt token per row (the G rows share a prefix)."""
+    pos_nP = (attn_nP.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids_nP[:, :-1], attention_mask=attn_nP[:, :-1], position_ids=pos_nP[:, :-1],
+                use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)
+    return cache
 
 
 def decode_completions(tokenizer, completion_ids_NC: torch.Tensor, lens_N: torch.Tensor) -> list[str]:

@@ -29,8 +29,9 @@ class TrainConfig:
     system_prompt: str | None = None
     """System prompt for the chat template; None uses the built-in one that asks for
     <think>...</think><answer>...</answer>."""
-    rewards: str = "format:0.5,correct:1.0"
-    """Reward functions from rewards.py as name[:weight], comma separated."""
+    rewards: str | None = None
+    """Reward functions from rewards.py as name[:weight], comma separated (e.g.
+    format:0.5,correct:1.0); None uses rewards.DEFAULT_REWARDS."""
     reward_failure_value: float = 0.0
     """Reward given when a reward function raises or returns NaN (it is also counted and logged)."""
 
@@ -64,9 +65,9 @@ class TrainConfig:
     """DAPO's L_cache in tokens; None means 0.2 * max_new_tokens."""
 
     # --- batch sizes and optimisation
-    steps: int = 60
+    steps: int = 40
     """Optimizer steps to train (times num_iterations passes over each batch)."""
-    prompts_per_step: int = 4
+    prompts_per_step: int = 2
     """Prompts per step across all ranks; each gets num_generations completions."""
     num_generations: int = 8
     """G: completions per prompt (the group)."""
@@ -74,7 +75,7 @@ class TrainConfig:
     """Sequences per forward/backward pass on one rank (gradient accumulation covers the rest)."""
     num_iterations: int = 1
     """mu: optimisation passes over each batch; old log-probs are recorded before the first."""
-    lr: float = 5e-6
+    lr: float = 1e-5
     """Peak learning rate (AdamW)."""
     warmup_steps: int = 3
     """Linear learning-rate warm-up, in optimizer steps."""
@@ -86,7 +87,7 @@ class TrainConfig:
     """Seed for data order, sampling and initialisation."""
 
     # --- sampling
-    max_new_tokens: int = 96
+    max_new_tokens: int = 48
     """Completion length limit in tokens (L_max for the overlong punishment)."""
     min_new_tokens: int = 0
     """Force at least this many new tokens (set = max_new_tokens for fixed-length benchmarks)."""
@@ -100,7 +101,7 @@ class TrainConfig:
     """Evaluate held-out accuracy every N steps (and before training and at the end); 0 disables."""
     eval_prompts: int = 20
     """Held-out prompts per evaluation (greedy decoding)."""
-    eval_reward: str = "correct"
+    eval_reward: str = "correct_lenient"
     """Reward function whose value on held-out prompts is the accuracy."""
     run_dir: str | None = None
     """Output folder; default runs/<preset>-<task>-<seed>."""

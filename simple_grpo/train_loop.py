@@ -17,7 +17,12 @@ from simple_grpo.reward_registry import RewardSpec, parse_reward_specs
 
 def reward_specs(cfg) -> list[RewardSpec]:
     """The configured reward functions, plus DAPO's soft overlong punishment when enabled."""
-    specs = parse_reward_specs(cfg.rewards)
+    if cfg.rewards is None:
+        from simple_grpo.reward_registry import load_rewards
+
+        specs = list(load_rewards().DEFAULT_REWARDS)
+    else:
+        specs = parse_reward_specs(cfg.rewards)
     if cfg.overlong_reward and not any(s.name == "overlong" for s in specs):
         specs.append(RewardSpec("overlong", 1.0))
     return specs

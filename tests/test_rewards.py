@@ -220,7 +220,7 @@ def test_overlong_reward_reads_example_keys() -> None:
 def test_builtins_registered_and_defaults_valid() -> None:
     for name in ("format", "correct", "correct_lenient", "overlong"):
         assert name in REWARDS, f"built-in reward {name!r} not registered"
-    assert all(spec.name in REWARDS for spec in rewards.DEFAULT_REWARDS + rewards.DAPO_REWARDS), "defaults"
+    assert all(spec.name in REWARDS for spec in rewards.DEFAULT_REWARDS + rewards.TAGGED_REWARDS), "defaults"
 
 
 def test_register_rejects_bad_and_duplicate_names(registry: dict) -> None:
