@@ -65,7 +65,7 @@ class TrainConfig:
     """DAPO's L_cache in tokens; None means 0.2 * max_new_tokens."""
 
     # --- batch sizes and optimisation
-    steps: int = 40
+    steps: int = 30
     """Optimizer steps to train (times num_iterations passes over each batch)."""
     prompts_per_step: int = 2
     """Prompts per step across all ranks; each gets num_generations completions."""

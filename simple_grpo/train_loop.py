@@ -69,7 +69,8 @@ def connect_ref(cfg, dist) -> RefConnection | None:
     port = torch.zeros(1, dtype=torch.long)
     process = None
     if dist.rank == 0:
-        process = RefProcess(resolve_model_path(cfg.model), dtype=cfg.dtype)
+        threads = [] if dist.device.type == "cuda" else ["--torch_threads=1"]  # one core each
+        process = RefProcess(resolve_model_path(cfg.model), dtype=cfg.dtype, extra=threads)
         port[0] = process.port
         print(f"[trainer] started a reference server at {process.url}", flush=True)
     if dist.world_size > 1:
