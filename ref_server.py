@@ -21,7 +21,7 @@ import torch
 from simple_grpo.config import parse_config
 from simple_grpo.errors import UserError
 from simple_grpo.server import ServerConfig, ServerState, check_bind, make_app
-from simple_grpo.wsgi import make_server
+from simple_grpo.wsgi import make_server, url_host
 
 
 def main(argv: list[str]) -> None:
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
     state = ServerState.from_config(cfg)
     server = make_server(make_app(state), cfg.host, cfg.port, cfg.threads, cfg.max_body_bytes)
     print(f"[ref_server] {state.model_name} ({state.dtype}, {state.device}, vocab "
-          f"{state.vocab_size}) serving on http://{cfg.host}:{server.effective_port} "
+          f"{state.vocab_size}) serving on http://{url_host(cfg.host)}:{server.effective_port} "
           f"(queue {cfg.queue_order}, size {cfg.queue_size or 'unbounded'}, when full "
           f"{cfg.when_full}, auth {'on' if cfg.token else 'off'})", flush=True)
     try:

@@ -105,7 +105,7 @@ def _fsync_tree(folder: Path) -> None:
     _fsync_path(folder)
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` so readers see either the old or the new content, never a mix."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
     try:
@@ -230,7 +230,7 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, *, k
                     os.replace(trash, final)  # put the old folder back: `latest` may name it
                 raise
             _fsync_path(ckpt_root)
-            _write_atomic_text(ckpt_root / LATEST, tag)
+            write_text_atomic(ckpt_root / LATEST, tag)
             if trash is not None:
                 shutil.rmtree(trash, ignore_errors=True)
         except OSError as e:

@@ -11,6 +11,9 @@ Retry-After), up to `retries` times; any other 4xx raises RefServerError at once
 server's one-line message. Uploads carry a client-made batch_id, so a retried upload whose first
 attempt did reach the server is answered "duplicate" instead of being enqueued twice. A batch that
 /get popped but whose answer was lost in transit is lost (there are no acks).
+`timeout` bounds each HTTP request; it must exceed the server's longest forward pass (a 64 x 512
+batch of SmolLM2-135M takes minutes on a 2-core CPU), or a slow upload is retried while the first
+attempt is still computing (answered 503 "still being processed" until it is done).
 A RefClient holds a requests.Session: use one client per thread.
 """
 from __future__ import annotations
@@ -50,7 +53,7 @@ class RefServerUnavailable(UserError):
 class RefClient:
     """HTTP client of the reference server; see the module docstring."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 120.0,
+    def __init__(self, url: str, token: str | None = None, timeout: float = 600.0,
                  retries: int = 5, backoff_s: float = 0.25, max_backoff_s: float = 8.0,
                  max_body_bytes: int | None = None):
         self.url = url.rstrip("/")

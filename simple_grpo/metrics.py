@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from simple_grpo.checkpoint import write_text_atomic
 from simple_grpo.errors import UserError
 
 log = logging.getLogger("simple_grpo")
@@ -54,20 +55,6 @@ def read_jsonl(path: Path) -> list[dict]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write `text` into `path` atomically (temp file in the same folder + os.replace)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class MetricsLogger:
@@ -138,7 +125,7 @@ class MetricsLogger:
                 keep.append(ln)
         dropped = len(lines) - len(keep)
         if dropped:
-            _replace_text(self.path, "".join(ln + "\n" for ln in keep))
+            write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
             log.info("dropped %d metric lines with step >= %d from %s", dropped, step, self.path)
         return dropped
 

@@ -10,6 +10,7 @@ by world_size to undo it), so a 2-rank step equals a 1-process step on the full 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 
 import torch
 
@@ -42,12 +43,29 @@ def _micro(batch: RolloutBatch, sl: slice, device):
 
 def train_on_batch(engine, batch: RolloutBatch, *, micro_batch: int, num_iterations: int,
                    loss_kw: dict, eos_ids: list[int], overlong_filter: bool, temperature: float,
-                   world_size: int, device) -> dict[str, float]:
-    """Run `num_iterations` optimizer steps over `batch`; returns averaged metrics."""
+                   world_size: int, device, ref_pending: Future | None = None) -> dict[str, float]:
+    """Run `num_iterations` optimizer steps over `batch`; returns averaged metrics.
+
+    `ref_pending`: a future of the batch coming back from the reference server (ours with its
+    reference log-probs, or another producer's). While the server computes, this process runs
+    the first micro-batch's forward pass, so the two cores work at the same time; if the batch
+    that comes back is not ours, that forward pass is dropped and the returned batch is trained.
+    """
+    t0 = time.perf_counter()
+    prefetched, ref_wait = None, 0.0
+    if ref_pending is not None:
+        if num_iterations == 1 and batch.gen_logprobs is None:
+            prefetched = completion_logprobs(engine, *_micro(batch, slice(0, micro_batch), device),
+                                             temperature=temperature)
+        t = time.perf_counter()
+        got = ref_pending.result()
+        ref_wait = time.perf_counter() - t
+        if got.batch_id != batch.batch_id:
+            prefetched = None
+        batch = got
     B = batch.batch_size
     assert B % micro_batch == 0, f"batch of {B} does not split into micro-batches of {micro_batch}"
     assert batch.ref_logprobs is not None or loss_kw["beta"] == 0, "beta > 0 needs ref log-probs"
-    t0 = time.perf_counter()
     mask_BC = loss_mask(batch, eos_ids, overlong_filter)
     num_tokens, num_seqs = global_counts(mask_BC, world_size)
     if loss_kw["agg"] == "seq-mean-token-sum-norm":
@@ -62,7 +80,10 @@ def train_on_batch(engine, batch: RolloutBatch, *, micro_batch: int, num_iterati
     sums: dict[str, float] = {}
     for _ in range(num_iterations):
         for sl in slices:
-            logp_bC = completion_logprobs(engine, *_micro(batch, sl, device), temperature=temperature)
+            if prefetched is not None and sl.start == 0:
+                logp_bC, prefetched = prefetched, None
+            else:
+                logp_bC = completion_logprobs(engine, *_micro(batch, sl, device), temperature=temperature)
             old = None if old_BC is None else old_BC[sl].to(device)
             ref = None if batch.ref_logprobs is None else batch.ref_logprobs[sl].to(device)
             loss, m = policy_loss(logp_bC, old, ref, batch.advantages[sl].to(device),
@@ -78,7 +99,8 @@ def train_on_batch(engine, batch: RolloutBatch, *, micro_batch: int, num_iterati
             sums["tokens"] = sums.get("tokens", 0.0) + w
     tok = max(sums.pop("tokens", 0.0), 1.0)
     out = {k: (v / num_iterations if k in ("loss", "pg_loss") else v / tok) for k, v in sums.items()}
-    out["train_seconds"] = time.perf_counter() - t0
+    out["train_seconds"] = time.perf_counter() - t0 - ref_wait
+    out["ref_seconds"] = ref_wait
     out["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
     out["lr"] = float(engine.get_lr()[0])
     return out

@@ -22,8 +22,8 @@ Padding: ids at padding positions (outside prompt_lens / completion_lens) are ig
 is accepted there and the model sees 0 instead. The batch handed to the trainer is bit-exactly the
 uploaded one plus ref_logprobs and batch_id.
 
-Extending (e.g. weight publishing): `app = make_app(state)` then add routes with `@app.get(...)`;
-the auth hook and the JSON error handler apply to them too.
+Extending (e.g. weight publishing): `app = make_app(state)` then add routes with `@app.get(...)`
+and `@api_handler(state)`; the auth hook and the JSON error pages apply to them too.
 """
 from __future__ import annotations
 
@@ -230,11 +230,9 @@ class ServerState:
 _BATCH_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
-def make_app(state: ServerState) -> bottle.Bottle:
-    """The bottle app; add routes to it to extend the server."""
-    app = bottle.Bottle(catchall=True)
-    limit = state.cfg.max_body_bytes
-
+def api_handler(state: ServerState) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for route functions: CodecError -> 400 and ApiError -> its status, as one-line
+    JSON, counting client errors; anything else becomes bottle's 500 (JSON via make_app)."""
     def handler(fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(*a, **kw):
             try:
@@ -248,6 +246,15 @@ def make_app(state: ServerState) -> bottle.Bottle:
                 return json_response({"error": e.message}, e.status, e.headers)
         wrapped.__name__ = fn.__name__
         return wrapped
+    return handler
+
+
+def make_app(state: ServerState) -> bottle.Bottle:
+    """The bottle app. To extend the server: `app = make_app(state)`, then add routes decorated
+    with `@app.post(path)` and `@api_handler(state)`; auth and JSON errors apply to them too."""
+    app = bottle.Bottle(catchall=True)
+    limit = state.cfg.max_body_bytes
+    handler = api_handler(state)
 
     @app.hook("before_request")
     def _auth() -> None:

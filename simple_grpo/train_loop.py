@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,6 +38,7 @@ class RefConnection:
 
         self.url, self.timeout, self.process = url, timeout, process
         self.client = RefClient(url, token=token)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ref-exchange")
         self.client.wait_ready(timeout)
 
     def exchange(self, batch):
@@ -52,7 +55,12 @@ class RefConnection:
                 raise UserError(f"no batch from the reference server at {self.url} within "
                                 f"{self.timeout:.0f} s (raise --ref_timeout?)")
 
+    def exchange_async(self, batch) -> Future:
+        """`exchange` in a background thread (HTTP waits release the GIL)."""
+        return self._pool.submit(self.exchange, batch)
+
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         if self.process is not None:
             self.process.stop()
 
@@ -111,16 +119,14 @@ def step(ctx: StepContext, weight_version: int):
                                 failure_value=c.reward_failure_value, scale=c.scale,
                                 weight_version=weight_version)
     batch = roll.batch
-    t0 = time.perf_counter()
-    if ctx.ref is not None:
-        batch = ctx.ref.exchange(batch)
-    ref_seconds = time.perf_counter() - t0
+    batch.batch_id = uuid.uuid4().hex  # to recognise our batch when it comes back from the queue
+    pending = ctx.ref.exchange_async(batch) if ctx.ref is not None else None
     m = policy_step.train_on_batch(ctx.engine, batch, micro_batch=c.micro_batch_size,
                                    num_iterations=c.num_iterations, loss_kw=ctx.loss_kw,
                                    eos_ids=ctx.eos_ids, overlong_filter=c.overlong_filter,
                                    temperature=c.temperature, world_size=ctx.dist.world_size,
-                                   device=ctx.dist.device)
-    metrics = {**roll.stats, **m, "ref_seconds": ref_seconds}
+                                   device=ctx.dist.device, ref_pending=pending)
+    metrics = {**roll.stats, **m}
     if c.eval_reward in roll.breakdown:
         values = roll.breakdown[c.eval_reward]
         metrics["accuracy"] = sum(1.0 for v in values if v >= 1.0) / len(values)

@@ -76,9 +76,15 @@ class _Channel(HTTPChannel):
 _SLACK = 1 << 16  # chunk framing bytes waitress counts against its limit
 
 
+def url_host(host: str) -> str:
+    """IPv6 literals go in brackets inside a URL."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def make_server(app, host: str = "127.0.0.1", port: int = 0, threads: int = 8,
                 max_body_bytes: int = 64 << 20):
     """A waitress server (not started) whose 413s are JSON; `.effective_port` is the bound port."""
+    host = "127.0.0.1" if host == "localhost" else host  # one socket, so one effective_port
     server = create_server(app, host=host, port=port, threads=threads,
                            max_request_body_size=max_body_bytes + _SLACK, ident="ref_server",
                            channel_timeout=300, clear_untrusted_proxy_headers=True)
@@ -92,7 +98,7 @@ class RunningServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, threads: int = 8,
                  max_body_bytes: int = 64 << 20):
         self.server = make_server(app, host, port, threads, max_body_bytes)
-        self.url = f"http://{host}:{self.server.effective_port}"
+        self.url = f"http://{url_host(host)}:{self.server.effective_port}"
         self.thread = threading.Thread(target=self.server.run, name="waitress", daemon=True)
         self.thread.start()
 

@@ -181,6 +181,24 @@ def test_bad_input_gets_json_4xx_and_server_keeps_serving(strict_server, name, m
     assert client.get().batch_id == bid
 
 
+def test_compute_failure_is_a_json_500_and_releases_everything(ref_server, monkeypatch):
+    srv = ref_server(max_inflight=1, threads=3)
+
+    def boom(obj):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(srv.state, "compute", boom)
+    r = requests.post(srv.url + "/upload", data=_good(), timeout=10)
+    assert r.status_code == 500 and "RuntimeError: CUDA out of memory" in r.json()["error"]
+    s = srv.state.stats()
+    assert s["in_flight"] == s["queue_depth"] == s["batches_in"] == 0
+    monkeypatch.undo()
+    client = RefClient(srv.url, retries=0)  # the compute slot was given back: no 503
+    assert client.get() is None and client.get() is None
+    bid = client.upload(ragged())
+    assert client.get().batch_id == bid
+
+
 def test_client_disconnecting_mid_request_loses_nothing(ref_server):
     srv = ref_server()
     client = RefClient(srv.url)
