@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -98,6 +99,7 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run cleanups (stop the ref server)
     try:
         result = main(sys.argv[1:])
     except UserError as e:

@@ -17,6 +17,16 @@ from simple_grpo.engine import free_port
 REF_SERVER = Path(__file__).resolve().parents[1] / "ref_server.py"
 
 
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when the trainer dies, even by kill -9 (no orphan servers)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class RefProcess:
     """A ref server child process; `url` to reach it, `stop()` (also run at exit) to end it."""
 
@@ -28,7 +38,7 @@ class RefProcess:
         env = dict(os.environ)
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(k, None)  # the server is not part of the trainer's process group
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         atexit.register(self.stop)
 
     def alive(self) -> bool:

@@ -111,3 +111,25 @@ def test_help_lists_options():
                  "--max_new_tokens=", "--min_new_tokens=", "--beta=", "--lr=", "--seed=", "--run_dir=",
                  "--ref_url=", "--resume=", "--mode="):
         assert name in r.stdout, name
+
+
+def test_ref_server_child_dies_with_the_trainer(tiny_model_dir):
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[1]);"
+        "from simple_grpo.ref_process import RefProcess;"
+        "p = RefProcess(sys.argv[2], extra=['--torch_threads=1']); print(p.proc.pid, flush=True);"
+        "time.sleep(600)"), str(ROOT), str(tiny_model_dir)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()  # kill -9: no atexit, no cleanup in the parent
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(child, 9)
+    pytest.fail("the reference server outlived its trainer")
