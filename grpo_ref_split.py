@@ -42,14 +42,14 @@ def main(argv: list[str]) -> dict:
     torch.manual_seed(cfg.seed + dist.rank)
 
     # Model, data, rewards: everything fails fast with a readable message before training starts.
-    tokenizer = models.load_tokenizer(cfg.model)
-    model = models.load_model(cfg.model, cfg.dtype, str(dist.device))
     specs = train_loop.reward_specs(cfg)
-    system_prompt = cfg.system_prompt if cfg.system_prompt is not None else data.DEFAULT_SYSTEM_PROMPT
     fields = dict(question_field=cfg.question_field, answer_field=cfg.answer_field)
     train_examples = data.load_examples(cfg.task, "train", seed=cfg.seed, **fields)
     test_examples = data.load_examples(cfg.task, "test", seed=cfg.seed, **fields)[:cfg.eval_prompts] \
         if cfg.eval_every > 0 else []
+    tokenizer = models.load_tokenizer(cfg.model)
+    model = models.load_model(cfg.model, cfg.dtype, str(dist.device))
+    system_prompt = cfg.system_prompt if cfg.system_prompt is not None else data.DEFAULT_SYSTEM_PROMPT
     stream = data.PromptStream(train_examples, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
     render = lambda ex: data.render_prompt(tokenizer, ex["question"], system_prompt)  # noqa: E731
     eos_ids = rollout.eos_token_ids(tokenizer, model)

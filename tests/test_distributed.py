@@ -45,3 +45,28 @@ def test_two_ranks_equal_one_process(preset, iterations, tmp_path):
     init = build_tiny_model(seed=1).state_dict()
     init_changed = all(not torch.equal(init[k], single[k]) for k in single)
     assert init_changed, "the step must change every parameter"
+
+
+def test_trainer_script_on_two_ranks(tiny_model_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 grpo_ref_split.py`: both ranks train, checkpoint and export."""
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    root = Path(__file__).resolve().parents[1]
+    args = [f"--model={tiny_model_dir}", f"--run_dir={tmp_path}", "--steps=2", "--prompts_per_step=2",
+            "--num_generations=4", "--micro_batch_size=2", "--max_new_tokens=6", "--eval_every=2",
+            "--eval_prompts=4", "--save_every=1", "--preset=grpo", "--lr=1e-3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(root / "grpo_ref_split.py"), *args]
+    r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1, 2], "rank 0 alone writes the metrics"
+    assert rows[1]["kl"] == 0.0 and "eval_accuracy" in rows[2]
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert ckpts == ["step-000001", "step-000002"]
+    shards = list((tmp_path / "checkpoints" / "step-000002").glob("*optim_states.pt"))
+    assert len(shards) == 2, "ZeRO-2 optimizer state is partitioned over the 2 ranks"
+    assert (tmp_path / "final" / "model.safetensors").exists()
