@@ -43,25 +43,31 @@ def _micro(batch: RolloutBatch, sl: slice, device):
 
 def train_on_batch(engine, batch: RolloutBatch, *, micro_batch: int, num_iterations: int,
                    loss_kw: dict, eos_ids: list[int], overlong_filter: bool, temperature: float,
-                   world_size: int, device, ref_pending: Future | None = None) -> dict[str, float]:
+                   world_size: int, device, ref_pending: Future | None = None,
+                   max_prefetch: int = 2) -> dict[str, float]:
     """Run `num_iterations` optimizer steps over `batch`; returns averaged metrics.
 
     `ref_pending`: a future of the batch coming back from the reference server (ours with its
     reference log-probs, or another producer's). While the server computes, this process runs
-    the first micro-batch's forward pass, so the two cores work at the same time; if the batch
-    that comes back is not ours, that forward pass is dropped and the returned batch is trained.
+    the forward passes of up to `max_prefetch` micro-batches (their graphs are kept for the
+    backward), so the two processes work at the same time; if the batch that comes back is not
+    ours, those forward passes are dropped and the returned batch is trained instead.
     """
     t0 = time.perf_counter()
-    prefetched, ref_wait = None, 0.0
+    prefetched: dict[int, torch.Tensor] = {}  # micro-batch start -> policy log-probs with graph
+    ref_wait = 0.0
     if ref_pending is not None:
         if num_iterations == 1 and batch.gen_logprobs is None:
-            prefetched = completion_logprobs(engine, *_micro(batch, slice(0, micro_batch), device),
-                                             temperature=temperature)
+            for s in range(0, min(batch.batch_size, max_prefetch * micro_batch), micro_batch):
+                if s and ref_pending.done():
+                    break
+                prefetched[s] = completion_logprobs(engine, *_micro(batch, slice(s, s + micro_batch),
+                                                                    device), temperature=temperature)
         t = time.perf_counter()
         got = ref_pending.result()
         ref_wait = time.perf_counter() - t
         if got.batch_id != batch.batch_id:
-            prefetched = None
+            prefetched.clear()
         batch = got
     B = batch.batch_size
     assert B % micro_batch == 0, f"batch of {B} does not split into micro-batches of {micro_batch}"
@@ -80,8 +86,8 @@ def train_on_batch(engine, batch: RolloutBatch, *, micro_batch: int, num_iterati
     sums: dict[str, float] = {}
     for _ in range(num_iterations):
         for sl in slices:
-            if prefetched is not None and sl.start == 0:
-                logp_bC, prefetched = prefetched, None
+            if sl.start in prefetched:
+                logp_bC = prefetched.pop(sl.start)
             else:
                 logp_bC = completion_logprobs(engine, *_micro(batch, sl, device), temperature=temperature)
             old = None if old_BC is None else old_BC[sl].to(device)
