@@ -6,9 +6,10 @@
     batch = client.get(wait_s=10)             # RolloutBatch with ref_logprobs, or None
     logp_BC = client.logprobs(prompt_ids, prompt_lens, completion_ids, completion_lens)
 
-Retries: connection errors, timeouts, 429, 502, 503 and 504 are retried with exponential backoff (honouring
-Retry-After), up to `retries` times; any other 4xx raises RefServerError at once with the
-server's one-line message. Uploads carry a client-made batch_id, so a retried upload whose first
+Retries: connection errors, timeouts, 429, 502, 503 and 504 are retried with exponential backoff
+(honouring Retry-After), up to `retries` times, then RefServerUnavailable (a UserError) is raised;
+any other 4xx/5xx raises RefServerError at once with the server's one-line message (401 raises
+RefServerAuthError, also a UserError). Uploads carry a client-made batch_id, so a retried upload whose first
 attempt did reach the server is answered "duplicate" instead of being enqueued twice. A batch that
 /get popped but whose answer was lost in transit is lost (there are no acks).
 `timeout` bounds each HTTP request; it must exceed the server's longest forward pass (a 64 x 512
@@ -35,7 +36,7 @@ _RETRY_STATUS = (429, 502, 503, 504)  # queue full, busy, or a proxy in between
 
 
 class RefServerError(RuntimeError):
-    """The server refused a request (4xx, or 5xx after retries); `.status`, `.message`."""
+    """The server refused a request (a 4xx, or a 500); `.status`, `.message`."""
 
     def __init__(self, status: int, message: str, url: str):
         super().__init__(f"ref server {url} answered {status}: {message}")

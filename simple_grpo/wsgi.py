@@ -103,8 +103,16 @@ class RunningServer:
         self.thread.start()
 
     def close(self) -> None:
+        """Close the sockets from the server's own loop thread, then stop the worker threads."""
         from waitress import wasyncore
 
-        self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self.server._map))
+        try:
+            self.server.trigger.pull_trigger(
+                lambda: wasyncore.close_all(self.server._map, ignore_all=True))
+        except OSError:  # the loop is already gone (closed twice, or it died)
+            pass
         self.thread.join(timeout=10)
+        if self.thread.is_alive():  # the loop did not run the thunk: close from here
+            wasyncore.close_all(self.server._map, ignore_all=True)
+            self.thread.join(timeout=5)
         self.server.task_dispatcher.shutdown(timeout=5)

@@ -234,12 +234,15 @@ def test_concurrent_producers_one_consumer_exactly_once_fifo(ref_server):
             errors.append(e)
 
     def consume() -> None:
-        with requests.Session() as s:
-            deadline = time.monotonic() + 60
-            while len(got) < n_prod * n_each and time.monotonic() < deadline:
-                r = s.get(srv.url + "/get", params={"wait": 1}, timeout=10)
-                if r.status_code == 200:
-                    got.append((int(r.headers["X-Batch-Seq"]), codec.decode(r.content)))
+        try:
+            with requests.Session() as s:
+                deadline = time.monotonic() + 60
+                while len(got) < n_prod * n_each and time.monotonic() < deadline:
+                    r = s.get(srv.url + "/get", params={"wait": 1}, timeout=30)
+                    if r.status_code == 200:
+                        got.append((int(r.headers["X-Batch-Seq"]), codec.decode(r.content)))
+        except Exception as e:  # surfaced by the assert below
+            errors.append(e)
 
     threads = [threading.Thread(target=produce, args=(p,)) for p in range(n_prod)]
     threads.append(threading.Thread(target=consume))
