@@ -136,7 +136,8 @@ def step(ctx: StepContext, weight_version: int):
 
 
 def average(metrics: dict[str, float], dist) -> dict[str, float]:
-    """Mean of every metric over ranks (maxima for *_max); identity for one process."""
+    """Mean of every metric over ranks (maxima for *_max; sums for the loss, whose per-rank parts
+    are already normalised by the whole step's counts); identity for one process."""
     if dist.world_size == 1:
         return metrics
     keys = sorted(metrics)
@@ -144,7 +145,9 @@ def average(metrics: dict[str, float], dist) -> dict[str, float]:
     mx = t.clone()
     torch.distributed.all_reduce(t)
     torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
-    return {k: float(mx[i] if k.endswith("_max") else t[i] / dist.world_size) for i, k in enumerate(keys)}
+    summed = ("loss", "pg_loss")
+    return {k: float(mx[i] if k.endswith("_max") else t[i] if k in summed else t[i] / dist.world_size)
+            for i, k in enumerate(keys)}
 
 
 def gather(obj: dict, dist) -> list[dict]:
