@@ -111,6 +111,8 @@ def help_text(cls, env_prefix: str | None = None, prog: str = "") -> str:
              f"   (or environment variables {env_prefix}KEY)"), ""]
     if cls.__doc__:
         lines += [textwrap.dedent(cls.__doc__).strip(), ""]
+    if "config" not in {f.name for f in dataclasses.fields(cls)}:
+        lines += ["  --config=FILE.json", "      Read options from a JSON object first (the command line wins)."]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
