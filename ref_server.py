@@ -34,7 +34,8 @@ def main(argv: list[str]) -> None:
         torch.set_num_threads(cfg.torch_threads)
     print(f"[ref_server] loading {cfg.model} ...", flush=True)
     state = ServerState.from_config(cfg)
-    server = make_server(make_app(state), cfg.host, cfg.port, cfg.threads, cfg.max_body_bytes)
+    server = make_server(make_app(state), cfg.host, cfg.port, cfg.threads, cfg.max_body_bytes,
+                         cfg.large_body_paths)
     print(f"[ref_server] {state.model_name} ({state.dtype}, {state.device}, vocab "
           f"{state.vocab_size}) serving on http://{url_host(cfg.host)}:{server.effective_port} "
           f"(queue {cfg.queue_order}, size {cfg.queue_size or 'unbounded'}, when full "

@@ -5,6 +5,9 @@
     batch_id = client.upload(batch)           # RolloutBatch -> id; safe to retry (idempotent)
     batch = client.get(wait_s=10)             # RolloutBatch with ref_logprobs, or None
     logp_BC = client.logprobs(prompt_ids, prompt_lens, completion_ids, completion_lens)
+    client.publish_weights(iter_state_dict_safetensors(model.state_dict()), version=3)  # trainer
+    client.weights_version("gen-0", running_version=2)  # -> {"version": 3, "sha256", ...}
+    client.download_weights(Path("policy.safetensors"))  # resumable, sha256-checked, atomic
 
 Retries: connection errors, timeouts, 429, 502, 503 and 504 are retried with exponential backoff
 (honouring Retry-After), up to `retries` times, then RefServerUnavailable (a UserError) is raised;
@@ -19,12 +22,15 @@ A RefClient holds a requests.Session: use one client per thread.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 import sys
 import time
 import uuid
 from dataclasses import replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 
 import requests
 import torch
@@ -63,6 +69,7 @@ class RefClient:
         self.max_body_bytes = max_body_bytes  # learnt from /health when not given
         self.last_upload: dict[str, Any] = {}  # the server's answer to the last upload
         self.last_compute_ms = 0.0  # server-side forward time of the last /logprobs call
+        self.last_weights: dict[str, Any] = {}  # version and sha256 of the last download
         self.session = requests.Session()
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
@@ -86,12 +93,13 @@ class RefClient:
 
     def _request(self, method: str, path: str, body: bytes | None = None,
                  params: dict | None = None, timeout: float | None = None,
-                 retries: int | None = None) -> requests.Response:
+                 retries: int | None = None, headers: dict | None = None) -> requests.Response:
         retries = self.retries if retries is None else retries
         if body is not None and self.max_body_bytes is not None and len(body) > self.max_body_bytes:
             raise RefServerError(413, f"body of {len(body)} bytes exceeds the server's limit of "
                                       f"{self.max_body_bytes} (split the batch)", self.url)
-        headers = {"Content-Type": "application/octet-stream"} if body is not None else None
+        if body is not None:
+            headers = {"Content-Type": "application/octet-stream", **(headers or {})}
         last = ""
         for attempt in range(retries + 1):
             try:
@@ -176,6 +184,86 @@ class RefClient:
     def stats(self) -> dict[str, Any]:
         """GET /stats -> counters (batches in/out/dropped, tokens/s, mean compute ms, ...)."""
         return self._request("GET", "/stats").json()
+
+    def publish_weights(self, chunks: Iterable[bytes] | bytes, version: int) -> dict[str, Any]:
+        """POST /weights?version=N with a safetensors file, streamed from `chunks` (e.g.
+        weight_store.iter_state_dict_safetensors). Not retried: a stream cannot be replayed."""
+        try:
+            r = self.session.post(self.url + "/weights", params={"version": version}, data=chunks,
+                                  headers={"Content-Type": "application/octet-stream"},
+                                  timeout=self.timeout)
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise RefServerUnavailable(f"publishing weights to {self.url} failed: {e}") from e
+        if r.status_code >= 400:
+            raise self._error(r)
+        return r.json()
+
+    def weights_version(self, worker_id: str | None = None,
+                        running_version: int | None = None) -> dict[str, Any]:
+        """GET /weights/version -> {"version": N or None, "bytes", "sha256"}; a worker_id also
+        reports the version this worker runs (shown in /stats "workers")."""
+        headers = {}
+        if worker_id is not None:
+            headers["X-Worker-Id"] = worker_id
+            if running_version is not None:
+                headers["X-Weight-Version"] = str(running_version)
+        return self._request("GET", "/weights/version", headers=headers).json()
+
+    def download_weights(self, dest: str | Path, expected_sha256: str | None = None) -> Path:
+        """GET /weights into dest: written to dest.part, resumed with Range after a broken
+        connection (up to `retries` times), sha256-checked, then renamed over dest. On failure
+        dest is untouched and RefServerError / RefServerUnavailable is raised. Sets
+        last_weights."""
+        dest = Path(dest)
+        part, have, etag, total, last = dest.with_name(dest.name + ".part"), 0, None, None, ""
+        try:
+            with open(part, "wb") as f:
+                for attempt in range(self.retries + 1):
+                    headers = {"Range": f"bytes={have}-", "If-Range": etag} if have else {}
+                    try:
+                        with self.session.get(self.url + "/weights", headers=headers, stream=True,
+                                              timeout=self.timeout) as r:
+                            if r.status_code >= 400 and r.status_code not in _RETRY_STATUS:
+                                raise self._error(r)
+                            if r.status_code in (200, 206):
+                                if r.status_code == 200:  # a fresh start (or a newer version)
+                                    have, etag = 0, r.headers["ETag"]
+                                    f.seek(0)
+                                    f.truncate()
+                                    self.last_weights = {"version": int(
+                                        r.headers["X-Weight-Version"]), "sha256": etag.strip('"')}
+                                total = have + int(r.headers["Content-Length"])
+                                for chunk in r.iter_content(1 << 20):
+                                    f.write(chunk)
+                                    have += len(chunk)
+                                if have == total:
+                                    break
+                                last = f"body ended after {have} of {total} bytes"
+                            else:
+                                last = str(self._error(r))
+                    except (requests.ConnectionError, requests.Timeout,
+                            requests.exceptions.ChunkedEncodingError) as e:
+                        last = f"{type(e).__name__}: {e}"
+                    if attempt < self.retries:
+                        time.sleep(self._delay(attempt, None))
+                else:
+                    raise RefServerUnavailable(f"downloading weights from {self.url} failed "
+                                               f"after {self.retries + 1} attempt(s): "
+                                               f"{last[:300]}")
+            sha = hashlib.sha256()
+            with open(part, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    sha.update(chunk)
+            want = [w for w in (self.last_weights["sha256"], expected_sha256) if w]
+            if any(sha.hexdigest() != w for w in want):
+                raise RefServerError(200, f"downloaded weights have sha256 {sha.hexdigest()}, "
+                                          f"expected {' and '.join(want)}", self.url)
+            os.replace(part, dest)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        self.last_weights["bytes"] = have
+        return dest
 
     def close(self) -> None:
         self.session.close()

@@ -12,6 +12,7 @@ JSON object {"error": "..."} with a 4xx/5xx status):
                     batch_id (headers X-Batch-Id, X-Batch-Seq, X-Queue-Depth), 204 when none ready
     POST /logprobs  codec LogprobRequest -> 200 codec LogprobResponse (stateless)
     GET  /stats     200 counters (see ServerState.stats)
+    POST /weights, GET /weights/version, GET /weights: policy weights (simple_grpo.weight_routes)
 With a token every request lacking `Authorization: Bearer <token>` gets 401.
 
 Threading: waitress runs handlers on `threads` threads. Forward passes hold one lock around the
@@ -89,6 +90,11 @@ class ServerConfig:
     """torch.set_num_threads for the forward passes (0 = torch's default)."""
     max_wait_s: float = 30.0
     """Longest long-poll a consumer may ask for with /get?wait=SECONDS."""
+    weights_dir: str = ""
+    """Folder holding the latest published policy weights (POST /weights); "" = a temporary folder
+    made at the first publish. A given folder keeps its weights across restarts."""
+    max_weights_mb: float = 8192.0
+    """Largest weights upload in MiB (413 above it)."""
 
     def __post_init__(self):
         if self.queue_order not in ORDERS:
@@ -98,12 +104,23 @@ class ServerConfig:
         if self.max_inflight < 1 or self.threads < self.max_inflight + 2:
             raise UserError(f"need --max_inflight >= 1 and --threads >= max_inflight + 2, got "
                             f"max_inflight={self.max_inflight}, threads={self.threads}")
-        if self.queue_size < 0 or self.max_body_mb <= 0 or self.max_logits_mb <= 0:
-            raise UserError("--queue_size must be >= 0, --max_body_mb and --max_logits_mb > 0")
+        if (self.queue_size < 0 or self.max_body_mb <= 0 or self.max_logits_mb <= 0
+                or self.max_weights_mb <= 0):
+            raise UserError("--queue_size must be >= 0, --max_body_mb, --max_logits_mb and "
+                            "--max_weights_mb > 0")
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * (1 << 20))
+
+    @property
+    def max_weights_bytes(self) -> int:
+        return int(self.max_weights_mb * (1 << 20))
+
+    @property
+    def large_body_paths(self) -> dict[str, int]:
+        """POST paths allowed bodies over max_body_bytes (waitress refuses the rest early)."""
+        return {"/weights": self.max_weights_bytes}
 
 
 def is_loopback(host: str) -> bool:
@@ -139,6 +156,7 @@ class ServerState:
         self.counters = {"compute_calls": 0, "compute_s": 0.0, "tokens": 0, "rejected": 0,
                          "logprob_requests": 0, "busy": 0}
         self.started = time.monotonic()
+        self.stats_hooks: list[Callable[[], dict[str, Any]]] = []  # extra /stats entries
 
     @classmethod
     def from_config(cls, cfg: ServerConfig) -> "ServerState":
@@ -224,6 +242,8 @@ class ServerState:
         out.update(c, uptime_s=time.monotonic() - self.started,
                    tokens_per_s=c["tokens"] / c["compute_s"] if c["compute_s"] else 0.0,
                    compute_ms_mean=1000 * c["compute_s"] / max(1, c["compute_calls"]))
+        for hook in self.stats_hooks:
+            out.update(hook())
         return out
 
 
@@ -356,6 +376,9 @@ def make_app(state: ServerState) -> bottle.Bottle:
         return bottle.HTTPResponse(codec.encode(codec.LogprobResponse(logp)), status=200, headers={
             "Content-Type": "application/octet-stream", "X-Compute-Ms": f"{1000 * dt:.3f}"})
 
+    from simple_grpo.weight_routes import add_weight_routes
+    from simple_grpo.weight_store import WeightStore
+    add_weight_routes(app, state, WeightStore(state.cfg.weights_dir))
     return app
 
 
@@ -363,4 +386,4 @@ def start(state: ServerState, host: str | None = None, port: int | None = None) 
     """Serve `state` in a background thread (port 0 = a free port)."""
     cfg = state.cfg
     return RunningServer(make_app(state), host or cfg.host, cfg.port if port is None else port,
-                         cfg.threads, cfg.max_body_bytes)
+                         cfg.threads, cfg.max_body_bytes, cfg.large_body_paths)

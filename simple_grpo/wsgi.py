@@ -59,8 +59,29 @@ class _Json413(RequestEntityTooLarge):
         return (f"{self.code} {self.reason}", [("Content-Type", "application/json")], body)
 
 
+class _LimitedAdj:
+    """waitress's Adjustments with another max_request_body_size, for one request."""
+
+    def __init__(self, adj, max_request_body_size: int):
+        self._adj, self.max_request_body_size = adj, max_request_body_size
+
+    def __getattr__(self, name):
+        return getattr(self._adj, name)
+
+
 class _Parser(HTTPRequestParser):
-    """waitress's parser, answering its own 413 (declared or streamed size) with our JSON."""
+    """waitress's parser, answering its own 413 (declared or streamed size) with our JSON.
+
+    waitress's cap (`max_request_body_size`) is the largest body of any endpoint (a weights
+    upload); every other request is held to `adj.small_body_size` as soon as its headers are
+    parsed, so an oversized /upload is refused before its body is buffered, not after."""
+
+    def parse_header(self, header_plus):
+        super().parse_header(header_plus)
+        small = getattr(self.adj, "small_body_size", None)
+        large = getattr(self.adj, "large_body_paths", ())
+        if small is not None and not (self.command == "POST" and self.path.rstrip("/") in large):
+            self.adj = _LimitedAdj(self.adj, small + _SLACK)
 
     def received(self, data):
         n = super().received(data)
@@ -82,12 +103,16 @@ def url_host(host: str) -> str:
 
 
 def make_server(app, host: str = "127.0.0.1", port: int = 0, threads: int = 8,
-                max_body_bytes: int = 64 << 20):
-    """A waitress server (not started) whose 413s are JSON; `.effective_port` is the bound port."""
+                max_body_bytes: int = 64 << 20, large_body_paths: dict[str, int] | None = None):
+    """A waitress server (not started) whose 413s are JSON; `.effective_port` is the bound port.
+    Bodies are capped at `max_body_bytes`, except POSTs to `large_body_paths` {path: cap}."""
     host = "127.0.0.1" if host == "localhost" else host  # one socket, so one effective_port
+    cap = max([max_body_bytes, *(large_body_paths or {}).values()])
     server = create_server(app, host=host, port=port, threads=threads,
-                           max_request_body_size=max_body_bytes + _SLACK, ident="ref_server",
+                           max_request_body_size=cap + _SLACK, ident="ref_server",
                            channel_timeout=300, clear_untrusted_proxy_headers=True)
+    server.adj.small_body_size = max_body_bytes
+    server.adj.large_body_paths = frozenset(large_body_paths or ())
     server.channel_class = _Channel
     return server
 
@@ -96,8 +121,8 @@ class RunningServer:
     """A waitress server for `app` on a background thread; close() stops it (tests, tools)."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, threads: int = 8,
-                 max_body_bytes: int = 64 << 20):
-        self.server = make_server(app, host, port, threads, max_body_bytes)
+                 max_body_bytes: int = 64 << 20, large_body_paths: dict[str, int] | None = None):
+        self.server = make_server(app, host, port, threads, max_body_bytes, large_body_paths)
         self.url = f"http://{url_host(host)}:{self.server.effective_port}"
         self.thread = threading.Thread(target=self.server.run, name="waitress", daemon=True)
         self.thread.start()

@@ -1,0 +1,152 @@
+"""Weight publishing on the reference server: the trainer POSTs its policy weights (safetensors),
+generation workers poll the version and download the file.
+
+    POST /weights?version=N   body = a safetensors file (Content-Length or chunked), streamed to
+                              disk -> 200 {"version", "bytes", "sha256", "dtype"}; 400 invalid
+                              body or version, 409 version not newer than the current, 413 too big
+    GET  /weights/version     200 {"version": N | null, "bytes", "sha256", "dtype"}; headers
+                              X-Worker-Id + X-Weight-Version record what a worker runs (/stats)
+    GET  /weights             the current file (Content-Length, ETag = "sha256", X-Weight-Version);
+                              Range: bytes=START- (or START-END) -> 206 to resume (If-Range with
+                              the ETag: a newer version answers 200 with the whole new file);
+                              404 when nothing is published, 416 for an unsatisfiable range
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import Any
+
+import bottle
+
+from simple_grpo.weight_store import CHUNK, WeightStore
+from simple_grpo.wsgi import ApiError, json_response
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+_WORKER_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+MAX_WORKERS = 4096  # bound on remembered worker ids
+
+
+class WorkerTable:
+    """Which weight version each generation worker last reported, and when."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[int | None, float]] = {}
+
+    def report(self, worker_id: str, version: int | None) -> None:
+        with self._lock:
+            self._seen.pop(worker_id, None)
+            self._seen[worker_id] = (version, time.monotonic())
+            while len(self._seen) > MAX_WORKERS:
+                self._seen.pop(next(iter(self._seen)))
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._lock:
+            seen = list(self._seen.items())
+        return {w: {"version": v, "last_seen_s_ago": now - t} for w, (v, t) in seen}
+
+
+def _read_into(environ: dict, writer, limit: int) -> None:
+    """Copy the request body into `writer` in chunks: 413 past `limit`, 400 when truncated."""
+    stream, cl = environ["wsgi.input"], environ.get("CONTENT_LENGTH") or ""
+    if cl:
+        if not cl.isdigit():
+            raise ApiError(400, f"bad Content-Length {cl[:40]!r}")
+        n = int(cl)
+        if n > limit:
+            raise ApiError(413, f"weights too large: {n} bytes > limit {limit}")
+    elif environ.get("wsgi.input_terminated"):
+        n = limit + 1
+    else:
+        raise ApiError(411, "POST /weights needs Content-Length or a chunked body")
+    got = 0
+    while got < n:
+        chunk = stream.read(min(n - got, CHUNK))
+        if not chunk:
+            break
+        got += len(chunk)
+        if got > limit:
+            raise ApiError(413, f"weights too large: more than {limit} bytes")
+        writer.write(chunk)
+    if cl and got < n:
+        raise ApiError(400, f"truncated body: got {got} of {n} bytes")
+
+
+def add_weight_routes(app: bottle.Bottle, state, store: WeightStore) -> WorkerTable:
+    """Add the /weights endpoints to `make_app`'s app (its auth hook and JSON errors apply) and
+    the "weights" and "workers" entries to /stats."""
+    from simple_grpo.server import api_handler
+
+    handler, workers = api_handler(state), WorkerTable()
+    limit = state.cfg.max_weights_bytes
+    state.stats_hooks.append(lambda: {"weights": store.current() or {"version": None},
+                                      "workers": workers.stats()})
+
+    @app.post("/weights")
+    @handler
+    def publish():
+        try:
+            version = int(bottle.request.query["version"])
+        except (KeyError, ValueError):
+            raise ApiError(400, "POST /weights needs ?version=N (an int >= 0)") from None
+        writer = store.begin(version)
+        try:
+            _read_into(bottle.request.environ, writer, limit)
+        except BaseException:
+            writer.abort()
+            raise
+        return json_response(writer.commit())
+
+    @app.get("/weights/version")
+    @handler
+    def version():
+        wid = bottle.request.get_header("X-Worker-Id")
+        if wid is not None:
+            running = bottle.request.get_header("X-Weight-Version")
+            if not _WORKER_ID.fullmatch(wid):
+                raise ApiError(400, "X-Worker-Id must match [A-Za-z0-9_.:@-]{1,128}")
+            try:
+                running = None if running in (None, "") else int(running)
+            except ValueError:
+                raise ApiError(400, "X-Weight-Version must be an int") from None
+            workers.report(wid, running)
+        return json_response(store.current() or {"version": None})
+
+    @app.get("/weights")
+    @handler
+    def download():
+        opened = store.open()
+        if opened is None:
+            raise ApiError(404, "no weights published yet")
+        meta, f = opened
+        try:
+            size, etag = meta["bytes"], f'"{meta["sha256"]}"'
+            headers = {"Content-Type": "application/octet-stream", "ETag": etag,
+                       "X-Weight-Version": str(meta["version"]), "Accept-Ranges": "bytes"}
+            start, end, status = 0, size - 1, 200
+            rng = bottle.request.get_header("Range")
+            if_range = bottle.request.get_header("If-Range")
+            if rng and (if_range is None or if_range == etag):
+                m = _RANGE.fullmatch(rng.strip())
+                if m is None:
+                    raise ApiError(400, f"unsupported Range {rng[:60]!r} (use bytes=START-)")
+                start = int(m[1])
+                end = min(int(m[2]), size - 1) if m[2] else size - 1
+                if start >= size or end < start:
+                    raise ApiError(416, f"range {rng[:60]!r} outside the {size}-byte file",
+                                   {"Content-Range": f"bytes */{size}", **headers})
+                status = 206
+                headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            headers["Content-Length"] = str(end - start + 1)
+            f.seek(start)
+        except BaseException:
+            f.close()
+            raise
+        # a file body goes to waitress's wsgi.file_wrapper: the socket is fed from the open file
+        # without holding a worker thread, and the file stays this version even if replaced
+        return bottle.HTTPResponse(f, status=status, headers=headers)
+
+    return workers
