@@ -41,7 +41,6 @@ def run_trl(a, out_dir: Path) -> list[float]:
     from trl import GRPOConfig, GRPOTrainer
 
     sys.path.insert(0, str(ROOT))
-    import rewards  # noqa: F401  (registers the reward functions)
     from simple_grpo import data
     from simple_grpo.models import resolve_model_path
     from simple_grpo.reward_registry import get_reward
@@ -98,8 +97,8 @@ def main() -> None:
             trl = sum(t) / len(t)
     print(f"\n{a.prompts} prompts x G={a.G} x {a.tokens} new tokens (fixed), beta {a.beta}, "
           f"model {a.model}, {len(rows)} timed steps each")
-    print(f"| trainer | s/step | generate | ref | train | steps/hour |")
-    print(f"|---|---|---|---|---|---|")
+    print("| trainer | s/step | generate | ref | train | steps/hour |")
+    print("|---|---|---|---|---|---|")
     print(f"| simple_grpo | {ours['step_seconds']:.1f} | {ours['gen_seconds']:.1f} | "
           f"{ours['ref_seconds']:.1f} | {ours['train_seconds']:.1f} | {3600 / ours['step_seconds']:.0f} |")
     if trl is not None:

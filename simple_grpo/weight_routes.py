@@ -20,8 +20,8 @@ from typing import Any
 
 import bottle
 
-from simple_grpo.weight_store import CHUNK, WeightStore
-from simple_grpo.wsgi import ApiError, json_response
+from simple_grpo.weight_store import WeightStore
+from simple_grpo.wsgi import ApiError, iter_body, json_response
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 _WORKER_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
@@ -49,32 +49,6 @@ class WorkerTable:
         return {w: {"version": v, "last_seen_s_ago": now - t} for w, (v, t) in seen}
 
 
-def _read_into(environ: dict, writer, limit: int) -> None:
-    """Copy the request body into `writer` in chunks: 413 past `limit`, 400 when truncated."""
-    stream, cl = environ["wsgi.input"], environ.get("CONTENT_LENGTH") or ""
-    if cl:
-        if not cl.isdigit():
-            raise ApiError(400, f"bad Content-Length {cl[:40]!r}")
-        n = int(cl)
-        if n > limit:
-            raise ApiError(413, f"weights too large: {n} bytes > limit {limit}")
-    elif environ.get("wsgi.input_terminated"):
-        n = limit + 1
-    else:
-        raise ApiError(411, "POST /weights needs Content-Length or a chunked body")
-    got = 0
-    while got < n:
-        chunk = stream.read(min(n - got, CHUNK))
-        if not chunk:
-            break
-        got += len(chunk)
-        if got > limit:
-            raise ApiError(413, f"weights too large: more than {limit} bytes")
-        writer.write(chunk)
-    if cl and got < n:
-        raise ApiError(400, f"truncated body: got {got} of {n} bytes")
-
-
 def add_weight_routes(app: bottle.Bottle, state, store: WeightStore) -> WorkerTable:
     """Add the /weights endpoints to `make_app`'s app (its auth hook and JSON errors apply) and
     the "weights" and "workers" entries to /stats."""
@@ -94,7 +68,8 @@ def add_weight_routes(app: bottle.Bottle, state, store: WeightStore) -> WorkerTa
             raise ApiError(400, "POST /weights needs ?version=N (an int >= 0)") from None
         writer = store.begin(version)
         try:
-            _read_into(bottle.request.environ, writer, limit)
+            for chunk in iter_body(bottle.request.environ, limit, required=True):
+                writer.write(chunk)
         except BaseException:
             writer.abort()
             raise

@@ -20,6 +20,7 @@ from typing import IO, Any, Iterator, Mapping
 
 import torch
 
+from simple_grpo.checkpoint import write_text_atomic
 from simple_grpo.wsgi import ApiError
 
 WEIGHTS_FILE, META_FILE = "weights.safetensors", "weights.json"
@@ -138,19 +139,6 @@ def check_safetensors(f: IO[bytes], size: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- the store
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class WeightWriter:
     """One upload in progress: write() chunks to a temp file, then commit() or abort()."""
 
@@ -242,7 +230,7 @@ class WeightStore:
         with self._lock:
             self._check_version(meta["version"])  # a concurrent publish may have won
             os.replace(tmp, self._folder / WEIGHTS_FILE)
-            _write_json_atomic(self._folder / META_FILE, meta)
+            write_text_atomic(self._folder / META_FILE, json.dumps(meta))
             self._meta = meta
 
     def publish(self, chunks, version: int) -> dict[str, Any]:

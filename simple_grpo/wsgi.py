@@ -25,9 +25,10 @@ def json_response(obj: dict, status: int = 200, headers: dict | None = None) -> 
         "Content-Type": "application/json", **(headers or {})})
 
 
-def read_body(environ: dict, limit: int) -> bytes:
-    """The request body, refusing more than `limit` bytes (413) before reading it when the length
-    is declared, and while reading it when the server passes a chunked body through."""
+def iter_body(environ: dict, limit: int, *, required: bool = False):
+    """The request body in chunks of at most 1 MiB, refusing more than `limit` bytes (413) before
+    reading when the length is declared, and while reading a chunked body. No body: nothing, or
+    411 when `required`."""
     stream, cl = environ["wsgi.input"], environ.get("CONTENT_LENGTH") or ""
     if cl:
         if not cl.isdigit():
@@ -37,20 +38,26 @@ def read_body(environ: dict, limit: int) -> bytes:
             raise ApiError(413, f"body too large: {n} bytes > limit {limit}")
     elif environ.get("wsgi.input_terminated"):  # chunked, de-chunked by the server
         n = limit + 1
+    elif required:
+        raise ApiError(411, "this endpoint needs Content-Length or a chunked body")
     else:
-        return b""
-    parts, got = [], 0
+        return
+    got = 0
     while got < n:
         chunk = stream.read(min(n - got, 1 << 20))
         if not chunk:
             break
-        parts.append(chunk)
         got += len(chunk)
-    if got > limit:
-        raise ApiError(413, f"body too large: more than {limit} bytes")
+        if got > limit:
+            raise ApiError(413, f"body too large: more than {limit} bytes")
+        yield chunk
     if cl and got < n:
         raise ApiError(400, f"truncated body: got {got} of {n} bytes")
-    return b"".join(parts)
+
+
+def read_body(environ: dict, limit: int) -> bytes:
+    """The whole request body as bytes (see iter_body)."""
+    return b"".join(iter_body(environ, limit))
 
 
 class _Json413(RequestEntityTooLarge):
