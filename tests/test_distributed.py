@@ -1,6 +1,5 @@
 """Two data-parallel ranks (torchrun, gloo, real DeepSpeed ZeRO-2) take the same step as one
 process on the full batch, and end with identical parameters on both ranks."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,16 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from simple_grpo.engine import free_port
+from simple_grpo.engine import free_port, standalone_env
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
 def launch(nproc: int, out: Path, preset: str, iterations: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = standalone_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER), str(out), preset, str(iterations)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -51,9 +48,7 @@ def test_trainer_script_on_two_ranks(tiny_model_dir, tmp_path):
     """`torchrun --nproc_per_node 2 grpo_ref_split.py`: both ranks train, checkpoint and export."""
     import json
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = standalone_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     root = Path(__file__).resolve().parents[1]
     args = [f"--model={tiny_model_dir}", f"--run_dir={tmp_path}", "--steps=2", "--prompts_per_step=2",
             "--num_generations=4", "--micro_batch_size=2", "--max_new_tokens=6", "--eval_every=2",

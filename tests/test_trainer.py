@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from simple_grpo.engine import standalone_env
 from simple_grpo.reward_registry import register
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,9 +82,7 @@ def test_kl_is_zero_at_step_one_with_real_ref_server_and_grows(tiny_model_dir, t
 
 
 def run_cli(*args, timeout=120):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = standalone_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, str(ROOT / "grpo_ref_split.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
