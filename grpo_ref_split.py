@@ -29,13 +29,16 @@ from simple_grpo.errors import UserError
 def main(argv: list[str]) -> dict:
     import torch
 
-    from simple_grpo import checkpoint, data, engine as eng, models, rollout, train_loop
+    from simple_grpo import checkpoint, data, engine as eng, models, publish, rollout, rollout_source, \
+        train_loop
     from simple_grpo.config import parse_config
     from simple_grpo.train_config import TrainConfig, derive, loss_kwargs, resolve
 
     cfg = resolve(parse_config(TrainConfig, argv, env_prefix="GRPO_", prog="grpo_ref_split.py"))
-    if cfg.mode == "generate":
-        raise UserError("--mode=generate (generation workers) is not implemented yet")
+    if cfg.mode == "generate":  # a generation worker: sample, score, upload; never trains
+        from simple_grpo.worker import run_worker
+
+        return run_worker(cfg)
     dist = eng.init_distributed()
     d = derive(cfg, dist.world_size)
     run_dir = Path(cfg.run_dir or f"runs/{cfg.preset}-{Path(cfg.task).stem}-{cfg.seed}")
@@ -49,9 +52,8 @@ def main(argv: list[str]) -> dict:
         if cfg.eval_every > 0 else []
     tokenizer = models.load_tokenizer(cfg.model)
     model = models.load_model(cfg.model, cfg.dtype, str(dist.device))
-    system_prompt = cfg.system_prompt if cfg.system_prompt is not None else data.DEFAULT_SYSTEM_PROMPT
     stream = data.PromptStream(train_examples, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
-    render = lambda ex: data.render_prompt(tokenizer, ex["question"], system_prompt)  # noqa: E731
+    render = data.prompt_renderer(tokenizer, cfg.system_prompt)
     eos_ids = rollout.eos_token_ids(tokenizer, model)
 
     ds = eng.ds_config(cfg.ds_config, micro_batch=cfg.micro_batch_size, grad_accum=d.grad_accum,
@@ -59,7 +61,7 @@ def main(argv: list[str]) -> dict:
                        bf16=models.resolve_dtype(cfg.dtype, dist.device) == torch.bfloat16)
     engine = eng.build_engine(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                               warmup_steps=cfg.warmup_steps, config=ds)
-    ref = train_loop.connect_ref(cfg, dist)  # None when beta == 0
+    ref = rollout_source.connect_ref(cfg, dist, d)  # None when beta == 0 and generating locally
 
     state = {"step": 0, "weight_version": 0}
     if cfg.resume:
@@ -73,19 +75,26 @@ def main(argv: list[str]) -> dict:
     ctx = train_loop.StepContext(cfg=cfg, d=d, dist=dist, engine=engine, tokenizer=tokenizer,
                                  stream=stream, render=render, eos_ids=eos_ids, specs=specs,
                                  loss_kw=loss_kwargs(cfg), ref=ref)
+    publisher = publish.publisher_for(cfg, dist, ref)  # rank 0, when workers can exist
+    if publisher is not None:  # workers (also late ones) start from this run's current weights
+        publish.check_server_version(publisher, state["weight_version"])
+        publisher.publish(engine.module, state["weight_version"], wait=True)
 
     if state["step"] == 0 and test_examples:
         out.log_eval(0, train_loop.evaluate(ctx, test_examples))
     bar = out.progress(state["step"], cfg.steps)
     for step in range(state["step"] + 1, cfg.steps + 1):
         t0 = time.perf_counter()
-        metrics, roll = train_loop.step(ctx, state["weight_version"])
+        metrics, roll, trained = train_loop.step(ctx, state["weight_version"])
         state.update(step=step, weight_version=state["weight_version"] + cfg.num_iterations)
+        if publisher is not None and step % cfg.publish_every == 0:
+            publisher.publish(engine.module, state["weight_version"])  # background upload
         metrics.update(weight_version=state["weight_version"],
-                       step_seconds=time.perf_counter() - t0)
+                       step_seconds=time.perf_counter() - t0,
+                       **(publisher.metrics() if publisher is not None else {}))
         if test_examples and (step % cfg.eval_every == 0 or step == cfg.steps):
             metrics["eval_accuracy"] = train_loop.evaluate(ctx, test_examples)
-        out.log_step(step, metrics, roll, bar)
+        out.log_step(step, metrics, roll, bar, trained)
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
             client_state = dict(state, stream=train_loop.gather(stream.state_dict(), dist),
                                 rng=train_loop.gather(checkpoint.rng_state(), dist),
@@ -93,6 +102,8 @@ def main(argv: list[str]) -> dict:
             checkpoint.save_checkpoint(engine, run_dir / "checkpoints", step, client_state,
                                        keep_last=cfg.keep_last, on_error=cfg.on_save_error)
     out.finish(engine.module, tokenizer)
+    if publisher is not None:
+        publisher.close()
     if ref is not None:
         ref.close()
     return {"run_dir": str(run_dir), "steps": state["step"]}

@@ -80,6 +80,7 @@ def parse_config(cls, argv: list[str], env_prefix: str | None = None, prog: str 
             raise UserError(f"unexpected argument {arg!r}; options look like --key=value")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
+        key = getattr(cls, "ALIASES", {}).get(key, key)  # e.g. --token for --ref_token
         if not eq:  # a bare --flag means true for booleans
             value = "true"
         cli[key] = value

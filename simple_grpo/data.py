@@ -202,6 +202,12 @@ def render_prompt(tokenizer, question: str, system_prompt: str | None) -> str:
     return text
 
 
+def prompt_renderer(tokenizer, system_prompt: str | None):
+    """example -> rendered prompt text (system_prompt None: DEFAULT_SYSTEM_PROMPT)."""
+    system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+    return lambda ex: render_prompt(tokenizer, ex["question"], system)
+
+
 class PromptStream:
     """An endless, seeded, resumable stream of examples, sharded across `world_size` ranks.
 

@@ -112,22 +112,7 @@ class MetricsLogger:
         Pass the first step the resumed run will log, i.e. the checkpoint's step + 1 when the
         checkpoint was written after that step's metrics."""
         self.close_file()
-        if not self.path.exists():
-            return 0
-        lines = [ln for ln in self.path.read_text(errors="replace").splitlines() if ln.strip()]
-        keep = []
-        for ln in lines:
-            try:
-                row = json.loads(ln)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] < step:
-                keep.append(ln)
-        dropped = len(lines) - len(keep)
-        if dropped:
-            write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
-            log.info("dropped %d metric lines with step >= %d from %s", dropped, step, self.path)
-        return dropped
+        return truncate_jsonl(self.path, step)
 
     def close_file(self) -> None:
         if self._file is not None:
@@ -240,3 +225,23 @@ def _jsonable(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
+
+
+def truncate_jsonl(path: Path, step: int) -> int:
+    """Keep only the lines of a JSONL file whose "step" is < `step` (atomically); -> lines dropped."""
+    if not path.exists():
+        return 0
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] < step:
+            keep.append(ln)
+    dropped = len(lines) - len(keep)
+    if dropped:
+        write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+        log.info("dropped %d lines with step >= %d from %s", dropped, step, path)
+    return dropped

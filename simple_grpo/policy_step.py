@@ -41,23 +41,30 @@ def _micro(batch: RolloutBatch, sl: slice, device):
             batch.completion_ids[sl].to(device), batch.completion_lens[sl].to(device))
 
 
-def train_on_batch(engine, batch: RolloutBatch, *, micro_batch: int, num_iterations: int,
+def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_iterations: int,
                    loss_kw: dict, eos_ids: list[int], overlong_filter: bool, temperature: float,
                    world_size: int, device, ref_pending: Future | None = None,
-                   max_prefetch: int = 2) -> dict[str, float]:
-    """Run `num_iterations` optimizer steps over `batch`; returns averaged metrics.
+                   max_prefetch: int = 2, weight_version: int | None = None):
+    """Run `num_iterations` optimizer steps over `batch` -> (metrics, the batch trained on).
 
     `ref_pending`: a future of the batch coming back from the reference server (ours with its
     reference log-probs, or another producer's). While the server computes, this process runs
     the forward passes of up to `max_prefetch` micro-batches (their graphs are kept for the
     backward), so the two processes work at the same time; if the batch that comes back is not
-    ours, those forward passes are dropped and the returned batch is trained instead.
+    ours, those forward passes are dropped and the returned batch is trained instead. `batch`
+    None: train on whatever `ref_pending` returns (a trainer that does not generate).
+
+    A batch with `gen_logprobs` (a generation worker's sampling log-probs) uses them as the old
+    policy; when it was generated with the trainer's current weights (`weight_version`), the
+    mean |gen_logprobs - trainer log-probs| over its tokens is returned as mismatch_sum /
+    mismatch_tokens (sampling-vs-training numerics: bf16 weights, another kernel or device).
     """
+    assert batch is not None or ref_pending is not None, "nothing to train on"
     t0 = time.perf_counter()
     prefetched: dict[int, torch.Tensor] = {}  # micro-batch start -> policy log-probs with graph
     ref_wait = 0.0
     if ref_pending is not None:
-        if num_iterations == 1 and batch.gen_logprobs is None:
+        if batch is not None and num_iterations == 1 and batch.gen_logprobs is None:
             for s in range(0, min(batch.batch_size, max_prefetch * micro_batch), micro_batch):
                 if s and ref_pending.done():
                     break
@@ -66,7 +73,7 @@ def train_on_batch(engine, batch: RolloutBatch, *, micro_batch: int, num_iterati
         t = time.perf_counter()
         got = ref_pending.result()
         ref_wait = time.perf_counter() - t
-        if got.batch_id != batch.batch_id:
+        if batch is None or got.batch_id != batch.batch_id:
             prefetched.clear()
         batch = got
     B = batch.batch_size
@@ -83,14 +90,20 @@ def train_on_batch(engine, batch: RolloutBatch, *, micro_batch: int, num_iterati
         with torch.no_grad():
             old_BC = torch.cat([completion_logprobs(engine, *_micro(batch, sl, device),
                                                     temperature=temperature).cpu() for sl in slices])
-    sums: dict[str, float] = {}
-    for _ in range(num_iterations):
+    fresh = old_BC is not None and batch.gen_logprobs is not None and weight_version is not None \
+        and batch.weight_version == weight_version
+    sums: dict[str, float] = {"mismatch_sum": 0.0, "mismatch_tokens": 0.0}
+    for it in range(num_iterations):
         for sl in slices:
             if sl.start in prefetched:
                 logp_bC = prefetched.pop(sl.start)
             else:
                 logp_bC = completion_logprobs(engine, *_micro(batch, sl, device), temperature=temperature)
             old = None if old_BC is None else old_BC[sl].to(device)
+            if fresh and it == 0:
+                m_bC = mask_BC[sl].to(device)
+                sums["mismatch_sum"] += float(((logp_bC.detach() - old).abs() * m_bC).sum())
+                sums["mismatch_tokens"] += float(m_bC.sum())
             ref = None if batch.ref_logprobs is None else batch.ref_logprobs[sl].to(device)
             loss, m = policy_loss(logp_bC, old, ref, batch.advantages[sl].to(device),
                                   mask_BC[sl].to(device), num_tokens=num_tokens, num_seqs=num_seqs,
@@ -99,14 +112,16 @@ def train_on_batch(engine, batch: RolloutBatch, *, micro_batch: int, num_iterati
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             w = m["tokens"]
             for k, v in m.items():
-                if k != "tokens":
+                if k != "tokens" and not k.startswith("mismatch_"):
                     sums[k] = sums.get(k, 0.0) + (v if k in ("loss", "pg_loss") else v * w)
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             sums["tokens"] = sums.get("tokens", 0.0) + w
     tok = max(sums.pop("tokens", 0.0), 1.0)
+    mismatch = {k: sums.pop(k) for k in ("mismatch_sum", "mismatch_tokens")}
     out = {k: (v / num_iterations if k in ("loss", "pg_loss") else v / tok) for k, v in sums.items()}
+    out.update(mismatch)
     out["train_seconds"] = time.perf_counter() - t0 - ref_wait
     out["ref_seconds"] = ref_wait
     out["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
     out["lr"] = float(engine.get_lr()[0])
-    return out
+    return out, batch

@@ -6,6 +6,7 @@ upload to the reference server, so the trainer consumes local and remote rollout
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -13,7 +14,8 @@ import torch
 
 from simple_grpo.advantages import group_advantages, zero_variance_groups
 from simple_grpo.codec import RolloutBatch
-from simple_grpo.masks import lengths_from_eos, truncated
+from simple_grpo.logprobs import token_logprobs
+from simple_grpo.masks import lengths_from_eos, mask_from_lengths, truncated
 from simple_grpo.reward_registry import RewardSpec, combine, with_completion_info
 
 
@@ -50,8 +52,11 @@ def eos_token_ids(tokenizer, model) -> list[int]:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: list[int], *,
-           greedy: bool = False, repeat: int | None = None, share_prefill: bool = True):
-    """-> prompt_ids [n*G, P], prompt_lens [n*G], completion_ids [n*G, C], completion_lens [n*G]."""
+           greedy: bool = False, repeat: int | None = None, share_prefill: bool = True,
+           record_logprobs: bool = False):
+    """-> prompt_ids [n*G, P], prompt_lens [n*G], completion_ids [n*G, C], completion_lens [n*G],
+    and with `record_logprobs` also the sampling log-probs [n*G, C] of the generated tokens
+    (log_softmax(logits / temperature) of the model as it sampled; 0 past each length)."""
     G = s.num_generations if repeat is None else repeat
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
@@ -64,16 +69,28 @@ def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: lis
                                                      top_p=s.top_p, top_k=0)
     if G > 1 and share_prefill and enc.input_ids.shape[1] > 1:
         kw["past_key_values"] = _prefill(model, enc.input_ids.to(device), enc.attention_mask.to(device), G)
-    out_NT = model.generate(input_ids=prompt_ids_NP, attention_mask=attn_NP,
-                            max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
-                            eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                            use_cache=True, **kw)
+    if record_logprobs:
+        kw.update(return_dict_in_generate=True, output_logits=True)
+    out = model.generate(input_ids=prompt_ids_NP, attention_mask=attn_NP,
+                         max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
+                         eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                         use_cache=True, **kw)
     model.train(was_training)
+    out_NT = out.sequences if record_logprobs else out
     completion_ids_NC = out_NT[:, prompt_ids_NP.shape[1]:]
     if completion_ids_NC.shape[1] == 0:  # cannot happen with max_new_tokens >= 1; keep shapes sane
         completion_ids_NC = torch.full_like(prompt_ids_NP[:, :1], tokenizer.pad_token_id)
     completion_lens_N = lengths_from_eos(completion_ids_NC, eos_ids)
-    return prompt_ids_NP.cpu(), attn_NP.sum(1).cpu(), completion_ids_NC.cpu(), completion_lens_N.cpu()
+    result = (prompt_ids_NP.cpu(), attn_NP.sum(1).cpu(), completion_ids_NC.cpu(), completion_lens_N.cpu())
+    if not record_logprobs:
+        return result
+    temperature = 1.0 if greedy else s.temperature
+    logp_NC = torch.zeros(completion_ids_NC.shape, dtype=torch.float32)
+    for t, logits_NV in enumerate(out.logits):  # raw logits, one [N, V] per generated position
+        logp_NC[:, t] = token_logprobs(logits_NV[:, None], completion_ids_NC[:, t:t + 1],
+                                       temperature)[:, 0].cpu()
+    logp_NC = torch.where(mask_from_lengths(completion_lens_N.cpu(), logp_NC.shape[1]), logp_NC, 0.0)
+    return (*result, logp_NC)
 
 
 def _prefill(model, ids_nP: torch.Tensor, attn_nP: torch.Tensor, G: int):
@@ -114,11 +131,13 @@ def pad_cat(parts: list[torch.Tensor], pad_id: int, left: bool) -> torch.Tensor:
 def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, specs: list[RewardSpec],
                  *, system_render, eos_ids: list[int], dynamic_sampling: bool = False,
                  max_refill_rounds: int = 0, failure_value: float = 0.0, scale: str = "std",
-                 weight_version: int = 0) -> Rollout:
+                 weight_version: int = 0, record_logprobs: bool = False) -> Rollout:
     """Generate and score `n_prompts` groups of G; with dynamic sampling keep only groups whose
-    rewards differ, refilling with new prompts for at most `max_refill_rounds` extra rounds."""
+    rewards differ, refilling with new prompts for at most `max_refill_rounds` extra rounds.
+    `record_logprobs` stores the sampling log-probs as the batch's gen_logprobs (workers)."""
     G = s.num_generations
-    kept: list[tuple] = []  # (examples, prompt_ids, prompt_lens, comp_ids, comp_lens, rewards, texts, breakdown)
+    kept: list[tuple] = []  # (example, prompt_ids, prompt_lens, comp_ids, comp_lens, rewards, texts,
+    #                          breakdown, sampling log-probs or None)
     spare: list[tuple] = []  # zero-variance groups, used to top up when refills run out
     stats = {"refill_rounds": 0.0, "zero_var_frac": 0.0, "reward_failures": 0.0,
              "topped_up_groups": 0.0}
@@ -126,8 +145,9 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
     while len(kept) < n_prompts:
         want = n_prompts - len(kept)
         examples = stream.next_batch(want)
-        p_ids, p_lens, c_ids, c_lens = sample(model, tokenizer, [system_render(e) for e in examples],
-                                              s, eos_ids)
+        p_ids, p_lens, c_ids, c_lens, *gen = sample(model, tokenizer,
+                                                    [system_render(e) for e in examples], s, eos_ids,
+                                                    record_logprobs=record_logprobs)
         texts = decode_completions(tokenizer, c_ids, c_lens)
         rep = [ex for ex in examples for _ in range(G)]
         rewards_N, breakdown, failures = score(texts, rep, c_lens, specs, s, failure_value)
@@ -139,7 +159,7 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
         for g, ex in enumerate(examples):
             sl = slice(g * G, (g + 1) * G)
             group = (ex, p_ids[sl], p_lens[sl], c_ids[sl], c_lens[sl], rewards_N[sl], texts[sl],
-                     {k: v[sl] for k, v in breakdown.items()})
+                     {k: v[sl] for k, v in breakdown.items()}, gen[0][sl] if gen else None)
             (spare if dynamic_sampling and flat[g] else kept).append(group)
         if len(kept) >= n_prompts or not dynamic_sampling:
             break
@@ -159,7 +179,9 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
     batch = RolloutBatch(prompt_ids=pad_cat([g[1] for g in kept], pad, left=True),
                          prompt_lens=torch.cat([g[2] for g in kept]), completion_ids=c_ids,
                          completion_lens=c_lens, rewards=rewards_N, advantages=adv_N,
-                         weight_version=weight_version, meta={"group_size": G})
+                         weight_version=weight_version, meta={"group_size": G},
+                         gen_logprobs=pad_cat([g[8] for g in kept], 0, left=False) if record_logprobs
+                         else None)
     breakdown = {k: [x for g in kept for x in g[7][k]] for k in kept[0][7]}
     trunc = truncated(c_ids, c_lens, eos_ids)
     stats.update(generated_groups=float(generated_groups), gen_seconds=time.perf_counter() - t0,
@@ -169,6 +191,11 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
     for name, values in breakdown.items():
         stats[f"reward/{name}"] = sum(values) / len(values)
     return Rollout(batch, [g[0] for g in kept], [t for g in kept for t in g[6]], breakdown, stats)
+
+
+def json_breakdown(breakdown: dict[str, list[float]]) -> dict[str, list[float]]:
+    """The per-function rewards as JSON-safe floats (non-finite -> 0.0), for a batch's meta."""
+    return {k: [float(v) if math.isfinite(v) else 0.0 for v in vs] for k, vs in breakdown.items()}
 
 
 def evaluate(model, tokenizer, examples: list[dict], system_render, eos_ids: list[int],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 from simple_grpo.errors import UserError
 from simple_grpo.losses import AGG_MODES, KL_ESTIMATORS, PRESETS, RATIO_LEVELS
@@ -128,7 +129,7 @@ class TrainConfig:
     ref_url: str | None = None
     """Reference server URL. None with beta > 0: start one on a free loopback port."""
     ref_token: str | None = None
-    """Bearer token for the reference server."""
+    """Bearer token for the reference server (also --token)."""
     ref_timeout: float = 300.0
     """Seconds to wait for the reference server (start-up and each batch) before giving up."""
     dtype: str = "auto"
@@ -137,6 +138,32 @@ class TrainConfig:
     """DeepSpeed config; 'auto' values are filled from this config."""
     local_rank: int = -1
     """Set by the deepspeed launcher."""
+
+    # --- generation workers (extra boxes that feed the reference server's queue)
+    generate_locally: bool = True
+    """Trainer: generate its own batches (and also train on workers' batches from the queue);
+    false: train only on batches that generation workers upload."""
+    publish_every: int = 1
+    """Trainer: publish the policy weights to the reference server every K optimizer steps, for
+    generation workers (0: never). Only when workers can exist: with --ref_url, or with
+    --generate_locally=false. Publishing runs in the background and never stalls a step."""
+    publish_dtype: str = "auto"
+    """Published weight dtype: auto (the training dtype) | float32 | bfloat16 (half the bytes)."""
+    max_staleness: int = 4
+    """Trainer: drop (and count) a queued batch generated more than this many weight versions
+    (optimizer steps) ago; -1 keeps every batch."""
+    trainer_ranks: int = 1
+    """Worker: the trainer's number of ranks; each upload holds prompts_per_step / trainer_ranks
+    prompts, one rank's share of a step (the trainer drops batches of another size)."""
+    worker_index: int = -1
+    """Worker: its prompt order is seeded by (seed, worker_index), so workers with different
+    indices never share an order; -1 draws a random index."""
+    worker_batches: int = 0
+    """Worker: stop after uploading this many batches (0: run until stopped)."""
+    device: str = "auto"
+    """Worker: auto (cuda when available, else cpu) | cpu | cuda | cuda:N."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"token": "ref_token"}
 
 
 @dataclass(frozen=True)
@@ -170,6 +197,13 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (cfg.mode in ("train", "generate"), f"--mode must be train or generate, got {cfg.mode!r}"),
         (cfg.on_save_error in ("warn", "stop"), "--on_save_error must be warn or stop"),
         (cfg.temperature > 0, "--temperature must be > 0"),
+        (cfg.publish_every >= 0, "--publish_every must be >= 0 (0: never publish)"),
+        (cfg.publish_dtype in ("auto", "float32", "bfloat16"),
+         "--publish_dtype must be auto, float32 or bfloat16"),
+        (cfg.trainer_ranks >= 1 and cfg.prompts_per_step % cfg.trainer_ranks == 0,
+         "--trainer_ranks must be >= 1 and divide --prompts_per_step"),
+        (cfg.mode == "train" or cfg.ref_url, "--mode=generate needs --ref_url=http://HOST:PORT "
+                                             "(the reference server the trainer uses)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -193,3 +227,12 @@ def loss_kwargs(cfg: TrainConfig) -> dict:
     """The policy_loss keyword arguments this config selects."""
     return dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, kl=cfg.kl, agg=cfg.agg,
                 max_tokens=cfg.max_new_tokens, ratio_level=cfg.ratio_level)
+
+
+def sample_settings(cfg: TrainConfig):
+    """How completions are sampled (rollout.SampleSettings), for the trainer and workers."""
+    from simple_grpo.rollout import SampleSettings
+
+    return SampleSettings(num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
+                          min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature,
+                          top_p=cfg.top_p, overlong_cache=cfg.overlong_cache)

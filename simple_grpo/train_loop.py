@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,8 +11,10 @@ from typing import Callable
 import torch
 
 from simple_grpo import policy_step, rollout
-from simple_grpo.errors import UserError
+from simple_grpo.codec import RolloutBatch
+from simple_grpo.masks import truncated
 from simple_grpo.reward_registry import RewardSpec, parse_reward_specs
+from simple_grpo.rollout_source import RefConnection
 
 
 def reward_specs(cfg) -> list[RewardSpec]:
@@ -28,62 +28,6 @@ def reward_specs(cfg) -> list[RewardSpec]:
     if cfg.overlong_reward and not any(s.name == "overlong" for s in specs):
         specs.append(RewardSpec("overlong", 1.0))
     return specs
-
-
-class RefConnection:
-    """The reference server as the trainer sees it: upload a scored batch, get the next ready one."""
-
-    def __init__(self, url: str, token: str | None, timeout: float, process=None):
-        from simple_grpo.client import RefClient
-
-        self.url, self.timeout, self.process = url, timeout, process
-        self.client = RefClient(url, token=token)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ref-exchange")
-        self.client.wait_ready(timeout)
-
-    def exchange(self, batch):
-        """Upload our batch, then take the next ready batch from the queue (ours or a worker's)."""
-        self.client.upload(batch)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            got = self.client.get(wait_s=1.0)  # the server holds the request until a batch is ready
-            if got is not None:
-                return got
-            if self.process is not None and not self.process.alive():
-                raise UserError(f"the reference server at {self.url} exited")
-            if time.monotonic() > deadline:
-                raise UserError(f"no batch from the reference server at {self.url} within "
-                                f"{self.timeout:.0f} s (raise --ref_timeout?)")
-
-    def exchange_async(self, batch) -> Future:
-        """`exchange` in a background thread (HTTP waits release the GIL)."""
-        return self._pool.submit(self.exchange, batch)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        if self.process is not None:
-            self.process.stop()
-
-
-def connect_ref(cfg, dist) -> RefConnection | None:
-    """None when beta == 0 and no server was named; else a connection (starting a server if needed)."""
-    if cfg.beta == 0 and not cfg.ref_url:
-        return None
-    if cfg.ref_url:
-        return RefConnection(cfg.ref_url, cfg.ref_token, cfg.ref_timeout)
-    from simple_grpo.models import resolve_model_path
-    from simple_grpo.ref_process import RefProcess
-
-    port = torch.zeros(1, dtype=torch.long)
-    process = None
-    if dist.rank == 0:
-        threads = [] if dist.device.type == "cuda" else ["--torch_threads=1"]  # one core each
-        process = RefProcess(resolve_model_path(cfg.model), dtype=cfg.dtype, extra=threads)
-        port[0] = process.port
-        print(f"[trainer] started a reference server at {process.url}", flush=True)
-    if dist.world_size > 1:
-        torch.distributed.broadcast(port, src=0)
-    return RefConnection(f"http://127.0.0.1:{int(port)}", None, cfg.ref_timeout, process)
 
 
 @dataclass
@@ -104,35 +48,68 @@ class StepContext:
 
     @property
     def settings(self) -> rollout.SampleSettings:
-        c = self.cfg
-        return rollout.SampleSettings(num_generations=c.num_generations, max_new_tokens=c.max_new_tokens,
-                                      min_new_tokens=c.min_new_tokens, temperature=c.temperature,
-                                      top_p=c.top_p, overlong_cache=c.overlong_cache)
+        from simple_grpo.train_config import sample_settings
+
+        return sample_settings(self.cfg)
 
 
 def step(ctx: StepContext, weight_version: int):
-    """Generate + score, reference log-probs, policy update -> (metrics averaged over ranks, rollout)."""
+    """Generate + score (unless --generate_locally=false), take the next batch from the queue when
+    there is a server (ours with reference log-probs, or a worker's), policy update
+    -> (metrics averaged over ranks, our rollout or None, the trained batch's provenance)."""
     c = ctx.cfg
-    roll = rollout.make_rollout(ctx.engine.module, ctx.tokenizer, ctx.stream, ctx.d.prompts_per_rank,
-                                ctx.settings, ctx.specs, system_render=ctx.render, eos_ids=ctx.eos_ids,
-                                dynamic_sampling=c.dynamic_sampling, max_refill_rounds=c.max_refill_rounds,
-                                failure_value=c.reward_failure_value, scale=c.scale,
-                                weight_version=weight_version)
-    batch = roll.batch
-    batch.batch_id = uuid.uuid4().hex  # to recognise our batch when it comes back from the queue
-    pending = ctx.ref.exchange_async(batch) if ctx.ref is not None else None
-    m = policy_step.train_on_batch(ctx.engine, batch, micro_batch=c.micro_batch_size,
-                                   num_iterations=c.num_iterations, loss_kw=ctx.loss_kw,
-                                   eos_ids=ctx.eos_ids, overlong_filter=c.overlong_filter,
-                                   temperature=c.temperature, world_size=ctx.dist.world_size,
-                                   device=ctx.dist.device, ref_pending=pending)
-    metrics = {**roll.stats, **m}
-    if c.eval_reward in roll.breakdown:
-        values = roll.breakdown[c.eval_reward]
-        metrics["accuracy"] = sum(1.0 for v in values if v >= 1.0) / len(values)
-    new_tokens = float(roll.batch.completion_lens.sum())
-    metrics["tokens_per_s"] = new_tokens / max(roll.stats["gen_seconds"], 1e-9)
-    return average(metrics, ctx.dist), roll
+    roll, batch, pending = None, None, None
+    if c.generate_locally:
+        roll = rollout.make_rollout(ctx.engine.module, ctx.tokenizer, ctx.stream, ctx.d.prompts_per_rank,
+                                    ctx.settings, ctx.specs, system_render=ctx.render, eos_ids=ctx.eos_ids,
+                                    dynamic_sampling=c.dynamic_sampling,
+                                    max_refill_rounds=c.max_refill_rounds,
+                                    failure_value=c.reward_failure_value, scale=c.scale,
+                                    weight_version=weight_version)
+        batch = roll.batch
+        batch.batch_id = uuid.uuid4().hex  # to recognise our batch when it comes back from the queue
+        batch.meta.update(producer=f"trainer-{ctx.dist.rank}",
+                          reward_breakdown=rollout.json_breakdown(roll.breakdown))
+    if ctx.ref is not None:
+        pending = ctx.ref.exchange_async(batch, weight_version)
+    m, trained = policy_step.train_on_batch(
+        ctx.engine, batch, micro_batch=c.micro_batch_size, num_iterations=c.num_iterations,
+        loss_kw=ctx.loss_kw, eos_ids=ctx.eos_ids, overlong_filter=c.overlong_filter,
+        temperature=c.temperature, world_size=ctx.dist.world_size, device=ctx.dist.device,
+        ref_pending=pending, weight_version=weight_version)
+    metrics = {**(roll.stats if roll is not None else {"gen_seconds": 0.0}), **m,
+               **batch_stats(trained, ctx.eos_ids, weight_version, c.eval_reward)}
+    if ctx.ref is not None:
+        metrics.update({k: float(v) for k, v in ctx.ref.counts.items()})
+    if roll is not None:
+        new_tokens = float(roll.batch.completion_lens.sum())
+        metrics["tokens_per_s"] = new_tokens / max(roll.stats["gen_seconds"], 1e-9)
+    ours = roll is not None and trained.batch_id == roll.batch.batch_id
+    metrics = average(metrics, ctx.dist)
+    tokens = metrics.pop("mismatch_tokens", 0.0)
+    mismatch = metrics.pop("mismatch_sum", 0.0)
+    if tokens > 0:
+        metrics["logprob_mismatch"] = mismatch / tokens
+    info = {"batch_id": trained.batch_id, "producer": trained.meta.get("producer", "?"),
+            "weight_version": trained.weight_version, "rank": ctx.dist.rank}
+    return metrics, (roll if ours else None), gather(info, ctx.dist)
+
+
+def batch_stats(batch: RolloutBatch, eos_ids: list[int], weight_version: int,
+                eval_reward: str) -> dict[str, float]:
+    """What the logs say about the batch actually trained (ours or a worker's)."""
+    lens = batch.completion_lens.float()
+    out = {}
+    for name, values in batch.meta.get("reward_breakdown", {}).items():
+        out[f"reward/{name}"] = sum(values) / max(len(values), 1)
+        if name == eval_reward:
+            out["accuracy"] = sum(1.0 for v in values if v >= 1.0) / max(len(values), 1)
+    return out | {"reward_mean": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()),
+            "completion_len_mean": float(lens.mean()), "completion_len_max": float(lens.max()),
+            "truncated_frac": float(truncated(batch.completion_ids, batch.completion_lens,
+                                              eos_ids).float().mean()),
+            "batch_staleness": float(weight_version - batch.weight_version),
+            "remote_batch": float(not str(batch.meta.get("producer", "")).startswith("trainer"))}
 
 
 def average(metrics: dict[str, float], dist) -> dict[str, float]:
@@ -140,12 +117,14 @@ def average(metrics: dict[str, float], dist) -> dict[str, float]:
     are already normalised by the whole step's counts); identity for one process."""
     if dist.world_size == 1:
         return metrics
-    keys = sorted(metrics)
+    key_sets: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(key_sets, sorted(metrics))
+    keys = sorted(set.intersection(*map(set, key_sets)))  # e.g. a worker's batch lacks a reward
     t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
     mx = t.clone()
     torch.distributed.all_reduce(t)
     torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
-    summed = ("loss", "pg_loss")
+    summed = ("loss", "pg_loss", "stale_dropped", "rejected_batches")
     return {k: float(mx[i] if k.endswith("_max") else t[i] if k in summed else t[i] / dist.world_size)
             for i, k in enumerate(keys)}
 
@@ -174,7 +153,7 @@ class Outputs:
     """metrics.jsonl, samples.jsonl, plots, the progress bar and the final export (rank 0 writes)."""
 
     def __init__(self, run_dir: Path, cfg, dist, resume_step: int = 0):
-        from simple_grpo.metrics import MetricsLogger, SamplesWriter
+        from simple_grpo.metrics import MetricsLogger, SamplesWriter, truncate_jsonl
 
         self.run_dir, self.cfg, self.main = run_dir, cfg, dist.rank == 0
         if not self.main:
@@ -186,6 +165,7 @@ class Outputs:
                                     config=dataclasses.asdict(cfg))
         if resume_step:
             self.logger.truncate_after(resume_step + 1)
+            truncate_jsonl(run_dir / "batches.jsonl", resume_step + 1)
         self.samples = SamplesWriter(run_dir)
 
     def progress(self, start: int, total: int):
@@ -199,17 +179,22 @@ class Outputs:
             self.logger.log(step, {"eval_accuracy": accuracy})
             print(f"[trainer] step {step}: held-out accuracy {accuracy:.3f}", flush=True)
 
-    def log_step(self, step: int, metrics: dict, roll, bar) -> None:
+    def log_step(self, step: int, metrics: dict, roll, bar, trained: list[dict] = ()) -> None:
+        """metrics.jsonl, the bar, batches.jsonl (which batch each rank trained: id, producer,
+        weight version), samples and plots."""
         if not self.main:
             return
         self.logger.log(step, metrics)
+        with open(self.run_dir / "batches.jsonl", "a") as f:
+            for info in trained:
+                f.write(json.dumps({"step": step, **info}) + "\n")
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0):.4f}",
                         s=f"{metrics['step_seconds']:.1f}",
                         **({"acc": f"{metrics['eval_accuracy']:.2f}"} if "eval_accuracy" in metrics else {}),
                         refresh=False)
         bar.update(1)
         c = self.cfg
-        if c.samples_every and step % c.samples_every == 0:
+        if c.samples_every and step % c.samples_every == 0 and roll is not None:
             G = c.num_generations
             rows = [{"question": roll.examples[i // G]["question"], "answer": roll.examples[i // G]["answer"],
                      "completion": text, "reward": float(roll.batch.rewards[i]),

@@ -1,0 +1,125 @@
+"""The trainer's side of weight sync: publish the policy to the reference server in the background.
+
+    publisher = WeightPublisher(RefClient(url, token), dtype=torch.bfloat16)
+    publisher.publish(engine.module, version=step)   # returns at once (after a CPU snapshot)
+    publisher.metrics()                               # publish_seconds, published_version, ...
+    publisher.close()                                 # waits for the last one
+
+`publish` copies the parameters to one CPU snapshot (the optimizer changes them in place while the
+upload runs), then a background thread streams that snapshot as safetensors
+(`weight_store.iter_state_dict_safetensors`, one tensor at a time) with POST /weights?version=N.
+A publish that is due while the previous one is still uploading is skipped (counted); a failed
+one is reported once and the next one is tried as usual: training never waits on a publish.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from simple_grpo.client import RefClient, RefServerError, RefServerUnavailable
+from simple_grpo.weight_store import iter_state_dict_safetensors
+
+
+def cpu_snapshot(module: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the state dict (tied tensors copied once), in `dtype` for floats."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, t in module.state_dict().items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if key not in copies:
+            c = t.detach().to("cpu", dtype=dtype if dtype is not None and t.is_floating_point()
+                              else t.dtype, copy=True)
+            copies[key] = c
+        out[name] = copies[key]
+    return out
+
+
+class WeightPublisher:
+    """Publishes snapshots of a module's weights in a background thread; see the module doc."""
+
+    def __init__(self, client: RefClient, dtype: torch.dtype | None = None,
+                 log=lambda msg: print(msg, file=sys.stderr, flush=True)):
+        self.client, self.dtype, self.log = client, dtype, log
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-weights")
+        self._pending: Future | None = None
+        self._lock = threading.Lock()
+        self.stats = {"published_version": -1.0, "publish_seconds": 0.0, "snapshot_seconds": 0.0,
+                      "publish_mb": 0.0, "publishes": 0.0, "publish_skipped": 0.0,
+                      "publish_failures": 0.0}
+
+    def publish(self, module: torch.nn.Module, version: int, wait: bool = False) -> bool:
+        """Snapshot `module` and upload it as `version` in the background -> False when skipped
+        because the previous upload is still running. `wait` blocks until this one is done."""
+        if self._pending is not None and not self._pending.done():
+            if not wait:
+                self.stats["publish_skipped"] += 1
+                return False
+            self._pending.result()
+        t0 = time.perf_counter()
+        snapshot = cpu_snapshot(module, self.dtype)
+        self.stats["snapshot_seconds"] = time.perf_counter() - t0
+        self._pending = self._pool.submit(self._send, snapshot, version)
+        if wait:
+            self._pending.result()
+        return True
+
+    def _send(self, snapshot: dict[str, torch.Tensor], version: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            meta = self.client.publish_weights(iter_state_dict_safetensors(
+                snapshot, metadata={"version": str(version)}), version=version)
+        except RefServerError as e:
+            if e.status == 409:  # the server already has this version (a resumed run): fine
+                return
+            self._failed(version, e)
+            return
+        except RefServerUnavailable as e:
+            self._failed(version, e)
+            return
+        with self._lock:
+            self.stats.update(published_version=float(version), publishes=self.stats["publishes"] + 1,
+                              publish_seconds=time.perf_counter() - t0,
+                              publish_mb=meta.get("bytes", 0) / 2**20)
+
+    def _failed(self, version: int, e: Exception) -> None:
+        with self._lock:
+            self.stats["publish_failures"] += 1
+        self.log(f"[trainer] publishing weight version {version} failed (will retry at the next "
+                 f"publish): {e}")
+
+    def metrics(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self.stats)
+
+    def close(self) -> None:
+        """Wait for the upload in flight, then stop the thread."""
+        if self._pending is not None:
+            self._pending.result()
+        self._pool.shutdown(wait=True)
+
+
+def publisher_for(cfg, dist, ref) -> WeightPublisher | None:
+    """Rank 0's publisher when generation workers can exist (a named --ref_url, or a trainer
+    that does not generate) and --publish_every > 0; else None. Fails fast when the server
+    already holds a newer version (another run's weights: workers would never update)."""
+    if dist.rank != 0 or ref is None or cfg.publish_every == 0 or \
+            (cfg.ref_url is None and cfg.generate_locally):
+        return None
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.publish_dtype]
+    return WeightPublisher(RefClient(ref.url, token=cfg.ref_token, timeout=max(cfg.ref_timeout, 600)),
+                           dtype=dtype)
+
+
+def check_server_version(publisher: WeightPublisher, version: int) -> None:
+    """UserError when the server's published weights are newer than this run's `version`."""
+    from simple_grpo.errors import UserError
+
+    held = publisher.client.weights_version().get("version")
+    if held is not None and held > version:
+        raise UserError(f"the reference server at {publisher.client.url} holds weight version "
+                        f"{held}, newer than this run's {version} (weights of another run?): "
+                        f"restart it, or give it another --weights_dir")

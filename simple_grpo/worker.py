@@ -1,0 +1,184 @@
+"""A generation worker: `python grpo_ref_split.py --mode=generate --ref_url=http://HOST:PORT`.
+
+It loads the configured model, takes prompts from the configured task in its own order (seeded by
+--seed and --worker_index), samples G completions per prompt, scores them with rewards.py,
+computes group advantages (with dynamic sampling when the preset has it), records the sampling
+log-probs of every generated token, and uploads the batch, tagged with the weight version it was
+generated with, to the reference server; the trainer takes it from the queue. Between batches it
+polls GET /weights/version (reporting the version it runs, shown in the server's /stats) and,
+when the trainer has published a newer version, downloads it and copies it into the model one
+tensor at a time. Any number of workers can be started and stopped at any time.
+
+Faults: a failed or interrupted download keeps the current weights (tried again before the next
+batch); an unreachable or busy server is waited for with a message and retried (an upload keeps
+its batch id, so a retry is never enqueued twice) until --ref_timeout seconds pass without
+success; a worker killed mid-batch loses only that batch.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import torch
+
+from simple_grpo import data, models, rollout
+from simple_grpo.client import RefClient, RefServerAuthError, RefServerError, RefServerUnavailable
+from simple_grpo.errors import UserError
+
+T = TypeVar("T")
+
+
+def default_worker_id() -> str:
+    return re.sub(r"[^A-Za-z0-9_.:@-]", "-", f"gen-{socket.gethostname()}-{os.getpid()}")[:128]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={name}: no CUDA device here (use --device=cpu)")
+    return device
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Worker:
+    """One worker's model, prompt stream and connection; `sync_weights`, `make_batch`, `upload`."""
+
+    def __init__(self, cfg, client: RefClient):
+        from simple_grpo.train_config import sample_settings
+        from simple_grpo.train_loop import reward_specs
+
+        self.cfg, self.client, self.id = cfg, client, default_worker_id()
+        index = cfg.worker_index if cfg.worker_index >= 0 else random.SystemRandom().randrange(1 << 30)
+        self.seed = cfg.seed + 1009 * (index + 1)  # never the trainer's order (seed + 0)
+        torch.manual_seed(self.seed)
+        self.device = pick_device(cfg.device)
+        self.specs = reward_specs(cfg)
+        fields = dict(question_field=cfg.question_field, answer_field=cfg.answer_field)
+        examples = data.load_examples(cfg.task, "train", seed=cfg.seed, **fields)
+        self.stream = data.PromptStream(examples, seed=self.seed)
+        self.tokenizer = models.load_tokenizer(cfg.model)
+        self.model = models.load_model(cfg.model, cfg.dtype, str(self.device)).eval()
+        self.render = data.prompt_renderer(self.tokenizer, cfg.system_prompt)
+        self.eos_ids = rollout.eos_token_ids(self.tokenizer, self.model)
+        self.settings = sample_settings(cfg)
+        self.version = 0  # the base model is version 0 of a fresh run
+        self.dir = Path(tempfile.mkdtemp(prefix="simple_grpo-worker-"))
+        self.counts = {"batches": 0, "weight_updates": 0, "download_failures": 0, "stale": 0}
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """fn(), waiting out an unreachable / busy server (with a message) for up to
+        --ref_timeout seconds; a refused token or a bad request is raised at once."""
+        deadline = time.monotonic() + self.cfg.ref_timeout
+        while True:
+            try:
+                return fn()
+            except RefServerAuthError:
+                raise
+            except (RefServerUnavailable, RefServerError) as e:
+                if isinstance(e, RefServerError) and e.status < 500:
+                    raise
+                if time.monotonic() > deadline:
+                    raise UserError(f"{what}: the reference server at {self.client.url} stayed "
+                                    f"unreachable for {self.cfg.ref_timeout:.0f} s: {e}") from None
+                log(f"[{self.id}] {what}: server unavailable, retrying ({str(e)[:160]})")
+                time.sleep(2.0)
+
+    def sync_weights(self) -> bool:
+        """Load the trainer's newest published weights when they differ from ours -> updated."""
+        info = self.call("poll weights", lambda: self.client.weights_version(self.id, self.version))
+        if info.get("version") is None or info["version"] == self.version:
+            return False
+        path = self.dir / "policy.safetensors"
+        try:
+            self.client.download_weights(path, expected_sha256=info.get("sha256"))
+        except (RefServerUnavailable, RefServerError) as e:
+            if isinstance(e, RefServerAuthError):
+                raise
+            self.counts["download_failures"] += 1
+            log(f"[{self.id}] weight download failed, keeping version {self.version}: {str(e)[:200]}")
+            return False
+        try:
+            load_into(self.model, path)
+        finally:
+            path.unlink(missing_ok=True)
+        self.version = int(self.client.last_weights["version"])
+        self.counts["weight_updates"] += 1
+        self.call("report version", lambda: self.client.weights_version(self.id, self.version))
+        return True
+
+    def make_batch(self):
+        """One rank's share of a trainer step: scored groups with sampling log-probs."""
+        c = self.cfg
+        roll = rollout.make_rollout(self.model, self.tokenizer, self.stream,
+                                    c.prompts_per_step // c.trainer_ranks, self.settings, self.specs,
+                                    system_render=self.render, eos_ids=self.eos_ids,
+                                    dynamic_sampling=c.dynamic_sampling,
+                                    max_refill_rounds=c.max_refill_rounds,
+                                    failure_value=c.reward_failure_value, scale=c.scale,
+                                    weight_version=self.version, record_logprobs=True)
+        batch = roll.batch
+        batch.batch_id = uuid.uuid4().hex
+        batch.meta.update(producer=self.id, reward_breakdown=rollout.json_breakdown(roll.breakdown),
+                          gen_seconds=roll.stats["gen_seconds"])
+        return batch, roll.stats
+
+    def upload(self, batch) -> str:
+        """-> the server's answer: queued, duplicate (an earlier attempt got through) or stale."""
+        self.call("upload", lambda: self.client.upload(batch))
+        status = str(self.client.last_upload.get("status", "queued"))
+        self.counts["batches"] += 1
+        self.counts["stale"] += status == "stale"
+        return status
+
+
+def load_into(model: torch.nn.Module, path: Path) -> None:
+    """Copy a published safetensors file into `model`, one tensor at a time (no second full copy
+    of the weights in memory). Raises UserError when the names or shapes don't fit the model."""
+    from safetensors import safe_open
+
+    params = model.state_dict()
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        names = set(f.keys())
+        if names != set(params):
+            missing, extra = sorted(set(params) - names)[:3], sorted(names - set(params))[:3]
+            raise UserError(f"published weights do not fit --model (missing {missing}, unexpected "
+                            f"{extra}): start workers with the trainer's --model")
+        with torch.no_grad():
+            for name in names:
+                t = f.get_tensor(name)
+                if t.shape != params[name].shape:
+                    raise UserError(f"published weight {name} has shape {tuple(t.shape)}, the model "
+                                    f"{tuple(params[name].shape)}: start workers with the trainer's --model")
+                params[name].copy_(t)
+
+
+def run_worker(cfg) -> dict:
+    """The worker's main loop (until stopped, or --worker_batches uploads)."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    client = RefClient(cfg.ref_url, token=cfg.ref_token, timeout=max(600.0, cfg.ref_timeout))
+    client.wait_ready(cfg.ref_timeout)
+    w = Worker(cfg, client)
+    log(f"[{w.id}] generation worker for {cfg.ref_url} on {w.device} (prompt seed {w.seed})")
+    while cfg.worker_batches == 0 or w.counts["batches"] < cfg.worker_batches:
+        if w.sync_weights():
+            log(f"[{w.id}] loaded weight version {w.version}")
+        t0 = time.perf_counter()
+        batch, stats = w.make_batch()
+        status = w.upload(batch)
+        log(f"[{w.id}] batch {w.counts['batches']}: version {batch.weight_version}, reward "
+            f"{stats['reward_mean']:.3f}, {batch.batch_size} rows, {time.perf_counter() - t0:.1f} s, "
+            f"{status}")
+    return {"worker_id": w.id, **w.counts, "weight_version": w.version}
