@@ -8,8 +8,10 @@
 `publish` copies the parameters to one CPU snapshot (the optimizer changes them in place while the
 upload runs), then a background thread streams that snapshot as safetensors
 (`weight_store.iter_state_dict_safetensors`, one tensor at a time) with POST /weights?version=N.
-A publish that is due while the previous one is still uploading is skipped (counted); a failed
-one is reported once and the next one is tried as usual: training never waits on a publish.
+A publish that is due while the previous one is still uploading waits for it (one pending
+snapshot at most: a newer one replaces it, counted in publish_skipped), so the newest version
+always reaches the server; a failed one is reported and the next one is tried as usual. Training
+never waits on an upload, only on the CPU copy.
 """
 from __future__ import annotations
 
@@ -46,26 +48,38 @@ class WeightPublisher:
         self.client, self.dtype, self.log = client, dtype, log
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-weights")
         self._pending: Future | None = None
+        self._next: tuple[dict, int] | None = None  # the snapshot waiting for the upload in flight
+        self._draining = False
         self._lock = threading.Lock()
         self.stats = {"published_version": -1.0, "publish_seconds": 0.0, "snapshot_seconds": 0.0,
                       "publish_mb": 0.0, "publishes": 0.0, "publish_skipped": 0.0,
                       "publish_failures": 0.0}
 
-    def publish(self, module: torch.nn.Module, version: int, wait: bool = False) -> bool:
-        """Snapshot `module` and upload it as `version` in the background -> False when skipped
-        because the previous upload is still running. `wait` blocks until this one is done."""
-        if self._pending is not None and not self._pending.done():
-            if not wait:
-                self.stats["publish_skipped"] += 1
-                return False
-            self._pending.result()
+    def publish(self, module: torch.nn.Module, version: int, wait: bool = False) -> None:
+        """Snapshot `module` and upload it as `version` in the background (after the upload in
+        flight, if any). `wait` blocks until it is on the server (or failed)."""
         t0 = time.perf_counter()
         snapshot = cpu_snapshot(module, self.dtype)
-        self.stats["snapshot_seconds"] = time.perf_counter() - t0
-        self._pending = self._pool.submit(self._send, snapshot, version)
+        with self._lock:
+            self.stats["snapshot_seconds"] = time.perf_counter() - t0
+            if self._next is not None:
+                self.stats["publish_skipped"] += 1  # superseded before its turn came
+            self._next = (snapshot, version)
+            if not self._draining:
+                self._draining = True
+                self._pending = self._pool.submit(self._drain)
+            pending = self._pending
         if wait:
-            self._pending.result()
-        return True
+            pending.result()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if self._next is None:
+                    self._draining = False
+                    return
+                (snapshot, version), self._next = self._next, None
+            self._send(snapshot, version)
 
     def _send(self, snapshot: dict[str, torch.Tensor], version: int) -> None:
         t0 = time.perf_counter()

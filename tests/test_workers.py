@@ -1,0 +1,182 @@
+"""Generation workers over real HTTP on 127.0.0.1 with the tiny model: recorded sampling log-probs
+equal the trainer's, the trainer's background publisher, staleness and shape checks counted
+exactly, an interrupted weight download keeps the old weights, and the whole system (ref server +
+trainer + late / killed worker processes) trains every batch at most once."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from simple_grpo.client import RefClient
+from simple_grpo.codec import RolloutBatch
+from simple_grpo.config import parse_config
+from simple_grpo.engine import standalone_env
+from simple_grpo.logprobs import completion_logprobs
+from simple_grpo.publish import WeightPublisher
+from simple_grpo.rollout_source import RefConnection
+from simple_grpo.train_config import TrainConfig, resolve
+from simple_grpo.weight_store import load_safetensors_file
+from simple_grpo.worker import Worker
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(prompts_per_step=2, num_generations=4, micro_batch_size=4, max_new_tokens=8)
+
+
+def worker_cfg(model_dir, url, **kw) -> TrainConfig:
+    args = {"model": model_dir, "ref_url": url, "rewards": "overlong", "worker_index": 0,
+            "ref_timeout": 20, **SMALL, **kw}
+    return resolve(parse_config(TrainConfig, [f"--{k}={v}" for k, v in args.items()]))
+
+
+def test_token_alias_and_worker_needs_a_url(tiny_model_dir):
+    cfg = parse_config(TrainConfig, ["--token=s3cret"])
+    assert cfg.ref_token == "s3cret"
+    from simple_grpo.errors import UserError
+    with pytest.raises(UserError, match="--mode=generate needs --ref_url"):
+        resolve(parse_config(TrainConfig, ["--mode=generate"]))
+
+
+def test_worker_batch_records_the_trainers_logprobs(tiny_model_dir, ref_server):
+    """Sampling log-probs recorded during generate() == a fresh forward pass (fp32, atol 1e-4)."""
+    srv = ref_server()
+    w = Worker(worker_cfg(tiny_model_dir, srv.url, temperature=0.7), RefClient(srv.url))
+    batch, _ = w.make_batch()
+    assert batch.gen_logprobs is not None and batch.gen_logprobs.shape == batch.completion_ids.shape
+    with torch.no_grad():
+        want = completion_logprobs(w.model, batch.prompt_ids, batch.prompt_lens, batch.completion_ids,
+                                   batch.completion_lens, temperature=0.7)
+    torch.testing.assert_close(batch.gen_logprobs, want, atol=1e-4, rtol=0)
+    assert batch.meta["producer"] == w.id and batch.weight_version == 0
+    assert w.upload(batch) == "queued"
+    got = RefClient(srv.url).get(wait_s=30)
+    assert got.batch_id == batch.batch_id and torch.equal(got.gen_logprobs, batch.gen_logprobs)
+
+
+def test_publisher_then_worker_sync_and_interrupted_download(tiny_model_dir, tiny_model, ref_server,
+                                                             tmp_path):
+    """The trainer's publisher puts its exact weights on the server; a worker loads them; a
+    download that breaks off keeps the worker's old weights and a later sync succeeds."""
+    srv = ref_server(weights_dir=str(tmp_path / "weights"))
+    trained = type(tiny_model)(tiny_model.config)
+    torch.manual_seed(1)
+    for p in trained.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    pub = WeightPublisher(RefClient(srv.url))
+    pub.publish(trained, version=3, wait=True)
+    assert pub.metrics()["published_version"] == 3 and pub.metrics()["publishes"] == 1
+    w = Worker(worker_cfg(tiny_model_dir, srv.url), RefClient(srv.url, retries=1, backoff_s=0.01))
+    assert w.sync_weights() and w.version == 3
+    for k, v in trained.state_dict().items():
+        assert torch.equal(w.model.state_dict()[k], v), k
+    assert srv.state.stats()["workers"][w.id]["version"] == 3
+
+    before = {k: v.clone() for k, v in w.model.state_dict().items()}
+    pub.publish(tiny_model, version=5, wait=True)
+    path = tmp_path / "weights" / "weights.safetensors"
+    full = path.read_bytes()
+    path.write_bytes(full[: len(full) // 2])  # the server's file breaks off mid-body
+    assert not w.sync_weights() and w.version == 3 and w.counts["download_failures"] == 1
+    for k, v in before.items():
+        assert torch.equal(w.model.state_dict()[k], v), k
+    path.write_bytes(full)
+    assert w.sync_weights() and w.version == 5
+    for k, v in load_safetensors_file(path).items():
+        assert torch.equal(w.model.state_dict()[k], v), k
+    pub.close()
+
+
+def _batch(version: int, rows: int = 8, G: int = 4, producer: str = "test") -> RolloutBatch:
+    C = 3
+    return RolloutBatch(prompt_ids=torch.full((rows, 2), 5), prompt_lens=torch.full((rows,), 2),
+                        completion_ids=torch.full((rows, C), 7), completion_lens=torch.full((rows,), C),
+                        rewards=torch.zeros(rows), advantages=torch.zeros(rows),
+                        weight_version=version, meta={"group_size": G, "producer": producer})
+
+
+def test_stale_and_misshapen_batches_are_dropped_and_counted(ref_server):
+    srv = ref_server()
+    conn = RefConnection(srv.url, None, timeout=10, batch_rows=8, group_size=4, max_staleness=2)
+    client = RefClient(srv.url)
+    sent = [(3, 8, 4), (8, 8, 4), (10, 8, 4), (7, 8, 4), (10, 4, 4), (9, 8, 2), (9, 8, 4)]
+    for v, rows, G in sent:  # versions 3 and 7 are older than 10 - 2; two have the wrong shape
+        client.upload(_batch(v, rows, G))
+    got = [conn.next_batch(weight_version=10).weight_version for _ in range(3)]
+    assert got == [8, 10, 9]
+    assert conn.counts == {"stale_dropped": 2, "rejected_batches": 2}
+    conn.close()
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "grpo_ref_split.py"), *args], cwd=ROOT,
+                            env=standalone_env(OMP_NUM_THREADS="1"), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def _wait_for(cond, timeout: float, what: str, procs=()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        for p in procs:
+            assert p.poll() is None, f"a process exited (code {p.returncode}) while waiting for {what}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def test_trainer_with_late_and_killed_workers(tiny_model_dir, ref_server, tmp_path):
+    srv = ref_server(queue_size=2)  # workers block on a full queue: backlog stays small
+    common = [f"--model={tiny_model_dir}", f"--ref_url={srv.url}", "--rewards=overlong"] + \
+        [f"--{k}={v}" for k, v in SMALL.items()]
+    run = tmp_path / "run"
+    trainer = _spawn(common + [f"--run_dir={run}", "--steps=8", "--generate_locally=false",
+                               "--eval_every=0", "--save_every=0", "--plot_every=0", "--lr=1e-3",
+                               "--warmup_steps=1", "--max_staleness=2"], tmp_path / "trainer.log")
+    a = _spawn(common + ["--mode=generate", "--worker_index=1"], tmp_path / "a.log")
+    procs = [trainer]
+    try:
+        _wait_for(lambda: len(_rows(run / "metrics.jsonl")) >= 2, 240, "two trainer steps", [trainer, a])
+        a.send_signal(signal.SIGKILL)  # mid-run, most likely mid-batch
+        a.wait()
+        # without producers the trainer drains the (2-batch) queue, then waits
+        _wait_for(lambda: len(_rows(run / "metrics.jsonl")) < 8 and
+                  RefClient(srv.url).stats()["queue_depth"] == 0, 60, "the queue to drain", procs)
+        time.sleep(2.0)
+        published = RefClient(srv.url).weights_version()["version"]
+        b = _spawn(common + ["--mode=generate", "--worker_index=2"], tmp_path / "b.log")
+        procs.append(b)
+        assert trainer.wait(timeout=300) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
+    finally:
+        for p in [trainer, a, *procs]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    steps = _rows(run / "metrics.jsonl")
+    trained = _rows(run / "batches.jsonl")
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    ids = [t["batch_id"] for t in trained]
+    assert len(ids) == 8 and len(set(ids)) == 8, "a batch was trained twice"
+    blog = (tmp_path / "b.log").read_text()
+    b_id = next(t["producer"] for t in trained[::-1])
+    late = [t for t in trained if t["producer"] == b_id]
+    assert late and all(t["producer"].startswith("gen-") for t in trained)
+    assert {t["producer"] for t in trained} >= {b_id} and len({t["producer"] for t in trained}) == 2
+    # the late worker started from the version published when it joined, not from 0 ...
+    assert f"loaded weight version {published}" in blog and published >= 2
+    assert late[0]["weight_version"] >= published
+    # ... and followed the trainer's later publishes
+    assert late[-1]["weight_version"] > late[0]["weight_version"]
+    fresh = [r["logprob_mismatch"] for r in steps if "logprob_mismatch" in r]
+    assert fresh and max(fresh) < 1e-4, fresh
+    assert all(r["batch_staleness"] <= 2 for r in steps)
+    assert steps[-1]["published_version"] >= 7
