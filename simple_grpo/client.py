@@ -13,8 +13,8 @@ Retries: connection errors, timeouts, 429, 502, 503 and 504 are retried with exp
 (honouring Retry-After), up to `retries` times, then RefServerUnavailable (a UserError) is raised;
 any other 4xx/5xx raises RefServerError at once with the server's one-line message (401 raises
 RefServerAuthError, also a UserError). Uploads carry a client-made batch_id, so a retried upload whose first
-attempt did reach the server is answered "duplicate" instead of being enqueued twice. A batch that
-/get popped but whose answer was lost in transit is lost (there are no acks).
+attempt did reach the server is answered "duplicate" instead of being enqueued twice. A /get
+carries a request id too: a retry after a lost answer gets the batch the first attempt popped.
 `timeout` bounds each HTTP request; it must exceed the server's longest forward pass (a 64 x 512
 batch of SmolLM2-135M takes minutes on a 2-core CPU), or a slow upload is retried while the first
 attempt is still computing (answered 503 "still being processed" until it is done).
@@ -164,7 +164,7 @@ class RefClient:
     def get(self, wait_s: float = 0.0, weight_version: int | None = None) -> codec.RolloutBatch | None:
         """GET /get -> the next ready batch (with ref_logprobs), or None when none is ready
         within wait_s. weight_version reports the consumer's version (for max_staleness)."""
-        params: dict[str, Any] = {"wait": wait_s}
+        params: dict[str, Any] = {"wait": wait_s, "request_id": uuid.uuid4().hex}  # same on retries
         if weight_version is not None:
             params["weight_version"] = weight_version
         r = self._request("GET", "/get", params=params, timeout=self.timeout + wait_s)

@@ -9,7 +9,8 @@ JSON object {"error": "..."} with a 4xx/5xx status):
                     "stale", "queue_depth", "compute_ms"}; 400 bad input, 413 body too large,
                     429 queue full (policy block, Retry-After), 503 busy (Retry-After)
     GET  /get       ?wait=SECONDS&weight_version=N -> 200 codec RolloutBatch with ref_logprobs and
-                    batch_id (headers X-Batch-Id, X-Batch-Seq, X-Queue-Depth), 204 when none ready
+                    batch_id (headers X-Batch-Id, X-Batch-Seq, X-Queue-Depth), 204 when none ready;
+                    &request_id=ID makes it idempotent: a repeat gets the same answer (last 16)
     POST /logprobs  codec LogprobRequest -> 200 codec LogprobResponse (stateless)
     GET  /stats     200 counters (see ServerState.stats)
     POST /weights, GET /weights/version, GET /weights: policy weights (simple_grpo.weight_routes)
@@ -35,6 +36,7 @@ import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -139,6 +141,10 @@ def check_bind(cfg: ServerConfig) -> None:
                         f"--token=SECRET or set REF_SERVER_TOKEN, or bind 127.0.0.1")
 
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ANSWERS_KEPT = 16  # /get answers kept for replay to a client that retries the same request_id
+
+
 class ServerState:
     """Everything the handlers share: the frozen model, its lock, the queue and the counters."""
 
@@ -154,8 +160,10 @@ class ServerState:
         self.inflight = threading.BoundedSemaphore(cfg.max_inflight)
         self._lock = threading.Lock()
         self.counters = {"compute_calls": 0, "compute_s": 0.0, "tokens": 0, "rejected": 0,
-                         "logprob_requests": 0, "busy": 0}
+                         "logprob_requests": 0, "busy": 0, "get_replays": 0}
         self.started = time.monotonic()
+        self.instance = uuid.uuid4().hex  # a restarted server has another: clients notice lost batches
+        self.answered: OrderedDict[str, tuple[bytes, dict]] = OrderedDict()  # /get request_id -> answer
         self.stats_hooks: list[Callable[[], dict[str, Any]]] = []  # extra /stats entries
 
     @classmethod
@@ -233,7 +241,7 @@ class ServerState:
                 "queue_depth": len(self.queue), "max_len": self.max_len,
                 "max_body_bytes": self.cfg.max_body_bytes, "queue_order": self.cfg.queue_order,
                 "when_full": self.cfg.when_full, "max_staleness": self.cfg.max_staleness,
-                "auth": bool(self.cfg.token)}
+                "auth": bool(self.cfg.token), "instance": self.instance}
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -355,12 +363,25 @@ def make_app(state: ServerState) -> bottle.Bottle:
             raise ApiError(400, "wait must be a number and weight_version an int") from None
         if not wait_s >= 0 or (version is not None and version < 0):
             raise ApiError(400, "wait and weight_version must be >= 0")
+        rid = q.get("request_id")
+        if rid is not None and not _REQUEST_ID.fullmatch(rid):
+            raise ApiError(400, "request_id must match [A-Za-z0-9_-]{1,64}")
+        with state._lock:  # a retried /get (its answer was lost in transit) gets the same batch
+            replay = state.answered.get(rid) if rid else None
+        if replay is not None:
+            state.count("get_replays")
+            return bottle.HTTPResponse(replay[0], status=200, headers=replay[1])
         entry = state.queue.get(wait_s, version)
         if entry is None:
             return bottle.HTTPResponse(status=204, headers={"X-Queue-Depth": "0"})
-        return bottle.HTTPResponse(entry.item, status=200, headers={
-            "Content-Type": "application/octet-stream", "X-Batch-Id": entry.batch_id,
-            "X-Batch-Seq": str(entry.seq), "X-Queue-Depth": str(len(state.queue))})
+        headers = {"Content-Type": "application/octet-stream", "X-Batch-Id": entry.batch_id,
+                   "X-Batch-Seq": str(entry.seq), "X-Queue-Depth": str(len(state.queue))}
+        if rid:
+            with state._lock:
+                state.answered[rid] = (entry.item, headers)
+                while len(state.answered) > ANSWERS_KEPT:
+                    state.answered.popitem(last=False)
+        return bottle.HTTPResponse(entry.item, status=200, headers=headers)
 
     @app.post("/logprobs")
     @handler
