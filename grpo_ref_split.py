@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -110,13 +109,6 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run cleanups (stop the ref server)
-    try:
-        result = main(sys.argv[1:])
-    except UserError as e:
-        print(f"grpo_ref_split.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("grpo_ref_split.py: interrupted", file=sys.stderr)
-        sys.exit(130)
-    print(json.dumps(result))
+    from simple_grpo.errors import run_entry_point
+
+    print(json.dumps(run_entry_point(main, sys.argv[1:], "grpo_ref_split.py")))

@@ -47,8 +47,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"ref_server.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from simple_grpo.errors import run_entry_point
+
+    run_entry_point(main, sys.argv[1:], "ref_server.py")

@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import re
+import resource
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,9 +39,10 @@ log = logging.getLogger("simple_grpo")
 LATEST = "latest"
 _CLIENT_KEY = "simple_grpo_client_state"  # nested so trainer keys never clobber DeepSpeed's own
 _STEP_RE = re.compile(r"^step-(\d+)$")
-# torch.save reports a failed write (ENOSPC, EFBIG) as a RuntimeError from its zip writer, not OSError
+# torch.save reports a failed write (ENOSPC, EFBIG) as a RuntimeError from its zip writer, not OSError,
+# and safetensors (the final export) as a SafetensorError wrapping the IoError
 _WRITE_FAILURE_MARKERS = ("inline_container", "PytorchStreamWriter", "file write failed",
-                          "No space left", "File too large", "Parent directory")
+                          "No space left", "File too large", "Parent directory", "IoError")
 
 
 def step_tag(step: int) -> str:
@@ -75,10 +77,30 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-def _is_write_failure(e: BaseException) -> bool:
+def is_write_failure(e: BaseException) -> bool:
+    """An OSError, or torch's / safetensors' report of a failed file write."""
     if isinstance(e, OSError):
         return True
-    return isinstance(e, RuntimeError) and any(m in str(e) for m in _WRITE_FAILURE_MARKERS)
+    wrapped = isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError"
+    return wrapped and any(m in str(e) for m in _WRITE_FAILURE_MARKERS)
+
+
+def describe_write_failure(e: BaseException | None, folder: Path) -> str:
+    """One line: the error and its likely cause (torch and safetensors do not carry the errno)."""
+    if e is None:
+        return "a write failed on another rank"
+    why = " ".join(f"{type(e).__name__}: {e}".split())
+    code = e.errno if isinstance(e, OSError) else None  # None: torch / safetensors, errno unknown
+    if isinstance(e, OSError) and code not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return why
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if code in (None, errno.EFBIG) and soft != resource.RLIM_INFINITY:
+        return f"{why} (this process may write files of at most {soft} bytes: ulimit -f)"
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e9:.2f} GB free"
+    except OSError:
+        free = "free space unknown"
+    return f"{why} (disk full or quota reached? {free} in {folder})"
 
 
 # ----------------------------------------------------------------------------- filesystem helpers
@@ -205,7 +227,7 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, *, k
         engine.save_checkpoint(str(ckpt_root), tag=tmp_tag, client_state={_CLIENT_KEY: client_state},
                                save_latest=False)
     except (OSError, RuntimeError) as e:
-        if not _is_write_failure(e):
+        if not is_write_failure(e):
             raise
         error = e
         # DeepSpeed's file writes sit between its tag-validation all-reduce and its closing barrier,
@@ -256,17 +278,19 @@ def _failed(ckpt_root: Path, tmp_tag: str, step: int, error: BaseException | Non
         shutil.rmtree(ckpt_root / tmp_tag, ignore_errors=True)
     _barrier()
     latest = _read_latest(ckpt_root)
-    why = f"{type(error).__name__}: {error}" if error is not None else "a write failed on another rank"
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        why += " (disk full or quota reached: free space or lower keep_last)"
-    elif isinstance(error, RuntimeError):
-        why += " (torch.save could not write: disk full, quota or I/O error?)"
-    msg = (f"checkpoint of step {step} in {ckpt_root} failed ({why}); the partial files were removed "
-           f"and the previous checkpoint {latest or '(none)'} is still the latest")
-    log.warning(msg)
+    msg = (f"checkpoint of step {step} in {ckpt_root} failed ({describe_write_failure(error, ckpt_root)}); "
+           f"the partial files were removed and the previous checkpoint {latest or '(none)'} is still "
+           "the latest")
     if on_error == "stop":
-        raise UserError(msg)
+        raise UserError(msg)  # the trainer prints it as its one error line
+    log.warning(msg + "; training continues (--on_save_error=stop ends the run instead)")
     return None
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The complete checkpoint folder that `ckpt_root/latest` names, if any."""
+    tag = _read_latest(Path(ckpt_root))
+    return Path(ckpt_root) / tag if tag and (Path(ckpt_root) / tag).is_dir() else None
 
 
 def load_latest(engine, ckpt_root: Path) -> dict | None:
@@ -305,6 +329,9 @@ def export_pretrained(model, tokenizer, out_dir: Path) -> Path:
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model as .module
     assert hasattr(module, "save_pretrained"), f"{type(module).__name__} has no save_pretrained"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".tmp-*{out_dir.name}-*"):  # left by a killed export
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
     try:
         module.save_pretrained(tmp)

@@ -32,10 +32,21 @@ class RefProcess:
     def __init__(self, model: str, *, dtype: str = "auto", device: str = "auto", extra: list[str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, str(REF_SERVER), f"--model={model}", "--host=127.0.0.1",
-               f"--port={self.port}", f"--dtype={dtype}", f"--device={device}", *(extra or [])]
-        self.proc = subprocess.Popen(cmd, env=standalone_env(), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.cmd = [sys.executable, str(REF_SERVER), f"--model={model}", "--host=127.0.0.1",
+                    f"--port={self.port}", f"--dtype={dtype}", f"--device={device}", *(extra or [])]
+        self.restarts = 0
+        self.proc = self._spawn()
         atexit.register(self.stop)
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(self.cmd, env=standalone_env(), stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent)
+
+    def restart(self) -> None:
+        """Start the server again on the same port (after it died)."""
+        self.stop()
+        self.restarts += 1
+        self.proc = self._spawn()
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -7,12 +7,19 @@ Every batch taken from the queue is checked before it is trained on:
   * shape: a batch of another size than one rank's share of a step (a worker started with other
     --prompts_per_step / --num_generations / --trainer_ranks) -> dropped, counted in
     `counts["rejected_batches"]`, with a one-line warning naming the fix.
-The server hands each uploaded batch out at most once, so no batch is trained twice.
+The server hands each uploaded batch out at most once, and the trainer also remembers the ids it
+took (a worker that re-sends a batch to a restarted server cannot make it train one twice).
+
+Server outages: when the server stops answering, the trainer prints what it waits for and polls
+/health for up to `timeout` seconds (then a clear error). When the server that comes back is a new
+instance (restarted: its queue is gone), the trainer re-sends its own batch if that was still in
+the lost queue (`counts["rollouts_resent"]`; `counts["server_restarts"]`); workers re-send theirs.
 """
 from __future__ import annotations
 
 import sys
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -31,13 +38,64 @@ class RefConnection:
 
         self.url, self.timeout, self.process = url, timeout, process
         self.batch_rows, self.group_size, self.max_staleness = batch_rows, group_size, max_staleness
-        self.client = RefClient(url, token=token)
-        self.counts = {"stale_dropped": 0, "rejected_batches": 0}
+        self.client = RefClient(url, token=token, retries=2, max_backoff_s=2.0)
+        self.counts = {"stale_dropped": 0, "rejected_batches": 0, "duplicates_dropped": 0,
+                       "server_restarts": 0, "rollouts_resent": 0}
         self._warned: set[str] = set()
+        self._taken: OrderedDict[str, None] = OrderedDict()  # ids of batches already trained on
+        self._outstanding: RolloutBatch | None = None  # our upload, not yet back from the queue
+        self._resend: RolloutBatch | None = None  # ... to upload again to a restarted server
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ref-exchange")
-        self.client.wait_ready(timeout)
+        self.instance = self.client.wait_ready(timeout).get("instance")
+
+    def _call(self, fn, is_get: bool = False):
+        """fn() against the server; through an outage, wait (with messages) for it to return.
+        After a /get, a changed server instance (a restart between calls) is noticed too."""
+        from simple_grpo.client import RefServerUnavailable
+
+        while True:
+            try:
+                if self._resend is not None:
+                    self.client.upload(self._resend)  # idempotent: same batch id
+                    self._resend = None
+                out = fn()
+            except RefServerUnavailable as e:
+                if self.process is not None and not self.process.alive():
+                    self.process.restart()
+                    print(f"[trainer] the reference server exited; restarted it at {self.url}",
+                          file=sys.stderr, flush=True)
+                else:
+                    print(f"[trainer] reference server at {self.url} unreachable ({str(e)[:120]}); "
+                          f"waiting up to {self.timeout:.0f} s for it", file=sys.stderr, flush=True)
+                health = self.client.wait_ready(self.timeout, poll_s=0.25)
+                print(f"[trainer] reference server at {self.url} is back", file=sys.stderr, flush=True)
+                self._check_instance(health.get("instance"))
+                continue
+            if is_get and self._check_instance(self.client.last_instance) and out is None:
+                continue  # our batch died with the old instance's queue: send it again, get again
+            return out
+
+    def _check_instance(self, instance: str | None) -> bool:
+        """Notice a restarted server (its queue is gone) -> True when our batch must be re-sent."""
+        if instance is None or instance == self.instance:
+            return False
+        self.instance = instance
+        self.counts["server_restarts"] += 1
+        print(f"[trainer] the reference server at {self.url} restarted (its queue was lost)",
+              file=sys.stderr, flush=True)
+        if self._outstanding is None:
+            return False
+        self.counts["rollouts_resent"] += 1
+        self._resend = self._outstanding
+        return True
 
     def _usable(self, b: RolloutBatch, weight_version: int) -> bool:
+        if b.batch_id in self._taken:
+            self.counts["duplicates_dropped"] += 1
+            return False
+        self._taken[b.batch_id] = None
+        while len(self._taken) > 100_000:
+            self._taken.popitem(last=False)
         if self.max_staleness >= 0 and weight_version - b.weight_version > self.max_staleness:
             self.counts["stale_dropped"] += 1
             return False
@@ -59,23 +117,33 @@ class RefConnection:
         """The next usable ready batch (ours or a worker's), reporting our version to the server."""
         deadline = time.monotonic() + self.timeout
         while True:
-            got = self.client.get(wait_s=1.0, weight_version=weight_version)  # held until ready
+            got = self._call(lambda: self.client.get(wait_s=1.0, weight_version=weight_version), True)
             if got is not None:
+                if self._outstanding is not None and got.batch_id == self._outstanding.batch_id:
+                    self._outstanding = None
                 if self._usable(got, weight_version):
                     return got
                 deadline = time.monotonic() + self.timeout
                 continue
-            if self.process is not None and not self.process.alive():
-                raise UserError(f"the reference server at {self.url} exited")
             if time.monotonic() > deadline:
                 raise UserError(f"no batch from the reference server at {self.url} within "
                                 f"{self.timeout:.0f} s (are generation workers running? raise "
                                 f"--ref_timeout?)")
 
+    def ready_batch(self, weight_version: int) -> RolloutBatch | None:
+        """A usable batch that is ready now (a worker's), or None at once: a trainer that also
+        generates skips its own generation while workers keep the queue filled."""
+        while self.client.last_queue_depth > 0:
+            got = self._call(lambda: self.client.get(wait_s=0.0, weight_version=weight_version), True)
+            if got is not None and self._usable(got, weight_version):
+                return got
+        return None
+
     def exchange(self, batch: RolloutBatch | None, weight_version: int) -> RolloutBatch:
         """Upload our batch (if any), then take the next usable ready batch from the queue."""
         if batch is not None:
-            self.client.upload(batch)
+            self._outstanding = batch
+            self._call(lambda: self.client.upload(batch))
         return self.next_batch(weight_version)
 
     def exchange_async(self, batch: RolloutBatch | None, weight_version: int) -> Future:

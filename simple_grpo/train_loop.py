@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,12 +55,18 @@ class StepContext:
 
 
 def step(ctx: StepContext, weight_version: int):
-    """Generate + score (unless --generate_locally=false), take the next batch from the queue when
-    there is a server (ours with reference log-probs, or a worker's), policy update
+    """Take a worker's batch that is ready in the queue, else generate + score our own (unless
+    --generate_locally=false: then wait for workers) and, with a server, exchange it for the next
+    ready batch (ours with reference log-probs, or a worker's); then the policy update
     -> (metrics averaged over ranks, our rollout or None, the trained batch's provenance)."""
     c = ctx.cfg
     roll, batch, pending = None, None, None
-    if c.generate_locally:
+    if c.generate_locally and ctx.ref is not None:  # workers' batches waiting: train on those first
+        ready = ctx.ref.ready_batch(weight_version)
+        if ready is not None:
+            pending = Future()
+            pending.set_result(ready)
+    if c.generate_locally and pending is None:
         roll = rollout.make_rollout(ctx.engine.module, ctx.tokenizer, ctx.stream, ctx.d.prompts_per_rank,
                                     ctx.settings, ctx.specs, system_render=ctx.render, eos_ids=ctx.eos_ids,
                                     dynamic_sampling=c.dynamic_sampling,
@@ -70,7 +77,7 @@ def step(ctx: StepContext, weight_version: int):
         batch.batch_id = uuid.uuid4().hex  # to recognise our batch when it comes back from the queue
         batch.meta.update(producer=f"trainer-{ctx.dist.rank}",
                           reward_breakdown=rollout.json_breakdown(roll.breakdown))
-    if ctx.ref is not None:
+    if ctx.ref is not None and pending is None:
         pending = ctx.ref.exchange_async(batch, weight_version)
     m, trained = policy_step.train_on_batch(
         ctx.engine, batch, micro_batch=c.micro_batch_size, num_iterations=c.num_iterations,
@@ -78,6 +85,7 @@ def step(ctx: StepContext, weight_version: int):
         temperature=c.temperature, world_size=ctx.dist.world_size, device=ctx.dist.device,
         ref_pending=pending, weight_version=weight_version)
     metrics = {**(roll.stats if roll is not None else {"gen_seconds": 0.0}), **m,
+               "local_generation": float(roll is not None),
                **batch_stats(trained, ctx.eos_ids, weight_version, c.eval_reward)}
     if ctx.ref is not None:
         metrics.update({k: float(v) for k, v in ctx.ref.counts.items()})
@@ -124,7 +132,8 @@ def average(metrics: dict[str, float], dist) -> dict[str, float]:
     mx = t.clone()
     torch.distributed.all_reduce(t)
     torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
-    summed = ("loss", "pg_loss", "stale_dropped", "rejected_batches")
+    summed = ("loss", "pg_loss", "stale_dropped", "rejected_batches", "duplicates_dropped",
+              "rollouts_resent")  # server_restarts: every rank sees the same ones (mean)
     return {k: float(mx[i] if k.endswith("_max") else t[i] if k in summed else t[i] / dist.world_size)
             for i, k in enumerate(keys)}
 
@@ -165,7 +174,8 @@ class Outputs:
                                     config=dataclasses.asdict(cfg))
         if resume_step:
             self.logger.truncate_after(resume_step + 1)
-            truncate_jsonl(run_dir / "batches.jsonl", resume_step + 1)
+            for name in ("batches.jsonl", "samples.jsonl"):
+                truncate_jsonl(run_dir / name, resume_step + 1)
         self.samples = SamplesWriter(run_dir)
 
     def progress(self, start: int, total: int):
@@ -213,9 +223,23 @@ class Outputs:
     def finish(self, model, tokenizer) -> None:
         if not self.main:
             return
-        from simple_grpo.checkpoint import export_pretrained
+        from simple_grpo.checkpoint import describe_write_failure, export_pretrained, is_write_failure, \
+            latest_checkpoint
+        from simple_grpo.errors import UserError
 
-        export_pretrained(model, tokenizer, self.run_dir / "final")
+        final = self.run_dir / "final"
+        try:
+            export_pretrained(model, tokenizer, final)
+        except Exception as e:  # a full disk arrives as OSError, RuntimeError or SafetensorError
+            if not is_write_failure(e):
+                raise
+            self.logger.close()
+            ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+            raise UserError(f"could not write the final model to {final} "
+                            f"({describe_write_failure(e, self.run_dir)}); " + (
+                                f"the last good checkpoint is {ckpt}: free space, then run the same "
+                                "command with --resume to export it" if ckpt is not None else
+                                "and no checkpoint was saved")) from None
         self.plot()
         self.logger.close()
         print(f"[trainer] done: final model in {self.run_dir / 'final'}", flush=True)

@@ -93,7 +93,7 @@ class Worker:
                 if time.monotonic() > deadline:
                     raise UserError(f"{what}: the reference server at {self.client.url} stayed "
                                     f"unreachable for {self.cfg.ref_timeout:.0f} s: {e}") from None
-                log(f"[{self.id}] {what}: server unavailable, retrying ({str(e)[:160]})")
+                log(f"[{self.id}] {what}: not through yet, retrying ({str(e)[:160]})")
                 time.sleep(2.0)
 
     def sync_weights(self) -> bool:

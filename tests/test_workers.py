@@ -109,7 +109,8 @@ def test_stale_and_misshapen_batches_are_dropped_and_counted(ref_server):
         client.upload(_batch(v, rows, G))
     got = [conn.next_batch(weight_version=10).weight_version for _ in range(3)]
     assert got == [8, 10, 9]
-    assert conn.counts == {"stale_dropped": 2, "rejected_batches": 2}
+    assert conn.counts == {"stale_dropped": 2, "rejected_batches": 2, "duplicates_dropped": 0,
+                           "server_restarts": 0, "rollouts_resent": 0}
     conn.close()
 
 
