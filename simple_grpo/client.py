@@ -57,6 +57,10 @@ class RefServerUnavailable(UserError):
     """The server could not be reached (or stayed busy) within the retries or the timeout."""
 
 
+class RefServerQueueFull(RefServerUnavailable):
+    """The server is up but its queue stayed full (429) through the retries."""
+
+
 class RefClient:
     """HTTP client of the reference server; see the module docstring."""
 
@@ -102,22 +106,23 @@ class RefClient:
                                       f"{self.max_body_bytes} (split the batch)", self.url)
         if body is not None:
             headers = {"Content-Type": "application/octet-stream", **(headers or {})}
-        last = ""
+        last, status = "", None
         for attempt in range(retries + 1):
             try:
                 r = self.session.request(method, self.url + path, data=body, params=params,
                                          headers=headers, timeout=timeout or self.timeout)
             except (requests.ConnectionError, requests.Timeout) as e:
-                last, retry_after = f"{type(e).__name__}: {e}", None
+                last, retry_after, status = f"{type(e).__name__}: {e}", None, None
             else:
                 if r.status_code < 400:
                     return r
                 if r.status_code not in _RETRY_STATUS:
                     raise self._error(r)
-                last, retry_after = str(self._error(r)), r.headers.get("Retry-After")
+                last, retry_after, status = str(self._error(r)), r.headers.get("Retry-After"), r.status_code
             if attempt < retries:
                 time.sleep(self._delay(attempt, retry_after))
-        raise RefServerUnavailable(f"ref server at {self.url} failed {method} {path} after "
+        cls = RefServerQueueFull if status == 429 else RefServerUnavailable
+        raise cls(f"ref server at {self.url} failed {method} {path} after "
                                    f"{retries + 1} attempt(s): {last[:300]}")
 
     # ------------------------------------------------------------------ API

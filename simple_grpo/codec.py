@@ -185,11 +185,13 @@ def _read_header(data: bytes) -> dict[str, Any]:
     try:
         st_header = json.loads(bytes(data[8:8 + n]), parse_constant=_reject_constant)
         ours = json.loads(st_header["__metadata__"][_META_KEY], parse_constant=_reject_constant)
-    except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: [[[[...
         raise CodecError(f"not a simple_grpo message (bad header: {type(e).__name__}: "
                          f"{str(e)[:80]})") from None
     if not isinstance(ours, dict):
         raise CodecError("not a simple_grpo message (header is not a JSON object)")
+    if not isinstance(ours.get("kind"), (str, type(None))):  # a list or dict is unhashable
+        raise CodecError(f"unknown message kind {str(ours['kind'])[:60]}")
     if ours.get("schema_version") != SCHEMA_VERSION:
         raise CodecError(f"schema version {ours.get('schema_version')!r} is not supported "
                          f"(this side speaks {SCHEMA_VERSION})")

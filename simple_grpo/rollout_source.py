@@ -40,7 +40,7 @@ class RefConnection:
         self.batch_rows, self.group_size, self.max_staleness = batch_rows, group_size, max_staleness
         self.client = RefClient(url, token=token, retries=2, max_backoff_s=2.0)
         self.counts = {"stale_dropped": 0, "rejected_batches": 0, "duplicates_dropped": 0,
-                       "server_restarts": 0, "rollouts_resent": 0}
+                       "server_restarts": 0, "rollouts_resent": 0, "queue_full_bypass": 0}
         self._warned: set[str] = set()
         self._taken: OrderedDict[str, None] = OrderedDict()  # ids of batches already trained on
         self._outstanding: RolloutBatch | None = None  # our upload, not yet back from the queue
@@ -51,7 +51,7 @@ class RefConnection:
     def _call(self, fn, is_get: bool = False):
         """fn() against the server; through an outage, wait (with messages) for it to return.
         After a /get, a changed server instance (a restart between calls) is noticed too."""
-        from simple_grpo.client import RefServerUnavailable
+        from simple_grpo.client import RefServerQueueFull, RefServerUnavailable
 
         while True:
             try:
@@ -59,6 +59,8 @@ class RefConnection:
                     self.client.upload(self._resend)  # idempotent: same batch id
                     self._resend = None
                 out = fn()
+            except RefServerQueueFull:
+                raise
             except RefServerUnavailable as e:
                 if self.process is not None and not self.process.alive():
                     self.process.restart()
@@ -132,18 +134,30 @@ class RefConnection:
 
     def ready_batch(self, weight_version: int) -> RolloutBatch | None:
         """A usable batch that is ready now (a worker's), or None at once: a trainer that also
-        generates skips its own generation while workers keep the queue filled."""
-        while self.client.last_queue_depth > 0:
+        generates skips its own generation while workers keep the queue filled. (When the queue
+        fills up while the trainer generates, `exchange` scores its batch through /logprobs
+        instead of waiting for room that only its own training would make.)"""
+        while True:
             got = self._call(lambda: self.client.get(wait_s=0.0, weight_version=weight_version), True)
-            if got is not None and self._usable(got, weight_version):
+            if got is None:
+                return None
+            if self._usable(got, weight_version):
                 return got
-        return None
 
     def exchange(self, batch: RolloutBatch | None, weight_version: int) -> RolloutBatch:
         """Upload our batch (if any), then take the next usable ready batch from the queue."""
+        from simple_grpo.client import RefServerQueueFull
+
         if batch is not None:
             self._outstanding = batch
-            self._call(lambda: self.client.upload(batch))
+            try:
+                self._call(lambda: self.client.upload(batch))
+            except RefServerQueueFull:  # workers filled the queue while we generated: don't wait
+                self._outstanding = None  # for room we would only make by training; score ours
+                self.counts["queue_full_bypass"] += 1  # directly (/logprobs has no queue)
+                batch.ref_logprobs = self._call(lambda: self.client.logprobs(
+                    batch.prompt_ids, batch.prompt_lens, batch.completion_ids, batch.completion_lens))
+                return batch
         return self.next_batch(weight_version)
 
     def exchange_async(self, batch: RolloutBatch | None, weight_version: int) -> Future:

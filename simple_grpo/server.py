@@ -48,7 +48,7 @@ from simple_grpo.batch_queue import ORDERS, WHEN_FULL, BatchQueue, Busy, QueueFu
 from simple_grpo.errors import UserError
 from simple_grpo.logprobs import completion_logprobs
 from simple_grpo.masks import mask_from_lengths
-from simple_grpo.wsgi import ApiError, RunningServer, json_response, read_body
+from simple_grpo.wsgi import ApiError, RunningServer, json_response, raw_header, read_body
 
 
 @dataclass
@@ -97,6 +97,9 @@ class ServerConfig:
     made at the first publish. A given folder keeps its weights across restarts."""
     max_weights_mb: float = 8192.0
     """Largest weights upload in MiB (413 above it)."""
+    request_timeout_s: float = 60.0
+    """A request's headers, and its body except a weights upload, must arrive within this many
+    seconds, else the connection is closed (slow clients); idle connections close after it too."""
 
     def __post_init__(self):
         if self.queue_order not in ORDERS:
@@ -107,9 +110,9 @@ class ServerConfig:
             raise UserError(f"need --max_inflight >= 1 and --threads >= max_inflight + 2, got "
                             f"max_inflight={self.max_inflight}, threads={self.threads}")
         if (self.queue_size < 0 or self.max_body_mb <= 0 or self.max_logits_mb <= 0
-                or self.max_weights_mb <= 0):
-            raise UserError("--queue_size must be >= 0, --max_body_mb, --max_logits_mb and "
-                            "--max_weights_mb > 0")
+                or self.max_weights_mb <= 0 or not self.request_timeout_s > 0):
+            raise UserError("--queue_size must be >= 0, --max_body_mb, --max_logits_mb, "
+                            "--max_weights_mb and --request_timeout_s > 0")
 
     @property
     def max_body_bytes(self) -> int:
@@ -281,13 +284,14 @@ def make_app(state: ServerState) -> bottle.Bottle:
     """The bottle app. To extend the server: `app = make_app(state)`, then add routes decorated
     with `@app.post(path)` and `@api_handler(state)`; auth and JSON errors apply to them too."""
     app = bottle.Bottle(catchall=True)
+    app.config.update(request_timeout_s=state.cfg.request_timeout_s, token=state.cfg.token)
     limit = state.cfg.max_body_bytes
     handler = api_handler(state)
 
     @app.hook("before_request")
     def _auth() -> None:
         token = state.cfg.token
-        if token and not hmac.compare_digest(bottle.request.get_header("Authorization", "").encode(),
+        if token and not hmac.compare_digest((raw_header("Authorization") or "").encode("latin-1"),
                                              f"Bearer {token}".encode()):
             state.count("rejected")
             raise json_response({"error": "missing or wrong bearer token"}, 401,
@@ -355,6 +359,8 @@ def make_app(state: ServerState) -> bottle.Bottle:
     @app.get("/get")
     @handler
     def get():
+        if bottle.request.method == "HEAD":  # bottle routes HEAD to GET: it would drop a batch
+            raise ApiError(405, "HEAD /get would consume a batch; use GET", {"Allow": "GET"})
         q = bottle.request.query
         try:
             wait_s = min(float(q.get("wait", "0")), state.cfg.max_wait_s)
@@ -373,8 +379,10 @@ def make_app(state: ServerState) -> bottle.Bottle:
             return bottle.HTTPResponse(replay[0], status=200, headers=replay[1])
         entry = state.queue.get(wait_s, version)
         if entry is None:
-            return bottle.HTTPResponse(status=204, headers={"X-Queue-Depth": "0"})
+            return bottle.HTTPResponse(status=204, headers={"X-Queue-Depth": "0",
+                                                            "X-Instance": state.instance})
         headers = {"Content-Type": "application/octet-stream", "X-Batch-Id": entry.batch_id,
+                   "X-Instance": state.instance,
                    "X-Batch-Seq": str(entry.seq), "X-Queue-Depth": str(len(state.queue))}
         if rid:
             with state._lock:

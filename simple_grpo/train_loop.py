@@ -133,7 +133,7 @@ def average(metrics: dict[str, float], dist) -> dict[str, float]:
     torch.distributed.all_reduce(t)
     torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
     summed = ("loss", "pg_loss", "stale_dropped", "rejected_batches", "duplicates_dropped",
-              "rollouts_resent")  # server_restarts: every rank sees the same ones (mean)
+              "rollouts_resent", "queue_full_bypass")  # server_restarts: every rank sees the same ones (mean)
     return {k: float(mx[i] if k.endswith("_max") else t[i] if k in summed else t[i] / dist.world_size)
             for i, k in enumerate(keys)}
 

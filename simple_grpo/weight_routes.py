@@ -21,7 +21,7 @@ from typing import Any
 import bottle
 
 from simple_grpo.weight_store import WeightStore
-from simple_grpo.wsgi import ApiError, iter_body, json_response
+from simple_grpo.wsgi import ApiError, iter_body, json_response, raw_header
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 _WORKER_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
@@ -78,9 +78,9 @@ def add_weight_routes(app: bottle.Bottle, state, store: WeightStore) -> WorkerTa
     @app.get("/weights/version")
     @handler
     def version():
-        wid = bottle.request.get_header("X-Worker-Id")
+        wid = raw_header("X-Worker-Id")
         if wid is not None:
-            running = bottle.request.get_header("X-Weight-Version")
+            running = raw_header("X-Weight-Version")
             if not _WORKER_ID.fullmatch(wid):
                 raise ApiError(400, "X-Worker-Id must match [A-Za-z0-9_.:@-]{1,128}")
             try:
@@ -102,8 +102,8 @@ def add_weight_routes(app: bottle.Bottle, state, store: WeightStore) -> WorkerTa
             headers = {"Content-Type": "application/octet-stream", "ETag": etag,
                        "X-Weight-Version": str(meta["version"]), "Accept-Ranges": "bytes"}
             start, end, status = 0, size - 1, 200
-            rng = bottle.request.get_header("Range")
-            if_range = bottle.request.get_header("If-Range")
+            rng = raw_header("Range")
+            if_range = raw_header("If-Range")
             if rng and (if_range is None or if_range == etag):
                 m = _RANGE.fullmatch(rng.strip())
                 if m is None:

@@ -104,8 +104,8 @@ def check_safetensors(f: IO[bytes], size: int) -> dict[str, Any]:
         raise InvalidWeights(f"bad safetensors header length {n} for a {size}-byte file")
     try:
         header = json.loads(f.read(n))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InvalidWeights(f"safetensors header is not JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise InvalidWeights(f"safetensors header is not JSON: {str(e)[:100]}") from None
     if not isinstance(header, dict):
         raise InvalidWeights("safetensors header is not a JSON object")
     meta = header.get("__metadata__", {})
@@ -115,7 +115,8 @@ def check_safetensors(f: IO[bytes], size: int) -> dict[str, Any]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(info, dict) or info.get("dtype") not in DTYPE_SIZES:
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) \
+                or info["dtype"] not in DTYPE_SIZES:  # a list dtype is unhashable
             raise InvalidWeights(f"tensor {name!r}: missing or unknown dtype")
         shape, offs = info.get("shape"), info.get("data_offsets")
         if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)

@@ -2,8 +2,10 @@
 and a waitress server whose own 413s are JSON too, runnable on a background thread."""
 from __future__ import annotations
 
+import hmac
 import json
 import threading
+import time
 
 import bottle
 from waitress import create_server
@@ -23,6 +25,12 @@ class ApiError(Exception):
 def json_response(obj: dict, status: int = 200, headers: dict | None = None) -> bottle.HTTPResponse:
     return bottle.HTTPResponse(json.dumps(obj), status=status, headers={
         "Content-Type": "application/json", **(headers or {})})
+
+
+def raw_header(name: str) -> str | None:
+    """The current request's header as WSGI holds it (its bytes as latin-1). bottle's get_header
+    re-decodes it as UTF-8 and raises UnicodeDecodeError (a 500) on other bytes."""
+    return bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"))
 
 
 def iter_body(environ: dict, limit: int, *, required: bool = False):
@@ -81,14 +89,28 @@ class _Parser(HTTPRequestParser):
 
     waitress's cap (`max_request_body_size`) is the largest body of any endpoint (a weights
     upload); every other request is held to `adj.small_body_size` as soon as its headers are
-    parsed, so an oversized /upload is refused before its body is buffered, not after."""
+    parsed, so an oversized /upload is refused before its body is buffered, not after. A request
+    without the server's bearer token never gets the large cap (no multi-GiB spool before its
+    401). `started` and `large` let the server close requests that arrive too slowly."""
+
+    large = False
+
+    def __init__(self, adj):
+        super().__init__(adj)
+        self.started = time.monotonic()
 
     def parse_header(self, header_plus):
         super().parse_header(header_plus)
         small = getattr(self.adj, "small_body_size", None)
         large = getattr(self.adj, "large_body_paths", ())
-        if small is not None and not (self.command == "POST" and self.path.rstrip("/") in large):
+        token = getattr(self.adj, "token", "")
+        auth = self.headers.get("AUTHORIZATION", "").encode("latin-1")
+        self.large = (self.command == "POST" and self.path.rstrip("/") in large and (
+            not token or hmac.compare_digest(auth, f"Bearer {token}".encode())))
+        if small is not None and not self.large:
             self.adj = _LimitedAdj(self.adj, small + _SLACK)
+        if not self.chunked and not self.content_length:  # waitress would send "100 Continue",
+            self.expect_continue = False  # mark the request unfinished and never answer it
 
     def received(self, data):
         n = super().received(data)
@@ -109,18 +131,45 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+def _close_slow_requests(server, timeout: float) -> None:
+    """Make waitress's once-a-second maintenance also close connections whose request (headers,
+    and the body unless it is a large-body upload) has been arriving for over `timeout` seconds,
+    so slow clients (slowloris) cannot hold connection slots; idle ones close after `timeout`."""
+    close_idle = server.maintenance
+
+    def maintenance(now):
+        close_idle(now)
+        cutoff = time.monotonic() - timeout
+        for channel in list(server.active_channels.values()):
+            req = channel.request
+            if (isinstance(req, _Parser) and not req.completed and req.started < cutoff
+                    and not (req.large and req.headers_finished)):
+                channel.will_close = True
+
+    server.maintenance = maintenance
+
+
 def make_server(app, host: str = "127.0.0.1", port: int = 0, threads: int = 8,
-                max_body_bytes: int = 64 << 20, large_body_paths: dict[str, int] | None = None):
+                max_body_bytes: int = 64 << 20, large_body_paths: dict[str, int] | None = None,
+                request_timeout: float | None = None, token: str | None = None):
     """A waitress server (not started) whose 413s are JSON; `.effective_port` is the bound port.
-    Bodies are capped at `max_body_bytes`, except POSTs to `large_body_paths` {path: cap}."""
+    Bodies are capped at `max_body_bytes`, except POSTs to `large_body_paths` {path: cap} that
+    carry `Authorization: Bearer <token>` (when a token is set). Requests must arrive within
+    `request_timeout` seconds (see _close_slow_requests). `request_timeout` and `token` default
+    to the app's config entries "request_timeout_s" and "token" (server.make_app sets them)."""
     host = "127.0.0.1" if host == "localhost" else host  # one socket, so one effective_port
+    config = getattr(app, "config", {})
+    timeout = config.get("request_timeout_s", 60) if request_timeout is None else request_timeout
     cap = max([max_body_bytes, *(large_body_paths or {}).values()])
     server = create_server(app, host=host, port=port, threads=threads,
                            max_request_body_size=cap + _SLACK, ident="ref_server",
-                           channel_timeout=300, clear_untrusted_proxy_headers=True)
+                           channel_timeout=max(1, round(timeout)), cleanup_interval=1,
+                           clear_untrusted_proxy_headers=True)
     server.adj.small_body_size = max_body_bytes
     server.adj.large_body_paths = frozenset(large_body_paths or ())
+    server.adj.token = token if token is not None else config.get("token", "")
     server.channel_class = _Channel
+    _close_slow_requests(server, timeout)
     return server
 
 
@@ -128,8 +177,10 @@ class RunningServer:
     """A waitress server for `app` on a background thread; close() stops it (tests, tools)."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, threads: int = 8,
-                 max_body_bytes: int = 64 << 20, large_body_paths: dict[str, int] | None = None):
-        self.server = make_server(app, host, port, threads, max_body_bytes, large_body_paths)
+                 max_body_bytes: int = 64 << 20, large_body_paths: dict[str, int] | None = None,
+                 request_timeout: float | None = None, token: str | None = None):
+        self.server = make_server(app, host, port, threads, max_body_bytes, large_body_paths,
+                                  request_timeout, token)
         self.url = f"http://{url_host(host)}:{self.server.effective_port}"
         self.thread = threading.Thread(target=self.server.run, name="waitress", daemon=True)
         self.thread.start()

@@ -110,7 +110,7 @@ def test_stale_and_misshapen_batches_are_dropped_and_counted(ref_server):
     got = [conn.next_batch(weight_version=10).weight_version for _ in range(3)]
     assert got == [8, 10, 9]
     assert conn.counts == {"stale_dropped": 2, "rejected_batches": 2, "duplicates_dropped": 0,
-                           "server_restarts": 0, "rollouts_resent": 0}
+                           "server_restarts": 0, "rollouts_resent": 0, "queue_full_bypass": 0}
     conn.close()
 
 
@@ -181,3 +181,23 @@ def test_trainer_with_late_and_killed_workers(tiny_model_dir, ref_server, tmp_pa
     assert fresh and max(fresh) < 1e-4, fresh
     assert all(r["batch_staleness"] <= 2 for r in steps)
     assert steps[-1]["published_version"] >= 7
+
+
+def test_full_queue_never_blocks_the_trainer(ref_server, tiny_model):
+    """Workers filled the (bounded) queue while the trainer generated: its own batch is scored
+    through /logprobs instead of waiting for room that only its training would make."""
+    srv = ref_server(queue_size=2)
+    client = RefClient(srv.url)
+    for i in range(2):
+        client.upload(_batch(0, producer=f"w{i}"))
+    conn = RefConnection(srv.url, None, timeout=10, batch_rows=8, group_size=4)
+    ours = _batch(0, producer="trainer-0")
+    ours.batch_id = "ours"
+    got = conn.exchange(ours, weight_version=0)
+    assert got.batch_id == "ours" and conn.counts["queue_full_bypass"] == 1
+    with torch.no_grad():
+        want = completion_logprobs(tiny_model, ours.prompt_ids, ours.prompt_lens, ours.completion_ids,
+                                   ours.completion_lens)
+    torch.testing.assert_close(got.ref_logprobs, want, atol=1e-5, rtol=0)
+    assert conn.ready_batch(weight_version=0).meta["producer"] == "w0"  # the queue is intact
+    conn.close()
