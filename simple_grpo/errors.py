@@ -18,7 +18,11 @@ def run_entry_point(main, argv: list[str], prog: str):
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # atexit cleanups still run
+    def on_sigterm(*_):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not interrupt cleanups
+        sys.exit(143)  # atexit cleanups still run
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     console = logging.StreamHandler()
     console.setFormatter(logging.Formatter(f"{prog}: %(levelname)s: %(message)s"))

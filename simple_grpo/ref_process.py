@@ -17,7 +17,9 @@ REF_SERVER = Path(__file__).resolve().parents[1] / "ref_server.py"
 
 
 def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM when the trainer dies, even by kill -9 (no orphan servers)."""
+    """Linux: the child gets SIGTERM when the trainer dies, even by kill -9 (no orphan servers).
+    (Strictly: when the thread that started it ends; a restart from the trainer's exchange
+    thread is therefore stopped at the latest when that thread ends, at the trainer's exit.)"""
     if sys.platform.startswith("linux"):
         import ctypes
         import signal

@@ -112,3 +112,32 @@ def test_trainer_survives_a_ref_server_restart(tiny_model_dir, tmp_path):
     AutoModelForCausalLM.from_pretrained(run / "final")
     print(f"resumed {resumed_after:.1f} s after the server came back; resent "
           f"{metrics[-1]['rollouts_resent']:.0f} rollout(s)")
+
+
+def test_trainer_restarts_its_own_ref_server(tiny_model_dir, tmp_path):
+    """No --ref_url: the trainer's own ref server child is killed; the trainer starts it again."""
+    run, log = tmp_path / "run", tmp_path / "trainer.log"
+    trainer = subprocess.Popen(
+        [sys.executable, "grpo_ref_split.py", f"--model={tiny_model_dir}", f"--run_dir={run}",
+         "--steps=8", "--prompts_per_step=2", "--num_generations=4", "--micro_batch_size=4",
+         "--max_new_tokens=8", "--rewards=overlong", "--eval_every=0", "--save_every=0",
+         "--plot_every=0", "--beta=0.04"],
+        cwd=ROOT, env=standalone_env(OMP_NUM_THREADS="1"), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    metrics = run / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 180
+        while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:
+            assert trainer.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        child = subprocess.run(["pgrep", "-P", str(trainer.pid), "-f", "ref_server.py"],
+                               capture_output=True, text=True).stdout.split()
+        assert len(child) == 1, child
+        subprocess.run(["kill", "-9", child[0]], check=True)
+        assert trainer.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if trainer.poll() is None:
+            kill(trainer)
+    text = log.read_text()
+    assert "the reference server exited; restarted it" in text and "Traceback" not in text, text[-2000:]
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 9))
