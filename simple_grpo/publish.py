@@ -15,6 +15,7 @@ never waits on an upload, only on the CPU copy.
 """
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -26,18 +27,21 @@ from simple_grpo.client import RefClient, RefServerError, RefServerUnavailable
 from simple_grpo.weight_store import iter_state_dict_safetensors
 
 
-def cpu_snapshot(module: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of the state dict (tied tensors copied once), in `dtype` for floats."""
-    copies: dict[tuple, torch.Tensor] = {}
-    out = {}
+def cpu_snapshot(module: torch.nn.Module, dtype: torch.dtype | None):
+    """-> (a detached CPU copy of the state dict in `dtype` for floats, aliases): a tensor that
+    shares storage with an earlier one (tied embeddings) is not copied or sent again; aliases maps
+    its name to the name that holds it."""
+    seen: dict[tuple, str] = {}
+    out, aliases = {}, {}
     for name, t in module.state_dict().items():
-        key = (t.data_ptr(), t.dtype, tuple(t.shape))
-        if key not in copies:
-            c = t.detach().to("cpu", dtype=dtype if dtype is not None and t.is_floating_point()
-                              else t.dtype, copy=True)
-            copies[key] = c
-        out[name] = copies[key]
-    return out
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        out[name] = t.detach().to("cpu", dtype=dtype if dtype is not None and t.is_floating_point()
+                                  else t.dtype, copy=True)
+    return out, aliases
 
 
 class WeightPublisher:
@@ -59,7 +63,7 @@ class WeightPublisher:
         """Snapshot `module` and upload it as `version` in the background (after the upload in
         flight, if any). `wait` blocks until it is on the server (or failed)."""
         t0 = time.perf_counter()
-        snapshot = cpu_snapshot(module, self.dtype)
+        snapshot = cpu_snapshot(module, self.dtype)  # (tensors, aliases)
         with self._lock:
             self.stats["snapshot_seconds"] = time.perf_counter() - t0
             if self._next is not None:
@@ -81,11 +85,13 @@ class WeightPublisher:
                 (snapshot, version), self._next = self._next, None
             self._send(snapshot, version)
 
-    def _send(self, snapshot: dict[str, torch.Tensor], version: int) -> None:
+    def _send(self, snapshot: tuple[dict[str, torch.Tensor], dict[str, str]], version: int) -> None:
         t0 = time.perf_counter()
+        tensors, aliases = snapshot
         try:
             meta = self.client.publish_weights(iter_state_dict_safetensors(
-                snapshot, metadata={"version": str(version)}), version=version)
+                tensors, metadata={"version": str(version), "aliases": json.dumps(aliases)}),
+                version=version)
         except RefServerError as e:
             if e.status == 409:  # the server already has this version (a resumed run): fine
                 return

@@ -16,6 +16,7 @@ success; a worker killed mid-batch loses only that batch.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -146,23 +147,25 @@ class Worker:
 
 def load_into(model: torch.nn.Module, path: Path) -> None:
     """Copy a published safetensors file into `model`, one tensor at a time (no second full copy
-    of the weights in memory). Raises UserError when the names or shapes don't fit the model."""
+    of the weights in memory); tied tensors sent once are found through the file's "aliases"
+    metadata. Raises UserError when the names or shapes don't fit the model."""
     from safetensors import safe_open
 
     params = model.state_dict()
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        names = set(f.keys())
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        names = set(f.keys()) | set(aliases)
         if names != set(params):
             missing, extra = sorted(set(params) - names)[:3], sorted(names - set(params))[:3]
             raise UserError(f"published weights do not fit --model (missing {missing}, unexpected "
                             f"{extra}): start workers with the trainer's --model")
         with torch.no_grad():
-            for name in names:
-                t = f.get_tensor(name)
-                if t.shape != params[name].shape:
+            for name, param in params.items():
+                t = f.get_tensor(aliases.get(name, name))
+                if t.shape != param.shape:
                     raise UserError(f"published weight {name} has shape {tuple(t.shape)}, the model "
-                                    f"{tuple(params[name].shape)}: start workers with the trainer's --model")
-                params[name].copy_(t)
+                                    f"{tuple(param.shape)}: start workers with the trainer's --model")
+                param.copy_(t)
 
 
 def run_worker(cfg) -> dict:
