@@ -17,7 +17,8 @@ import torch
 from simple_grpo import codec
 from simple_grpo.client import RefClient
 from simple_grpo.weight_store import state_dict_safetensors_bytes
-from test_fuzz import ServerProcess, tiny_batch, tiny_ids
+from fuzz_bodies import tiny_batch, tiny_ids
+from test_fuzz import ServerProcess
 
 TOKEN = "s3cret-token"
 TIMEOUT_S = 2  # the server's --request_timeout_s
