@@ -67,7 +67,8 @@ def throughput(a, n_workers: int, tmp: Path) -> dict:
     return {"workers": n_workers, "s_per_step": mean("step_seconds"), "remote": mean("remote_batch"),
             "staleness": mean("batch_staleness"), "publish_s": mean("publish_seconds"),
             "snapshot_s": mean("snapshot_seconds"), "gen_s": mean("gen_seconds"),
-            "train_s": mean("train_seconds"), "ref_s": mean("ref_seconds")}
+            "train_s": mean("train_seconds"), "ref_s": mean("ref_seconds"),
+            "stale_dropped": rows[-1].get("stale_dropped", 0.0)}
 
 
 def sync_times(name: str, model, dtype, tmp: Path) -> dict:
@@ -149,11 +150,12 @@ def main() -> None:
             print(f"\n{a.model}, 2 prompts x G=8 x {a.tokens} tokens, beta 0.04, {os.cpu_count()} CPUs, "
                   f"{a.steps - a.warmup} timed steps")
             print("| extra workers | s/step | steps/hour | vs 0 workers | worker batches trained | "
-                  "mean staleness | generate | train | ref wait |")
-            print("|---|---|---|---|---|---|---|---|---|")
+                  "mean staleness | stale dropped | generate | train | ref wait |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
             for r in rows:
                 print(f"| {r['workers']} | {r['s_per_step']:.1f} | {3600 / r['s_per_step']:.0f} | "
                       f"{base / r['s_per_step']:.2f}x | {100 * r['remote']:.0f}% | {r['staleness']:.2f} | "
+                      f"{r['stale_dropped']:.0f} | "
                       f"{r['gen_s']:.1f} | {r['train_s']:.1f} | {r['ref_s']:.1f} |")
 
 

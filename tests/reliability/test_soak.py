@@ -101,7 +101,7 @@ def test_soak(tiny_model_dir, tmp_path):
                         "slope_mb_per_min": round(slope_mb_per_min(half), 2)}
     print(json.dumps(report))
     if os.environ.get("SOAK_REPORT"):
-        Path(os.environ["SOAK_REPORT"]).write_text(json.dumps(report, indent=2))
+        Path(os.environ["SOAK_REPORT"]).write_text(json.dumps(dict(report, samples=samples)))
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 5, steps
     assert max(depths) <= QUEUE_SIZE, depths
     assert report["worker_batches_trained"] >= 1, "the worker's batches never reached the trainer"
