@@ -10,6 +10,7 @@ Weight sync: the trainer's `WeightPublisher` (CPU snapshot + streamed POST /weig
 in-process server, then a worker's download (`RefClient.download_weights`) and `load_into`.
 
     python benchmarks/workers.py [--part=all|sync|throughput] [--workers=0,1,2] [--steps=5]
+                                 [--warmup=1] [--queue_size=4]
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def throughput(a, n_workers: int, tmp: Path) -> dict:
              f"--max_new_tokens={a.tokens}", f"--min_new_tokens={a.tokens}", "--beta=0.04",
              "--rewards=correct_lenient", f"--ref_url={url}"]
     procs = [_spawn([str(ROOT / "ref_server.py"), f"--model={a.model}", f"--port={port}",
-                     "--torch_threads=1", "--queue_size=4"], tmp / f"server{n_workers}.log")]
+                     "--torch_threads=1", f"--queue_size={a.queue_size}"], tmp / f"server{n_workers}.log")]
     try:
         RefClient(url).wait_ready(600)
         run = tmp / f"run{n_workers}"
@@ -140,6 +141,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--queue_size", type=int, default=4, help="the server's queue bound")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if a.part in ("all", "sync"):
@@ -148,7 +150,7 @@ def main() -> None:
             rows = [throughput(a, int(n), Path(tmp)) for n in a.workers.split(",")]
             base = rows[0]["s_per_step"]
             print(f"\n{a.model}, 2 prompts x G=8 x {a.tokens} tokens, beta 0.04, {os.cpu_count()} CPUs, "
-                  f"{a.steps - a.warmup} timed steps")
+                  f"{a.steps - a.warmup} timed steps, server queue {a.queue_size}")
             print("| extra workers | s/step | steps/hour | vs 0 workers | worker batches trained | "
                   "mean staleness | stale dropped | generate | train | ref wait |")
             print("|---|---|---|---|---|---|---|---|---|---|")
