@@ -6,6 +6,7 @@ a crash loses at most a partial last line; readers here skip such a line.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -38,22 +39,24 @@ def _to_float(key: str, value, step: int) -> float | str | None:
     return x
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The parseable JSON objects of a .jsonl file; a partial or broken line is skipped."""
+def read_jsonl(path: Path, keys: tuple[str, ...] | None = None) -> list[dict]:
+    """The parseable JSON objects of a .jsonl file (only `keys` of each, when given), read line
+    by line; a partial or broken line is skipped."""
     rows = []
     try:
-        text = Path(path).read_text(errors="replace")
+        f = open(path, errors="replace")
     except FileNotFoundError:
         return rows
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # usually the last line of a file being written, or cut by a crash
-        if isinstance(row, dict):
-            rows.append(row)
+    with f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # usually the last line of a file being written, or cut by a crash
+            if isinstance(row, dict):
+                rows.append(row if keys is None else {k: row[k] for k in keys if k in row})
     return rows
 
 
@@ -144,6 +147,11 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+PLOTTED = ("step", "reward_mean", "eval_accuracy", "kl", "completion_len_mean", "completion_len_max",
+           "loss")
+MAX_PLOTTED_ROWS = 2000
+
+
 def plot_metrics(metrics_jsonl: Path, out_png: Path) -> Path:
     """A 2x2 progress figure (reward + eval accuracy, KL, completion length, loss) as a PNG,
     written atomically. Missing keys leave an empty panel; a broken last line is skipped."""
@@ -151,7 +159,10 @@ def plot_metrics(metrics_jsonl: Path, out_png: Path) -> Path:
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     out_png = Path(out_png)
-    rows = read_jsonl(Path(metrics_jsonl))
+    rows = read_jsonl(Path(metrics_jsonl), PLOTTED)
+    if len(rows) > MAX_PLOTTED_ROWS:  # a long run: every k-th step (and the evaluations) is enough
+        k = -(-len(rows) // MAX_PLOTTED_ROWS)
+        rows = [r for i, r in enumerate(rows) if i % k == 0 or "eval_accuracy" in r]
     fig = Figure(figsize=(11, 7), dpi=80)
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2)
@@ -189,6 +200,10 @@ def plot_metrics(metrics_jsonl: Path, out_png: Path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        fig.clear()
+        del fig, axes, rows
+        gc.collect()  # matplotlib's reference cycles: free them now, not at some later collection
     return out_png
 
 
