@@ -122,8 +122,8 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def checkpoint_step(folder: Path) -> int:
-    """Load a checkpoint's weights file the way DeepSpeed does and return the step it records."""
-    sd = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    """Load a checkpoint's weights file (tensors and plain data only) -> the step it records."""
+    sd = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     assert sd["module"], f"{folder}: no weights in the model states file"
     return sd["simple_grpo_client_state"]["step"]
 
