@@ -74,9 +74,8 @@ def main(argv: list[str]) -> dict:
     ctx = train_loop.StepContext(cfg=cfg, d=d, dist=dist, engine=engine, tokenizer=tokenizer,
                                  stream=stream, render=render, eos_ids=eos_ids, specs=specs,
                                  loss_kw=loss_kwargs(cfg), ref=ref)
-    publisher = publish.publisher_for(cfg, dist, ref)  # rank 0, when workers can exist
+    publisher = publish.publisher_for(cfg, dist, ref, state["weight_version"])  # rank 0, if workers
     if publisher is not None:  # workers (also late ones) start from this run's current weights
-        publish.check_server_version(publisher, state["weight_version"])
         publisher.publish(engine.module, state["weight_version"], wait=True)
 
     if state["step"] == 0 and test_examples:

@@ -122,24 +122,21 @@ class WeightPublisher:
         self._pool.shutdown(wait=True)
 
 
-def publisher_for(cfg, dist, ref) -> WeightPublisher | None:
+def publisher_for(cfg, dist, ref, version: int) -> WeightPublisher | None:
     """Rank 0's publisher when generation workers can exist (a named --ref_url, or a trainer
     that does not generate) and --publish_every > 0; else None. Fails fast when the server
-    already holds a newer version (another run's weights: workers would never update)."""
+    already holds a version newer than this run's `version` (another run's weights: workers
+    would never update)."""
     if dist.rank != 0 or ref is None or cfg.publish_every == 0 or \
             (cfg.ref_url is None and cfg.generate_locally):
         return None
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.publish_dtype]
-    return WeightPublisher(RefClient(ref.url, token=cfg.ref_token, timeout=max(cfg.ref_timeout, 600)),
-                           dtype=dtype)
-
-
-def check_server_version(publisher: WeightPublisher, version: int) -> None:
-    """UserError when the server's published weights are newer than this run's `version`."""
     from simple_grpo.errors import UserError
 
-    held = publisher.client.weights_version().get("version")
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.publish_dtype]
+    client = RefClient(ref.url, token=cfg.ref_token, timeout=max(cfg.ref_timeout, 600))
+    held = client.weights_version().get("version")
     if held is not None and held > version:
-        raise UserError(f"the reference server at {publisher.client.url} holds weight version "
-                        f"{held}, newer than this run's {version} (weights of another run?): "
-                        f"restart it, or give it another --weights_dir")
+        raise UserError(f"the reference server at {client.url} holds weight version {held}, newer "
+                        f"than this run's {version} (weights of another run?): restart it, or give "
+                        f"it another --weights_dir")
+    return WeightPublisher(client, dtype=dtype)

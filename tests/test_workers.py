@@ -201,3 +201,18 @@ def test_full_queue_never_blocks_the_trainer(ref_server, tiny_model):
     torch.testing.assert_close(got.ref_logprobs, want, atol=1e-5, rtol=0)
     assert conn.ready_batch(weight_version=0).meta["producer"] == "w0"  # the queue is intact
     conn.close()
+
+
+def test_trainer_refuses_a_server_holding_newer_weights(tiny_model_dir, tiny_model, ref_server, tmp_path):
+    """Another run's version 9 on the server: workers would never take this run's 0, 1, 2, ..."""
+    from simple_grpo.errors import UserError
+
+    sys.path.insert(0, str(ROOT))
+    import grpo_ref_split
+
+    srv = ref_server()
+    WeightPublisher(RefClient(srv.url)).publish(tiny_model, version=9, wait=True)
+    args = {"model": tiny_model_dir, "ref_url": srv.url, "run_dir": tmp_path, "steps": 1,
+            "rewards": "overlong", "eval_every": 0, **SMALL}
+    with pytest.raises(UserError, match="holds weight version 9, newer than this run's 0"):
+        grpo_ref_split.main([f"--{k}={v}" for k, v in args.items()])
