@@ -56,7 +56,10 @@ class RefConnection:
         while True:
             try:
                 if self._resend is not None:
-                    self.client.upload(self._resend)  # idempotent: same batch id
+                    try:
+                        self.client.upload(self._resend)  # idempotent: same batch id
+                    except RefServerQueueFull:  # workers refilled the new queue: train theirs
+                        self._outstanding = None
                     self._resend = None
                 out = fn()
             except RefServerQueueFull:
