@@ -73,7 +73,6 @@ class RefClient:
         self.max_body_bytes = max_body_bytes  # learnt from /health when not given
         self.last_upload: dict[str, Any] = {}  # the server's answer to the last upload
         self.last_compute_ms = 0.0  # server-side forward time of the last /logprobs call
-        self.last_queue_depth = 0  # ready batches the server still had after the last /get
         self.last_instance: str | None = None  # the server instance that answered the last /get
         self.last_weights: dict[str, Any] = {}  # version and sha256 of the last download
         self.session = requests.Session()
@@ -175,7 +174,6 @@ class RefClient:
         if weight_version is not None:
             params["weight_version"] = weight_version
         r = self._request("GET", "/get", params=params, timeout=self.timeout + wait_s)
-        self.last_queue_depth = int(r.headers.get("X-Queue-Depth", "0"))  # ready batches left
         self.last_instance = r.headers.get("X-Instance")  # changes when the server restarted
         if r.status_code == 204:
             return None
