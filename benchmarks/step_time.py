@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Both trainers get 2 MB pages for large tensors (simple_grpo sets this for itself on import; TRL
+# runs in this process, so it is set before torch is imported here).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 PHASES = ("gen_seconds", "ref_seconds", "train_seconds", "step_seconds")
 
 
@@ -82,7 +85,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--G", type=int, default=8)
-    p.add_argument("--micro", type=int, default=8)
+    p.add_argument("--micro", type=int, default=16, help="micro-batch (TRL: per-device batch = prompts x G)")
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--skip_trl", action="store_true")

@@ -14,6 +14,7 @@ import torch
 
 from simple_grpo.advantages import group_advantages, zero_variance_groups
 from simple_grpo.codec import RolloutBatch
+from simple_grpo.decode import decode
 from simple_grpo.logprobs import token_logprobs
 from simple_grpo.masks import lengths_from_eos, mask_from_lengths, truncated
 from simple_grpo.reward_registry import RewardSpec, combine, with_completion_info
@@ -29,6 +30,7 @@ class SampleSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     overlong_cache: int | None = None
+    sampler: str = "loop"  # "loop" (simple_grpo.decode) or "generate" (HF model.generate)
 
 
 @dataclass
@@ -56,41 +58,55 @@ def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: lis
            record_logprobs: bool = False):
     """-> prompt_ids [n*G, P], prompt_lens [n*G], completion_ids [n*G, C], completion_lens [n*G],
     and with `record_logprobs` also the sampling log-probs [n*G, C] of the generated tokens
-    (log_softmax(logits / temperature) of the model as it sampled; 0 past each length)."""
+    (log_softmax(logits / temperature) of the model as it sampled; 0 past each length).
+    `s.sampler` picks our decode loop (simple_grpo.decode) or HF `generate`."""
     G = s.num_generations if repeat is None else repeat
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                     add_special_tokens=False)
-    prompt_ids_NP = enc.input_ids.repeat_interleave(G, 0).to(device)
-    attn_NP = enc.attention_mask.repeat_interleave(G, 0).to(device)
+    ids_nP, attn_nP = enc.input_ids.to(device), enc.attention_mask.to(device)
     was_training = model.training
     model.eval()
+    temperature = 1.0 if greedy else s.temperature
+    if s.sampler == "loop":
+        d = decode(model, ids_nP, attn_nP, repeat=G, max_new_tokens=s.max_new_tokens,
+                   min_new_tokens=s.min_new_tokens, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id,
+                   temperature=temperature, top_p=s.top_p, greedy=greedy, record_logprobs=record_logprobs)
+        completion_ids_NC, logp_NC = d.completion_ids_NC, d.logprobs_NC
+    else:
+        completion_ids_NC, logp_NC = _hf_generate(model, tokenizer, ids_nP, attn_nP, G, s, eos_ids, greedy,
+                                                  share_prefill, record_logprobs, temperature)
+    model.train(was_training)
+    completion_lens_N = lengths_from_eos(completion_ids_NC, eos_ids)
+    result = (ids_nP.repeat_interleave(G, 0).cpu(), attn_nP.sum(1).repeat_interleave(G, 0).cpu(),
+              completion_ids_NC.cpu(), completion_lens_N.cpu())
+    if not record_logprobs:
+        return result
+    mask_NC = mask_from_lengths(completion_lens_N.cpu(), logp_NC.shape[1])
+    return (*result, torch.where(mask_NC, logp_NC.float().cpu(), 0.0))
+
+
+def _hf_generate(model, tokenizer, ids_nP, attn_nP, G, s: SampleSettings, eos_ids, greedy, share_prefill,
+                 record_logprobs, temperature):
+    """`model.generate` -> (completion ids [n*G, C], sampling log-probs [n*G, C] or None)."""
+    prompt_ids_NP, attn_NP = ids_nP.repeat_interleave(G, 0), attn_nP.repeat_interleave(G, 0)
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=s.temperature,
                                                      top_p=s.top_p, top_k=0)
-    if G > 1 and share_prefill and enc.input_ids.shape[1] > 1:
-        kw["past_key_values"] = _prefill(model, enc.input_ids.to(device), enc.attention_mask.to(device), G)
+    if G > 1 and share_prefill and ids_nP.shape[1] > 1:
+        kw["past_key_values"] = _prefill(model, ids_nP, attn_nP, G)
     if record_logprobs:
         kw.update(return_dict_in_generate=True, output_logits=True)
     out = model.generate(input_ids=prompt_ids_NP, attention_mask=attn_NP,
                          max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
                          eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
                          use_cache=True, **kw)
-    model.train(was_training)
     out_NT = out.sequences if record_logprobs else out
     completion_ids_NC = out_NT[:, prompt_ids_NP.shape[1]:]
-    if completion_ids_NC.shape[1] == 0:  # cannot happen with max_new_tokens >= 1; keep shapes sane
-        completion_ids_NC = torch.full_like(prompt_ids_NP[:, :1], tokenizer.pad_token_id)
-    completion_lens_N = lengths_from_eos(completion_ids_NC, eos_ids)
-    result = (prompt_ids_NP.cpu(), attn_NP.sum(1).cpu(), completion_ids_NC.cpu(), completion_lens_N.cpu())
     if not record_logprobs:
-        return result
-    temperature = 1.0 if greedy else s.temperature
-    logp_NC = torch.zeros(completion_ids_NC.shape, dtype=torch.float32)
-    for t, logits_NV in enumerate(out.logits):  # raw logits, one [N, V] per generated position
-        logp_NC[:, t] = token_logprobs(logits_NV[:, None], completion_ids_NC[:, t:t + 1],
-                                       temperature)[:, 0].cpu()
-    logp_NC = torch.where(mask_from_lengths(completion_lens_N.cpu(), logp_NC.shape[1]), logp_NC, 0.0)
-    return (*result, logp_NC)
+        return completion_ids_NC, None
+    logp_NC = torch.stack([token_logprobs(logits_NV[:, None], completion_ids_NC[:, t:t + 1], temperature)[:, 0]
+                           for t, logits_NV in enumerate(out.logits)], 1)  # raw logits per position
+    return completion_ids_NC, logp_NC
 
 
 def _prefill(model, ids_nP: torch.Tensor, attn_nP: torch.Tensor, G: int):

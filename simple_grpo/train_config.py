@@ -96,6 +96,9 @@ class TrainConfig:
     """Sampling temperature (also used for the policy's log-probs)."""
     top_p: float = 1.0
     """Nucleus sampling."""
+    sampler: str = "loop"
+    """`loop`: our KV-cached decode loop (simple_grpo/decode.py, faster on CPU); `generate`: HF
+    model.generate (for models whose cache the loop does not handle)."""
 
     # --- evaluation and outputs
     eval_every: int = 10
@@ -197,6 +200,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (cfg.mode in ("train", "generate"), f"--mode must be train or generate, got {cfg.mode!r}"),
         (cfg.on_save_error in ("warn", "stop"), "--on_save_error must be warn or stop"),
         (cfg.temperature > 0, "--temperature must be > 0"),
+        (0 < cfg.top_p <= 1, "--top_p must be in (0, 1]"),
+        (cfg.sampler in ("loop", "generate"), f"--sampler must be loop or generate, got {cfg.sampler!r}"),
         (cfg.publish_every >= 0, "--publish_every must be >= 0 (0: never publish)"),
         (cfg.publish_dtype in ("auto", "float32", "bfloat16"),
          "--publish_dtype must be auto, float32 or bfloat16"),
@@ -235,4 +240,4 @@ def sample_settings(cfg: TrainConfig):
 
     return SampleSettings(num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
                           min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature,
-                          top_p=cfg.top_p, overlong_cache=cfg.overlong_cache)
+                          top_p=cfg.top_p, overlong_cache=cfg.overlong_cache, sampler=cfg.sampler)

@@ -1,0 +1,121 @@
+"""The decode loop (simple_grpo/decode.py) against HF `generate` and against the distribution it
+must sample from: greedy outputs are bit-identical to generate's, sampled tokens follow
+softmax(logits / T) after top-p, EOS is held back until min_new_tokens, rows stop at their first
+EOS, and the recorded log-probs are the trainer's."""
+import pytest
+import torch
+from transformers.generation.logits_process import TopPLogitsWarper
+
+from simple_grpo.decode import decode, inverse_cdf_sample, top_p_filter
+from simple_grpo.logprobs import completion_logprobs
+from simple_grpo.masks import lengths_from_eos
+from simple_grpo.rollout import SampleSettings, eos_token_ids, sample
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from simple_grpo.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+def prompts(tok, texts):
+    enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return enc.input_ids, enc.attention_mask
+
+
+def hf_greedy(model, ids, attn, repeat, max_new, min_new, eos, pad):
+    out = model.generate(input_ids=ids.repeat_interleave(repeat, 0), attention_mask=attn.repeat_interleave(repeat, 0),
+                         do_sample=False, max_new_tokens=max_new, min_new_tokens=min_new, eos_token_id=eos,
+                         pad_token_id=pad, use_cache=True)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("texts, repeat, max_new, min_new", [
+    (["hello there", "a"], 1, 12, 0),        # left padding of different prompt lengths
+    (["hello there", "a", "xyz"], 3, 9, 4),  # prompts shared by 3 rows each, EOS held back 4 steps
+    (["one prompt only"], 2, 1, 0),          # a single new token: the prefill's logits only
+])
+def test_greedy_matches_hf_generate(tiny_model, tok, texts, repeat, max_new, min_new):
+    ids, attn = prompts(tok, texts)
+    pad = tok.pad_token_id
+    free = hf_greedy(tiny_model, ids, attn, repeat, max_new, min_new, [10**6], pad)  # an EOS never produced
+    # make the token greedy decoding emits at step 2 of row 0 an EOS: rows must stop there
+    eos = [int(free[0, min(2, max_new - 1)])]
+    want = hf_greedy(tiny_model, ids, attn, repeat, max_new, min_new, eos, pad)
+    got = decode(tiny_model, ids, attn, repeat=repeat, max_new_tokens=max_new, min_new_tokens=min_new,
+                 eos_ids=eos, pad_id=pad, greedy=True).completion_ids_NC
+    assert got.shape[1] <= max_new
+    width = max(got.shape[1], want.shape[1])
+    pad_to = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad)  # noqa: E731
+    assert torch.equal(pad_to(got), pad_to(want))
+    lens = lengths_from_eos(got, eos)
+    assert (lens >= min(min_new + 1, got.shape[1])).all() or min_new == 0
+
+
+def test_sampled_rows_stop_at_first_eos_and_are_padded(tiny_model, tok):
+    ids, attn = prompts(tok, ["abc", "de"])
+    eos = list(range(0, tiny_model.config.vocab_size, 3))  # a third of the vocabulary ends a row
+    torch.manual_seed(0)
+    d = decode(tiny_model, ids, attn, repeat=4, max_new_tokens=20, min_new_tokens=0, eos_ids=eos,
+               pad_id=7, temperature=1.0)
+    c = d.completion_ids_NC
+    lens = lengths_from_eos(c, eos)
+    assert c.shape[1] < 20, "decoding stops once every row has emitted EOS"
+    for row, n in zip(c, lens.tolist()):
+        assert int(row[n - 1]) in eos and all(int(x) not in eos for x in row[:n - 1])
+        assert (row[n:] == 7).all(), "pad after the first EOS"
+
+
+def test_min_new_tokens_holds_eos_back(tiny_model, tok):
+    ids, attn = prompts(tok, ["abc", "de"])
+    eos = list(range(0, tiny_model.config.vocab_size, 2))  # half the vocabulary ends a row
+    torch.manual_seed(1)
+    c = decode(tiny_model, ids, attn, repeat=8, max_new_tokens=10, min_new_tokens=5, eos_ids=eos,
+               pad_id=1, temperature=1.0).completion_ids_NC
+    lens = lengths_from_eos(c, eos)
+    assert (lens >= 6).all() and (lens == 6).any(), "no EOS among the first 5 tokens, often the 6th"
+
+
+def test_inverse_cdf_sampling_follows_softmax():
+    torch.manual_seed(0)
+    scores = torch.tensor([2.0, 0.0, float("-inf"), 1.0, -1.0])
+    want = scores.softmax(-1)
+    draws = inverse_cdf_sample(scores.expand(200_000, -1))
+    freq = torch.bincount(draws, minlength=5).double() / draws.numel()
+    assert freq[2] == 0, "a -inf token is never drawn"
+    assert torch.allclose(freq, want.double(), atol=4e-3), (freq, want)
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.5, 0.9, 0.999, 1.0])
+def test_top_p_keeps_the_same_tokens_as_hf(top_p):
+    torch.manual_seed(0)
+    scores = torch.randn(64, 300) * 3
+    ours = torch.isfinite(top_p_filter(scores, top_p))
+    hf = torch.isfinite(TopPLogitsWarper(top_p)(None, scores.clone()))
+    assert torch.equal(ours, hf)
+    assert ours.sum(1).min() >= 1
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
+def test_recorded_logprobs_are_the_trainers(tiny_model, tok, temperature, top_p):
+    s = SampleSettings(num_generations=3, max_new_tokens=8, temperature=temperature, top_p=top_p)
+    torch.manual_seed(2)
+    p_ids, p_lens, c_ids, c_lens, logp = sample(tiny_model, tok, ["hello", "a b c"], s,
+                                                eos_token_ids(tok, tiny_model), record_logprobs=True)
+    want = completion_logprobs(tiny_model, p_ids, p_lens, c_ids, c_lens, temperature=temperature)
+    assert torch.allclose(logp, want, atol=1e-4)
+
+
+def test_both_samplers_are_seeded_and_greedy_agrees(tiny_model, tok):
+    eos = eos_token_ids(tok, tiny_model)
+    for sampler in ("loop", "generate"):
+        s = SampleSettings(num_generations=2, max_new_tokens=6, sampler=sampler)
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(5)
+            runs.append(sample(tiny_model, tok, ["x", "yy"], s, eos)[2])
+        assert torch.equal(runs[0], runs[1]), f"{sampler}: same seed, same samples"
+    greedy = [sample(tiny_model, tok, ["x", "yy"], SampleSettings(2, 6, sampler=sm), eos, greedy=True)[2]
+              for sm in ("loop", "generate")]
+    assert torch.equal(greedy[0], greedy[1])
