@@ -97,11 +97,15 @@ def ds_config(path: str | Path, *, micro_batch: int, grad_accum: int, world_size
 
 
 def build_engine(model, *, lr: float, weight_decay: float, warmup_steps: int, config: dict):
-    """DeepSpeed engine with AdamW and a linear warm-up (then constant) learning rate."""
+    """DeepSpeed engine with AdamW and a linear warm-up (then constant) learning rate.
+
+    torch's fused AdamW updates ZeRO's flat fp32 partition in one pass; the default one allocates
+    full-size temporaries for sqrt and division (~0.9 s a step for 135M parameters on one CPU core)."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99), eps=1e-8)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99), eps=1e-8,
+                            fused=True)
     warm = max(1, warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
