@@ -98,7 +98,8 @@ def main(argv: list[str]) -> dict:
                                 rng=train_loop.gather(checkpoint.rng_state(), dist),
                                 config=dataclasses.asdict(cfg))
             checkpoint.save_checkpoint(engine, run_dir / "checkpoints", step, client_state,
-                                       keep_last=cfg.keep_last, on_error=cfg.on_save_error)
+                                       keep_last=cfg.keep_last, min_free_gb=cfg.min_free_gb,
+                                       on_error=cfg.on_save_error)
     out.finish(engine.module, tokenizer)
     if publisher is not None:
         publisher.close()

@@ -115,6 +115,8 @@ class TrainConfig:
     """Checkpoints kept on disk."""
     on_save_error: str = "warn"
     """When a checkpoint cannot be written (disk full): 'warn' and keep training, or 'stop'."""
+    min_free_gb: float = 1.0
+    """Warn before a checkpoint when less disk than this (or than the last checkpoint) is free."""
     samples_every: int = 5
     """Write sampled completions with their rewards every N steps."""
     plot_every: int = 5
@@ -199,6 +201,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (cfg.num_iterations >= 1, "--num_iterations must be >= 1"),
         (cfg.mode in ("train", "generate"), f"--mode must be train or generate, got {cfg.mode!r}"),
         (cfg.on_save_error in ("warn", "stop"), "--on_save_error must be warn or stop"),
+        (cfg.min_free_gb >= 0, "--min_free_gb must be >= 0"),
         (cfg.temperature > 0, "--temperature must be > 0"),
         (0 < cfg.top_p <= 1, "--top_p must be in (0, 1]"),
         (cfg.sampler in ("loop", "generate"), f"--sampler must be loop or generate, got {cfg.sampler!r}"),

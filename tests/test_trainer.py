@@ -93,6 +93,7 @@ def run_cli(*args, timeout=120):
     (["--task=/no/such/file.jsonl"], "/no/such/file.jsonl"),                 # missing data file
     (["--prompts_per_step=3", "--num_generations=3", "--micro_batch_size=2"], "micro_batch_size"),
     (["--stepz=3"], "unknown option"),                                       # typo in an option
+    (["--sampler=beam"], "--sampler must be loop or generate"),               # unknown sampler
     (["--ref_url=http://127.0.0.1:9", "--ref_timeout=1"], "127.0.0.1:9"),     # unreachable ref server
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, message, tiny_model_dir, tmp_path):

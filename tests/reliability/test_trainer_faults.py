@@ -245,7 +245,8 @@ def line_with(lines: list[str], text: str) -> list[str]:
 
 def test_full_disk_at_checkpoint_warn_keeps_training(tiny_model_dir, tmp_path, trainers):
     ckpts = tmp_path / "checkpoints"
-    t = trainers(tiny_model_dir, tmp_path, steps=6, save_every=2, on_save_error="warn")
+    # --min_free_gb above any real disk: the pre-save check warns before each of the 3 saves
+    t = trainers(tiny_model_dir, tmp_path, steps=6, save_every=2, on_save_error="warn", min_free_gb=1e6)
     before, limit = fail_next_save(t, tmp_path, "step-000002")
     try:
         t.wait_for("the failed-save warning", lambda: line_with(t.err, "checkpoint of step 4"))
@@ -255,6 +256,7 @@ def test_full_disk_at_checkpoint_warn_keeps_training(tiny_model_dir, tmp_path, t
     warning = line_with(t.err, "checkpoint of step 4")
     print(f"\nfile-size limit {limit} bytes; warning seen:\n{warning[0]}")
     assert len(warning) == 1, warning
+    assert len(line_with(t.err, "low disk space")) == 3, t.tail()
     for part in ("failed", f"at most {limit} bytes", "ulimit -f", "step-000002", str(ckpts)):
         assert part in warning[0], (part, warning[0])
     assert "Traceback" not in "\n".join(t.err), t.tail()
