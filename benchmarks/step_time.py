@@ -7,12 +7,14 @@ TRL runs in-process (`pip install -r requirements-bench.txt`). The first `--warm
 are excluded.
 
     python benchmarks/step_time.py [--steps=6] [--warmup=1] [--skip_trl] [--model=smollm2-135m]
+                                   [--ranks=2]  (the trainer as 2 data-parallel processes, torchrun)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,8 +28,17 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 PHASES = ("gen_seconds", "ref_seconds", "train_seconds", "step_seconds")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_ours(a, run_dir: Path) -> list[dict]:
-    cmd = [sys.executable, str(ROOT / "grpo_ref_split.py"), f"--model={a.model}", f"--steps={a.steps}",
+    launch = [sys.executable] if a.ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.ranks}",
+         f"--master_port={free_port()}"]
+    cmd = [*launch, str(ROOT / "grpo_ref_split.py"), f"--model={a.model}", f"--steps={a.steps}",
            f"--prompts_per_step={a.prompts}", f"--num_generations={a.G}", f"--micro_batch_size={a.micro}",
            f"--max_new_tokens={a.tokens}", f"--min_new_tokens={a.tokens}", f"--beta={a.beta}",
            "--eval_every=0", "--save_every=0", "--plot_every=0", "--samples_every=0",
@@ -85,11 +96,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--G", type=int, default=8)
-    p.add_argument("--micro", type=int, default=16, help="micro-batch (TRL: per-device batch = prompts x G)")
+    p.add_argument("--micro", type=int, default=0,
+                   help="micro-batch; 0 = every sequence of a rank at once (TRL: per-device batch = prompts x G)")
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--skip_trl", action="store_true")
+    p.add_argument("--ranks", type=int, default=1,
+                   help="trainer processes (torchrun, data parallel); 1 = plain python")
     a = p.parse_args()
+    a.micro = a.micro or a.prompts * a.G // a.ranks
     with tempfile.TemporaryDirectory() as tmp:
         rows = run_ours(a, Path(tmp) / "ours")[a.warmup:]
         rows = [r for r in rows if "step_seconds" in r]
@@ -102,7 +117,8 @@ def main() -> None:
           f"model {a.model}, {len(rows)} timed steps each")
     print("| trainer | s/step | generate | ref | train | steps/hour |")
     print("|---|---|---|---|---|---|")
-    print(f"| simple_grpo | {ours['step_seconds']:.1f} | {ours['gen_seconds']:.1f} | "
+    name = "simple_grpo" if a.ranks == 1 else f"simple_grpo, {a.ranks} ranks"
+    print(f"| {name} | {ours['step_seconds']:.1f} | {ours['gen_seconds']:.1f} | "
           f"{ours['ref_seconds']:.1f} | {ours['train_seconds']:.1f} | {3600 / ours['step_seconds']:.0f} |")
     if trl is not None:
         print(f"| TRL GRPOTrainer | {trl:.1f} | | | | {3600 / trl:.0f} |")
