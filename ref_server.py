@@ -20,7 +20,8 @@ import torch
 
 from simple_grpo.config import parse_config
 from simple_grpo.errors import UserError
-from simple_grpo.server import ServerConfig, ServerState, check_bind, make_app
+from simple_grpo.server import ServerState, make_app
+from simple_grpo.server_config import ServerConfig, check_bind
 from simple_grpo.wsgi import make_server, url_host
 
 

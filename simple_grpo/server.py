@@ -30,118 +30,23 @@ and `@api_handler(state)`; the auth hook and the JSON error pages apply to them 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import re
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import bottle
 import torch
 
 from simple_grpo import codec
-from simple_grpo.batch_queue import ORDERS, WHEN_FULL, BatchQueue, Busy, QueueFull
-from simple_grpo.errors import UserError
+from simple_grpo.batch_queue import BatchQueue, Busy, QueueFull
 from simple_grpo.logprobs import completion_logprobs
 from simple_grpo.masks import mask_from_lengths
+from simple_grpo.server_config import ServerConfig
 from simple_grpo.wsgi import ApiError, RunningServer, json_response, raw_header, read_body
-
-
-@dataclass
-class ServerConfig:
-    """Reference-model server: per-token reference log-probs over HTTP, plus the rollout queue."""
-    model: str = ""
-    """HF hub name, local model folder, or smollm2-135m (the bundled offline model). Required."""
-    host: str = "127.0.0.1"
-    """Address to bind. Anything but loopback requires --token."""
-    port: int = 59875
-    """TCP port (0 picks a free one)."""
-    dtype: str = "auto"
-    """Model dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."""
-    device: str = "auto"
-    """cpu, cuda, cuda:N, or auto (cuda when available)."""
-    token: str = ""
-    """Shared secret: every request must carry Authorization: Bearer <token>. Prefer the
-    REF_SERVER_TOKEN environment variable to the command line."""
-    max_len: int = 0
-    """Longest padded sequence accepted (prompt width + completion width); 0 = the model's
-    max_position_embeddings."""
-    max_body_mb: float = 64.0
-    """Largest request body in MiB; larger ones get 413 before being read."""
-    max_logits_mb: int = 1024
-    """Memory cap for one chunk of fp32 logits; rows are processed in chunks below it."""
-    queue_size: int = 256
-    """Bound on ready + in-flight batches (0 = unbounded)."""
-    queue_order: str = "fifo"
-    """Order /get hands batches out: fifo (oldest first) or lifo (newest first)."""
-    when_full: str = "block"
-    """When the queue is full: block (uploads get 429 + Retry-After) or drop_oldest (counted)."""
-    max_staleness: int = -1
-    """Drop batches more than this many weight versions behind the newest version seen in an
-    upload or reported by the consumer (/get?weight_version=N); -1 = keep everything."""
-    max_inflight: int = 8
-    """Compute requests (upload, logprobs) admitted at once (one computes, the others wait for
-    the model); more get 503 + Retry-After."""
-    threads: int = 16
-    """HTTP worker threads; must exceed max_inflight so /health and /get stay responsive."""
-    torch_threads: int = 0
-    """torch.set_num_threads for the forward passes (0 = torch's default)."""
-    max_wait_s: float = 30.0
-    """Longest long-poll a consumer may ask for with /get?wait=SECONDS."""
-    weights_dir: str = ""
-    """Folder holding the latest published policy weights (POST /weights); "" = a temporary folder
-    made at the first publish. A given folder keeps its weights across restarts."""
-    max_weights_mb: float = 8192.0
-    """Largest weights upload in MiB (413 above it)."""
-    request_timeout_s: float = 60.0
-    """A request's headers, and its body except a weights upload, must arrive within this many
-    seconds, else the connection is closed (slow clients); idle connections close after it too."""
-
-    def __post_init__(self):
-        if self.queue_order not in ORDERS:
-            raise UserError(f"--queue_order={self.queue_order!r}: use one of {', '.join(ORDERS)}")
-        if self.when_full not in WHEN_FULL:
-            raise UserError(f"--when_full={self.when_full!r}: use one of {', '.join(WHEN_FULL)}")
-        if self.max_inflight < 1 or self.threads < self.max_inflight + 2:
-            raise UserError(f"need --max_inflight >= 1 and --threads >= max_inflight + 2, got "
-                            f"max_inflight={self.max_inflight}, threads={self.threads}")
-        if (self.queue_size < 0 or self.max_body_mb <= 0 or self.max_logits_mb <= 0
-                or self.max_weights_mb <= 0 or not self.request_timeout_s > 0):
-            raise UserError("--queue_size must be >= 0, --max_body_mb, --max_logits_mb, "
-                            "--max_weights_mb and --request_timeout_s > 0")
-
-    @property
-    def max_body_bytes(self) -> int:
-        return int(self.max_body_mb * (1 << 20))
-
-    @property
-    def max_weights_bytes(self) -> int:
-        return int(self.max_weights_mb * (1 << 20))
-
-    @property
-    def large_body_paths(self) -> dict[str, int]:
-        """POST paths allowed bodies over max_body_bytes (waitress refuses the rest early)."""
-        return {"/weights": self.max_weights_bytes}
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: may resolve to a public address
-
-
-def check_bind(cfg: ServerConfig) -> None:
-    """Refuse to expose the server beyond this machine without a token."""
-    if not is_loopback(cfg.host) and not cfg.token:
-        raise UserError(f"refusing to bind {cfg.host} (not loopback) without a token; pass "
-                        f"--token=SECRET or set REF_SERVER_TOKEN, or bind 127.0.0.1")
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -284,7 +189,8 @@ def make_app(state: ServerState) -> bottle.Bottle:
     """The bottle app. To extend the server: `app = make_app(state)`, then add routes decorated
     with `@app.post(path)` and `@api_handler(state)`; auth and JSON errors apply to them too."""
     app = bottle.Bottle(catchall=True)
-    app.config.update(request_timeout_s=state.cfg.request_timeout_s, token=state.cfg.token)
+    app.config.update(request_timeout_s=state.cfg.request_timeout_s, token=state.cfg.token,
+                      connection_limit=state.cfg.connection_limit)
     limit = state.cfg.max_body_bytes
     handler = api_handler(state)
 

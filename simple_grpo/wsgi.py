@@ -156,12 +156,15 @@ def make_server(app, host: str = "127.0.0.1", port: int = 0, threads: int = 8,
     Bodies are capped at `max_body_bytes`, except POSTs to `large_body_paths` {path: cap} that
     carry `Authorization: Bearer <token>` (when a token is set). Requests must arrive within
     `request_timeout` seconds (see _close_slow_requests). `request_timeout` and `token` default
-    to the app's config entries "request_timeout_s" and "token" (server.make_app sets them)."""
+    to the app's config entries "request_timeout_s" and "token" (server.make_app sets them), the
+    connection limit is its "connection_limit" (waitress' default 100 without one)."""
     host = "127.0.0.1" if host == "localhost" else host  # one socket, so one effective_port
     config = getattr(app, "config", {})
     timeout = config.get("request_timeout_s", 60) if request_timeout is None else request_timeout
     cap = max([max_body_bytes, *(large_body_paths or {}).values()])
-    server = create_server(app, host=host, port=port, threads=threads,
+    # poll(), not select(): select() cannot watch descriptors above 1023
+    server = create_server(app, host=host, port=port, threads=threads, asyncore_use_poll=True,
+                           connection_limit=config.get("connection_limit", 100),
                            max_request_body_size=cap + _SLACK, ident="ref_server",
                            channel_timeout=max(1, round(timeout)), cleanup_interval=1,
                            clear_untrusted_proxy_headers=True)

@@ -24,13 +24,14 @@ TOKEN = "s3cret-token"
 TIMEOUT_S = 2  # the server's --request_timeout_s
 CLOSE_BOUND_S = TIMEOUT_S + 3  # + waitress's 1 s maintenance interval, its 1 s loop, slack
 NORMAL_BOUND_S = 2.0  # a normal request while abusers are connected
+CONNECTION_LIMIT = 200  # the server's --connection_limit (waitress's own default is 100)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     srv = ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("abuse") / "server.log",
                         f"--token={TOKEN}", f"--request_timeout_s={TIMEOUT_S}", "--max_body_mb=1",
-                        "--max_weights_mb=16")
+                        "--max_weights_mb=16", f"--connection_limit={CONNECTION_LIMIT}")
     yield srv
     srv.stop()
 
@@ -116,10 +117,11 @@ class Trickle:
 
 def test_slowloris_does_not_block_others_and_is_closed(server):
     assert normal_requests(server) < 30  # warm (first compute)
-    # headers one byte every 0.1 s: 60 connections (under waitress's 100-connection limit)
+    # headers one byte every 0.1 s: 150 connections (under --connection_limit, above waitress's
+    # default 100, so the option is in effect)
     head = (b"POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() +
             b"\r\nX-Pad: " + b"a" * 4000 + b"\r\n\r\n")
-    slow = Trickle([connect(server) for _ in range(60)], head)
+    slow = Trickle([connect(server) for _ in range(150)], head)
     try:
         took = [normal_requests(server) for _ in range(5)]
         time.sleep(0.5)
@@ -130,22 +132,22 @@ def test_slowloris_does_not_block_others_and_is_closed(server):
         closed = slow.closed_after
     finally:
         slow.close()
-    print(f"\nslowloris x60: normal /health + /logprobs took max {max(took):.3f} s "
+    print(f"\nslowloris x150: normal /health + /logprobs took max {max(took):.3f} s "
           f"(mean {sum(took) / len(took):.3f} s); slow connections closed after "
           f"{min(c or 99 for c in closed):.1f}..{max(c or 99 for c in closed):.1f} s, "
           f"{max(slow.sent)} header bytes sent")
     assert max(took) < NORMAL_BOUND_S, took
     assert None not in closed and max(closed) < CLOSE_BOUND_S, closed
 
-    # more slow connections than waitress accepts (100): new clients wait in the backlog, but
-    # only until the server closes the slow ones
-    slow = Trickle([connect(server) for _ in range(150)], head)
+    # more slow connections than the server accepts: new clients wait in the backlog, but only
+    # until the server closes the slow ones
+    slow = Trickle([connect(server) for _ in range(CONNECTION_LIMIT + 50)], head)
     try:
         time.sleep(0.5)
         took_over = normal_requests(server)
     finally:
         slow.close()
-    print(f"slowloris x150: normal requests took {took_over:.3f} s")
+    print(f"slowloris x{CONNECTION_LIMIT + 50}: normal requests took {took_over:.3f} s")
     assert took_over < 2 * CLOSE_BOUND_S
     assert normal_requests(server) < NORMAL_BOUND_S
 
