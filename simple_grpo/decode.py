@@ -111,14 +111,12 @@ def decode(model, prompt_ids_nP: torch.Tensor, attn_nP: torch.Tensor, *, repeat:
     attn_NT = torch.cat([attn_NT, attn_NT.new_ones(attn_NT.shape[0], max_new_tokens)], 1)
     P = attn_nP.shape[1]
     pos_N1 = attn_nP.sum(1).repeat_interleave(repeat, 0)[:, None]  # position of the next token
-    eos_E = torch.tensor(eos_ids, device=device)
+    eos_E = torch.tensor(eos_ids, dtype=torch.long, device=device)
     N = attn_NT.shape[0]
     tokens, logps = [], []
     done_N = torch.zeros(N, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        scores_NV = logits_NV if greedy or temperature == 1.0 else logits_NV / temperature
-        if record_logprobs:
-            raw_NV = scores_NV
+        scores_NV = raw_NV = logits_NV if greedy or temperature == 1.0 else logits_NV / temperature
         if t < min_new_tokens and len(eos_ids):
             scores_NV = scores_NV.index_fill(1, eos_E, float("-inf"))
         tok_N = scores_NV.argmax(-1) if greedy else inverse_cdf_sample(top_p_filter(scores_NV, top_p))
