@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,13 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Both trainers get 2 MB pages for large tensors (simple_grpo sets this for itself on import; TRL
 # runs in this process, so it is set before torch is imported here).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+sys.path.insert(0, str(ROOT))
+from simple_grpo.engine import free_port  # noqa: E402  (after the environment is set)
 PHASES = ("gen_seconds", "ref_seconds", "train_seconds", "step_seconds")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ours(a, run_dir: Path) -> list[dict]:
@@ -54,7 +49,6 @@ def run_trl(a, out_dir: Path) -> list[float]:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    sys.path.insert(0, str(ROOT))
     from simple_grpo import data
     from simple_grpo.models import resolve_model_path
     from simple_grpo.reward_registry import get_reward

@@ -61,14 +61,16 @@ class _InPlaceLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def prefill(model, ids_nP: torch.Tensor, attn_nP: torch.Tensor, repeat: int, extra: int):
-    """Run each prompt once -> (cache holding every prompt token, repeated `repeat` times per prompt
-    with room for `extra` more tokens; logits of the last prompt position [n*repeat, V])."""
+def prefill(model, ids_nP: torch.Tensor, attn_nP: torch.Tensor, repeat: int, extra: int = 0, *,
+            in_place: bool = True):
+    """Run each prompt once -> (cache holding every prompt token, repeated `repeat` times per prompt,
+    with room for `extra` more tokens written in place unless `in_place` is False (the stock
+    layers, for `generate`); logits of the last prompt position [n*repeat, V])."""
     pos_nP = (attn_nP.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=ids_nP, attention_mask=attn_nP, position_ids=pos_nP, use_cache=True,
                 logits_to_keep=1)
     cache = out.past_key_values
-    if all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
+    if in_place and all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
         cache.layers = [_InPlaceLayer.take_over(layer, repeat, extra) for layer in cache.layers]
     elif repeat > 1:
         cache.batch_repeat_interleave(repeat)

@@ -14,7 +14,7 @@ import torch
 
 from simple_grpo.advantages import group_advantages, zero_variance_groups
 from simple_grpo.codec import RolloutBatch
-from simple_grpo.decode import decode
+from simple_grpo.decode import decode, prefill
 from simple_grpo.logprobs import token_logprobs
 from simple_grpo.masks import lengths_from_eos, mask_from_lengths, truncated
 from simple_grpo.reward_registry import RewardSpec, combine, with_completion_info
@@ -93,7 +93,8 @@ def _hf_generate(model, tokenizer, ids_nP, attn_nP, G, s: SampleSettings, eos_id
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=s.temperature,
                                                      top_p=s.top_p, top_k=0)
     if G > 1 and share_prefill and ids_nP.shape[1] > 1:
-        kw["past_key_values"] = _prefill(model, ids_nP, attn_nP, G)
+        # every prompt token but the last, once per prompt; generate() runs the last one per row
+        kw["past_key_values"], _ = prefill(model, ids_nP[:, :-1], attn_nP[:, :-1], G, in_place=False)
     if record_logprobs:
         kw.update(return_dict_in_generate=True, output_logits=True)
     out = model.generate(input_ids=prompt_ids_NP, attention_mask=attn_NP,
@@ -107,17 +108,6 @@ def _hf_generate(model, tokenizer, ids_nP, attn_nP, G, s: SampleSettings, eos_id
     logp_NC = torch.stack([token_logprobs(logits_NV[:, None], completion_ids_NC[:, t:t + 1], temperature)[:, 0]
                            for t, logits_NV in enumerate(out.logits)], 1)  # raw logits per position
     return completion_ids_NC, logp_NC
-
-
-def _prefill(model, ids_nP: torch.Tensor, attn_nP: torch.Tensor, G: int):
-    """KV cache of every prompt but its last token, computed once per prompt and repeated for its
-    G rows: generate() then only runs the last prompt token per row (the G rows share a prefix)."""
-    pos_nP = (attn_nP.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids_nP[:, :-1], attention_mask=attn_nP[:, :-1], position_ids=pos_nP[:, :-1],
-                use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(G)
-    return cache
 
 
 def decode_completions(tokenizer, completion_ids_NC: torch.Tensor, lens_N: torch.Tensor) -> list[str]:
