@@ -38,7 +38,7 @@ def main(argv: list[str]) -> dict:
         from simple_grpo.worker import run_worker
 
         return run_worker(cfg)
-    dist = eng.init_distributed()
+    dist = eng.init_distributed(cfg.dist_backend)
     d = derive(cfg, dist.world_size)
     run_dir = Path(cfg.run_dir or f"runs/{cfg.preset}-{Path(cfg.task).stem}-{cfg.seed}")
     torch.manual_seed(cfg.seed + dist.rank)
@@ -63,14 +63,17 @@ def main(argv: list[str]) -> dict:
     ref = rollout_source.connect_ref(cfg, dist, d)  # None when beta == 0 and generating locally
 
     state = {"step": 0, "weight_version": 0}
-    if cfg.resume:
-        client_state = checkpoint.load_latest(engine, run_dir / "checkpoints")
-        if client_state is None:
-            raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    client_state = None if cfg.resume == "false" else checkpoint.load_latest(engine, run_dir / "checkpoints")
+    if client_state is None and cfg.resume == "true":
+        raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} (--resume=auto starts "
+                        f"fresh when there is none)")
+    if client_state is not None:
         state = {"step": client_state["step"], "weight_version": client_state["weight_version"]}
         stream.load_state_dict(client_state["stream"][dist.rank])
         checkpoint.set_rng_state(client_state["rng"][dist.rank])
-    out = train_loop.Outputs(run_dir, cfg, dist, resume_step=state["step"])
+    # a resumed run (or an automatic restart before its first checkpoint) rewrites the logs from there
+    out = train_loop.Outputs(run_dir, cfg, dist, resume_step=state["step"],
+                             restart=cfg.resume == "auto")
     ctx = train_loop.StepContext(cfg=cfg, d=d, dist=dist, engine=engine, tokenizer=tokenizer,
                                  stream=stream, render=render, eos_ids=eos_ids, specs=specs,
                                  loss_kw=loss_kwargs(cfg), ref=ref)

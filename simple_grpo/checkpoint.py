@@ -15,8 +15,8 @@ a full disk at any point leaves `latest` naming the previous complete checkpoint
 
 Multi-rank: `save_checkpoint` and `load_latest` must be called on EVERY rank (DeepSpeed requires it:
 each rank writes and reads its own ZeRO-2 optimizer shard), with `ckpt_root` on a filesystem all
-ranks share. Only rank 0 renames, writes `latest` and deletes; `torch.distributed.barrier()` separates
-the phases and an all-reduce makes all ranks agree whether the save succeeded.
+ranks share. Only rank 0 renames, writes `latest` and deletes; barriers separate the phases and an
+all-reduce makes all ranks agree whether the save succeeded (simple_grpo/collectives.py).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from simple_grpo import collectives
 from simple_grpo.errors import UserError
 
 log = logging.getLogger("simple_grpo")
@@ -61,20 +62,12 @@ def _rank() -> int:
 
 
 def _barrier() -> None:
-    if _dist_on():
-        torch.distributed.barrier()
+    collectives.barrier(collectives.rank_device())
 
 
 def _any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is True on at least one rank."""
-    if not _dist_on():
-        return flag
-    dev = "cpu"
-    if torch.distributed.get_backend() == "nccl":
-        dev = torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([1.0 if flag else 0.0], device=dev)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return collectives.any_rank(flag, collectives.rank_device())
 
 
 def is_write_failure(e: BaseException) -> bool:

@@ -47,8 +47,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> Dist:
-    """Join (or, for a plain `python` launch, create) the process group."""
+BACKENDS = ("auto", "nccl", "gloo", "cpu:gloo,cuda:nccl")
+
+
+def init_distributed(backend: str = "auto") -> Dist:
+    """Join (or, for a plain `python` launch, create) the process group.
+
+    `backend`: auto (nccl on GPUs, gloo on CPUs) | nccl | gloo (also moves CUDA tensors: two ranks
+    sharing one GPU, which NCCL refuses) | cpu:gloo,cuda:nccl (both, by tensor device). Our own
+    collectives put their tensors on the rank's device (simple_grpo/collectives.py), so every
+    choice works; DeepSpeed's reduce-scatter of CUDA gradients wants nccl on real multi-GPU runs."""
     import importlib
 
     import deepspeed
@@ -56,18 +64,33 @@ def init_distributed() -> Dist:
     # `import deepspeed.comm.torch as m` would bind the *torch* package (an attribute of deepspeed.comm)
     ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
 
+    if backend not in BACKENDS:
+        raise UserError(f"--dist_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if "nccl" in backend and not cuda:
+        raise UserError(f"--dist_backend={backend} needs CUDA GPUs; use gloo (or auto) on CPUs")
     if "RANK" not in os.environ:  # plain `python grpo_ref_split.py`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    gpu = local_rank % torch.cuda.device_count() if cuda else None  # gloo: ranks may share a GPU
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))  # torchrun, deepspeed
+    if cuda and "nccl" in backend and local_ranks > torch.cuda.device_count():
+        raise UserError(f"{local_ranks} ranks on this node but "
+                        f"{torch.cuda.device_count()} GPU(s): NCCL needs a GPU per rank "
+                        f"(--dist_backend=gloo lets ranks share one, slowly)")
+    if cuda:  # before any process group exists: NCCL binds each rank to its current device
+        torch.cuda.set_device(gpu)
     if not cuda and hasattr(ds_torch_comm, "build_shm_op"):
         ds_torch_comm.build_shm_op = lambda: None  # no JIT compile on CPU; gloo all-reduce instead
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+    if backend != "nccl" and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend=backend, init_method="env://")  # DeepSpeed adopts it
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", gpu)
     else:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # 1 per process on CPU
         device = torch.device("cpu")
@@ -91,6 +114,9 @@ def ds_config(path: str | Path, *, micro_batch: int, grad_accum: int, world_size
     cfg["train_batch_size"] = micro_batch * grad_accum * world_size
     cfg["gradient_clipping"] = grad_clip  # the trainer config owns it (0 disables)
     cfg.setdefault("bf16", {})["enabled"] = bf16
+    if bf16:  # micro-batch losses are already divided by the step's token count: many small
+        # contributions, which a bf16 accumulator (8 bits of mantissa) would round away
+        cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     cfg["zero_allow_untested_optimizer"] = True  # a torch AdamW object, see the module docstring
     cfg.setdefault("zero_optimization", {}).setdefault("stage", 2)
     return cfg

@@ -14,6 +14,7 @@ from concurrent.futures import Future
 
 import torch
 
+from simple_grpo import collectives
 from simple_grpo.codec import RolloutBatch
 from simple_grpo.logprobs import completion_logprobs
 from simple_grpo.losses import policy_loss
@@ -28,11 +29,9 @@ def loss_mask(batch: RolloutBatch, eos_ids: list[int], overlong_filter: bool) ->
     return mask_BC
 
 
-def global_counts(mask_BC: torch.Tensor, world_size: int) -> tuple[float, int]:
+def global_counts(mask_BC: torch.Tensor, device: torch.device) -> tuple[float, int]:
     """(valid tokens, sequences) of this step summed over every rank."""
-    counts = torch.tensor([float(mask_BC.sum()), float(mask_BC.shape[0])], dtype=torch.float64)
-    if world_size > 1:
-        torch.distributed.all_reduce(counts)
+    counts = collectives.all_reduce([float(mask_BC.sum()), float(mask_BC.shape[0])], device)
     return float(counts[0]), int(counts[1])
 
 
@@ -80,7 +79,7 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
     assert B % micro_batch == 0, f"batch of {B} does not split into micro-batches of {micro_batch}"
     assert batch.ref_logprobs is not None or loss_kw["beta"] == 0, "beta > 0 needs ref log-probs"
     mask_BC = loss_mask(batch, eos_ids, overlong_filter)
-    num_tokens, num_seqs = global_counts(mask_BC, world_size)
+    num_tokens, num_seqs = global_counts(mask_BC, device)
     if loss_kw["agg"] == "seq-mean-token-sum-norm":
         num_tokens = num_seqs * loss_kw["max_tokens"]  # Dr.GRPO's constant normaliser
     slices = [slice(s, s + micro_batch) for s in range(0, B, micro_batch)]

@@ -121,8 +121,10 @@ class TrainConfig:
     """Write sampled completions with their rewards every N steps."""
     plot_every: int = 5
     """Refresh the plots every N steps."""
-    resume: bool = False
-    """Continue from the latest checkpoint in run_dir."""
+    resume: str = "false"
+    """false: start fresh | true: continue from the latest checkpoint in run_dir (an error when
+    there is none) | auto: continue when a checkpoint exists, else start fresh (for launchers that
+    restart a failed run by themselves: torchrun --max-restarts=N)."""
     wandb: bool = False
     """Also log to Weights & Biases."""
     tensorboard: bool = False
@@ -143,6 +145,9 @@ class TrainConfig:
     """DeepSpeed config; 'auto' values are filled from this config."""
     local_rank: int = -1
     """Set by the deepspeed launcher."""
+    dist_backend: str = "auto"
+    """Process group backend: auto (nccl on GPUs, gloo on CPUs) | nccl | gloo (ranks may share a
+    GPU) | cpu:gloo,cuda:nccl."""
 
     # --- generation workers (extra boxes that feed the reference server's queue)
     generate_locally: bool = True
@@ -187,6 +192,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
     filled = {k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) is None}
     cfg = dataclasses.replace(cfg, **filled)
+    resume = str(cfg.resume).lower()  # a bare --resume, or a JSON config's true/false
+    cfg = dataclasses.replace(cfg, resume={"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false",
+                                           "off": "false"}.get(resume, resume))
     checks = [
         (cfg.scale in ("std", "none"), f"--scale must be std or none, got {cfg.scale!r}"),
         (cfg.agg in AGG_MODES, f"--agg must be one of {', '.join(AGG_MODES)}"),
@@ -201,6 +209,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (cfg.num_iterations >= 1, "--num_iterations must be >= 1"),
         (cfg.mode in ("train", "generate"), f"--mode must be train or generate, got {cfg.mode!r}"),
         (cfg.on_save_error in ("warn", "stop"), "--on_save_error must be warn or stop"),
+        (cfg.resume in ("false", "true", "auto"), f"--resume must be false, true or auto, got {cfg.resume!r}"),
         (cfg.min_free_gb >= 0, "--min_free_gb must be >= 0"),
         (cfg.temperature > 0, "--temperature must be > 0"),
         (0 < cfg.top_p <= 1, "--top_p must be in (0, 1]"),

@@ -9,9 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from simple_grpo import policy_step, rollout
+from simple_grpo import collectives, policy_step, rollout
 from simple_grpo.codec import RolloutBatch
 from simple_grpo.masks import truncated
 from simple_grpo.reward_registry import RewardSpec, parse_reward_specs
@@ -125,13 +123,11 @@ def average(metrics: dict[str, float], dist) -> dict[str, float]:
     are already normalised by the whole step's counts); identity for one process."""
     if dist.world_size == 1:
         return metrics
-    key_sets: list = [None] * dist.world_size
-    torch.distributed.all_gather_object(key_sets, sorted(metrics))
+    key_sets = collectives.all_gather_objects(sorted(metrics), dist.device)
     keys = sorted(set.intersection(*map(set, key_sets)))  # e.g. a worker's batch lacks a reward
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    mx = t.clone()
-    torch.distributed.all_reduce(t)
-    torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
+    values = [float(metrics[k]) for k in keys]
+    t = collectives.all_reduce(values, dist.device)
+    mx = collectives.all_reduce(values, dist.device, op="max")
     summed = ("loss", "pg_loss", "stale_dropped", "rejected_batches", "duplicates_dropped",
               "rollouts_resent", "queue_full_bypass")  # server_restarts: every rank sees the same ones (mean)
     return {k: float(mx[i] if k.endswith("_max") else t[i] if k in summed else t[i] / dist.world_size)
@@ -140,28 +136,24 @@ def average(metrics: dict[str, float], dist) -> dict[str, float]:
 
 def gather(obj: dict, dist) -> list[dict]:
     """Every rank's JSON-able dict, on every rank (for checkpoints of per-rank state)."""
-    if dist.world_size == 1:
-        return [obj]
-    out: list = [None] * dist.world_size
-    torch.distributed.all_gather_object(out, json.loads(json.dumps(obj)))
-    return out
+    return collectives.all_gather_objects(obj, dist.device)
 
 
 def evaluate(ctx: StepContext, examples: list[dict]) -> float:
     """Held-out accuracy on rank 0 (greedy), shared with the other ranks."""
-    acc = torch.zeros(1, dtype=torch.float64)
+    acc = 0.0
     if ctx.dist.rank == 0:
-        acc[0] = rollout.evaluate(ctx.engine.module, ctx.tokenizer, examples, ctx.render, ctx.eos_ids,
-                                  ctx.cfg.max_new_tokens, ctx.cfg.eval_reward)
-    if ctx.dist.world_size > 1:
-        torch.distributed.broadcast(acc, src=0)
-    return float(acc[0])
+        acc = rollout.evaluate(ctx.engine.module, ctx.tokenizer, examples, ctx.render, ctx.eos_ids,
+                               ctx.cfg.max_new_tokens, ctx.cfg.eval_reward)
+    return float(collectives.broadcast([acc], ctx.dist.device, src=0)[0])
 
 
 class Outputs:
     """metrics.jsonl, samples.jsonl, plots, the progress bar and the final export (rank 0 writes)."""
 
-    def __init__(self, run_dir: Path, cfg, dist, resume_step: int = 0):
+    def __init__(self, run_dir: Path, cfg, dist, resume_step: int = 0, restart: bool = False):
+        """`resume_step`: the checkpoint's step, whose later log lines are dropped; `restart`
+        (--resume=auto) with no checkpoint yet: the logs of a previous attempt are dropped."""
         from simple_grpo.metrics import MetricsLogger, SamplesWriter, truncate_jsonl
 
         self.run_dir, self.cfg, self.main = run_dir, cfg, dist.rank == 0
@@ -172,10 +164,11 @@ class Outputs:
         print(f"[trainer] run dir {run_dir}; config:\n" + json.dumps(dataclasses.asdict(cfg)), flush=True)
         self.logger = MetricsLogger(run_dir, wandb=cfg.wandb, tensorboard=cfg.tensorboard,
                                     config=dataclasses.asdict(cfg))
-        if resume_step:
-            self.logger.truncate_after(resume_step + 1)
+        if resume_step or restart:
+            first = resume_step + 1 if resume_step else 0
+            self.logger.truncate_after(first)
             for name in ("batches.jsonl", "samples.jsonl"):
-                truncate_jsonl(run_dir / name, resume_step + 1)
+                truncate_jsonl(run_dir / name, first)
         self.samples = SamplesWriter(run_dir)
 
     def progress(self, start: int, total: int):

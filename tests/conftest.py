@@ -57,3 +57,21 @@ def ref_server(tiny_model_dir, tiny_model):
     yield make
     for h in handles:
         h.close()
+
+
+@pytest.fixture(scope="module")
+def dist_env():
+    """Single-process 'distributed' env for DeepSpeed; restores the environment afterwards."""
+    import os
+
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    if not torch.distributed.is_initialized():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -10,7 +10,6 @@ import os
 import random
 import resource
 import signal
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
 
 from simple_grpo import checkpoint as ck  # noqa: E402
+from simple_grpo.engine import free_port  # noqa: E402
 from simple_grpo.errors import UserError  # noqa: E402
 from simple_grpo.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
@@ -27,28 +27,6 @@ deepspeed = pytest.importorskip("deepspeed")
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
              "gradient_clipping": 1.0, "zero_optimization": {"stage": 2},
              "steps_per_print": 10**9, "wall_clock_breakdown": False}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def dist_env():
-    """Single-process 'distributed' env for DeepSpeed; restores the environment afterwards."""
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    if not torch.distributed.is_initialized():
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture
@@ -247,7 +225,7 @@ def test_two_ranks_agree_on_a_one_rank_failure(tmp_path):
 
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_two_rank_worker, args=(_free_port(), str(tmp_path), results), nprocs=2, join=True)
+        mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path), results), nprocs=2, join=True)
         assert dict(results) == {0: (True, True, 1), 1: (True, True, 1)}
     files = {p.name for p in (tmp_path / "step-000001").iterdir()}
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt",

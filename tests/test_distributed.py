@@ -45,7 +45,9 @@ def test_two_ranks_equal_one_process(preset, iterations, tmp_path):
 
 
 def test_trainer_script_on_two_ranks(tiny_model_dir, tmp_path):
-    """`torchrun --nproc_per_node 2 grpo_ref_split.py`: both ranks train, checkpoint and export."""
+    """`torchrun --nproc_per_node 2 grpo_ref_split.py`: both ranks train, checkpoint and export;
+    every collective comes from simple_grpo/collectives.py or DeepSpeed and carries only tensors on
+    the rank's device (tests/strict_collectives.py guards each call the way NCCL would)."""
     import json
 
     env = standalone_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
@@ -53,10 +55,18 @@ def test_trainer_script_on_two_ranks(tiny_model_dir, tmp_path):
     args = [f"--model={tiny_model_dir}", f"--run_dir={tmp_path}", "--steps=2", "--prompts_per_step=2",
             "--num_generations=4", "--micro_batch_size=2", "--max_new_tokens=6", "--eval_every=2",
             "--eval_prompts=4", "--save_every=1", "--preset=grpo", "--lr=1e-3"]
+    log = tmp_path / "collectives.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(root / "grpo_ref_split.py"), *args]
+           f"--master_port={free_port()}", str(root / "tests" / "strict_collectives.py"), str(log),
+           str(root / "grpo_ref_split.py"), *args]
     r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    seen = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(seen) == 2, "both ranks ran under the guard"
+    for rank in seen:  # the counts, step by step: token counts, metric averages, eval, checkpoints
+        assert rank["calls"].get("collectives.all_reduce", 0) >= 2 * 3, rank
+        assert rank["calls"].get("collectives.all_gather", 0) >= 2 * 2, rank
+        assert rank["calls"].get("collectives.broadcast", 0) >= 2, rank  # the ref port, evaluations
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1, 2], "rank 0 alone writes the metrics"
     assert rows[1]["kl"] == 0.0 and "eval_accuracy" in rows[2]
