@@ -4,7 +4,8 @@
     client.wait_ready(timeout_s=300)          # prints "waiting for ref server at URL ..."
     batch_id = client.upload(batch)           # RolloutBatch -> id; safe to retry (idempotent)
     batch = client.get(wait_s=10)             # RolloutBatch with ref_logprobs, or None
-    logp_BC = client.logprobs(prompt_ids, prompt_lens, completion_ids, completion_lens)
+    logp_BC = client.logprobs(prompt_ids, prompt_lens, completion_ids, completion_lens,
+                              temperature=0.7)  # scored at the sampling temperature
     client.publish_weights(iter_state_dict_safetensors(model.state_dict()), version=3)  # trainer
     client.weights_version("gen-0", running_version=2)  # -> {"version": 3, "sha256", ...}
     client.download_weights(Path("policy.safetensors"))  # resumable, sha256-checked, atomic
@@ -180,10 +181,12 @@ class RefClient:
         return codec.decode(r.content, codec.RolloutBatch)
 
     def logprobs(self, prompt_ids_BP: torch.Tensor, prompt_lens_B: torch.Tensor,
-                 completion_ids_BC: torch.Tensor, completion_lens_B: torch.Tensor) -> torch.Tensor:
-        """POST /logprobs -> reference log-probs [B, C] float32, 0 past each completion length."""
+                 completion_ids_BC: torch.Tensor, completion_lens_B: torch.Tensor,
+                 temperature: float = 1.0) -> torch.Tensor:
+        """POST /logprobs -> reference log-probs [B, C] float32, 0 past each completion length,
+        of log_softmax(logits / temperature) (the sampling temperature)."""
         req = codec.LogprobRequest(prompt_ids_BP, prompt_lens_B, completion_ids_BC,
-                                   completion_lens_B)
+                                   completion_lens_B, temperature=temperature)
         r = self._request("POST", "/logprobs", codec.encode(req))
         self.last_compute_ms = float(r.headers.get("X-Compute-Ms", "nan"))
         return codec.decode(r.content, codec.LogprobResponse).logprobs

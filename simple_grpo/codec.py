@@ -7,8 +7,14 @@ A message is exactly one safetensors file held in memory (`safetensors.torch.sav
 The tensors are stored under their field names. The safetensors `__metadata__` dict holds one
 key, "simple_grpo", whose value is our own JSON header:
 
-    {"schema_version": 1, "kind": "rollout" | "logprob_request" | "logprob_response",
-     "weight_version": 3, "batch_id": "a1b2..." | null, "meta": {...}}   # scalars of that kind
+    {"schema_version": 2, "kind": "rollout" | "logprob_request" | "logprob_response",
+     "weight_version": 3, "meta": {...}, "batch_id": "a1b2..." | null,
+     "temperature": 0.7}   # the scalar fields of that kind
+
+`temperature` (rollouts and /logprobs requests) is the sampling temperature: the reference server
+scores log_softmax(logits / temperature), as the trainer scores its policy. Schema 2 added it; a
+schema-1 body (an older sender, which would be scored at temperature 1) is refused with a message
+naming both versions.
 
 No pickle anywhere: tensors are raw little-endian bytes with a declared dtype and shape, and the
 rest is JSON. `decode` checks the schema version, the kind, every dtype and every shape (the
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -33,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rollouts and /logprobs requests carry the sampling temperature
 _META_KEY = "simple_grpo"
 _MAX_HEADER_BYTES = 16 << 20  # a header this large is garbage, not a batch
 
@@ -56,6 +63,7 @@ class RolloutBatch:
     weight_version: int = 0  # version of the policy weights that generated the batch
     meta: dict = field(default_factory=dict)  # JSON-able extras (prompts' ids, timings, ...)
     batch_id: str | None = None  # set by the client (idempotent retries) or the server
+    temperature: float = 1.0  # sampling temperature; ref_logprobs are log_softmax(logits / it)
 
     @property
     def batch_size(self) -> int:
@@ -74,6 +82,7 @@ class LogprobRequest:
     prompt_lens: torch.Tensor  # [B] int64
     completion_ids: torch.Tensor  # [B, C] int64, right-padded
     completion_lens: torch.Tensor  # [B] int64
+    temperature: float = 1.0  # the server scores log_softmax(logits / temperature)
 
     @property
     def num_tokens(self) -> int:
@@ -144,6 +153,8 @@ def validate(obj: Message) -> None:
         if t is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) > sizes[width]):
             raise CodecError(f"{lens} must lie in [0, {width}={sizes[width]}], got values in "
                              f"[{int(t.min())}, {int(t.max())}]")
+    if isinstance(obj, (RolloutBatch, LogprobRequest)) and not _positive_finite(obj.temperature):
+        raise CodecError(f"temperature must be a finite number > 0, got {obj.temperature!r:.60}")
     if isinstance(obj, RolloutBatch):
         if type(obj.weight_version) is not int or obj.weight_version < 0:
             raise CodecError(f"weight_version must be an int >= 0, got {obj.weight_version!r}")
@@ -152,6 +163,16 @@ def validate(obj: Message) -> None:
         if obj.batch_id is not None and (not isinstance(obj.batch_id, str) or
                                          not 0 < len(obj.batch_id) <= 128):
             raise CodecError("batch_id must be None or a str of 1 to 128 characters")
+
+
+def _positive_finite(x: Any) -> bool:
+    """An int or float (not a bool) that is finite as a float, and > 0."""
+    if type(x) not in (int, float):
+        return False
+    try:
+        return math.isfinite(float(x)) and x > 0
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def encode(obj: Message) -> bytes:
@@ -192,9 +213,13 @@ def _read_header(data: bytes) -> dict[str, Any]:
         raise CodecError("not a simple_grpo message (header is not a JSON object)")
     if not isinstance(ours.get("kind"), (str, type(None))):  # a list or dict is unhashable
         raise CodecError(f"unknown message kind {str(ours['kind'])[:60]}")
-    if ours.get("schema_version") != SCHEMA_VERSION:
-        raise CodecError(f"schema version {ours.get('schema_version')!r} is not supported "
-                         f"(this side speaks {SCHEMA_VERSION})")
+    version = ours.get("schema_version")
+    if type(version) is not int or version != SCHEMA_VERSION:
+        why = (f"; schema {SCHEMA_VERSION} carries the sampling temperature the reference scores "
+               f"at: upgrade simple_grpo on the sending side") if type(version) is int and \
+            version == 1 else ""
+        raise CodecError(f"schema version {version!r:.40} is not supported (this side speaks "
+                         f"{SCHEMA_VERSION}{why})")
     unknown = set(st_header) - {"__metadata__"} - set(_KINDS.get(ours.get("kind"), ((), {}))[1])
     if ours.get("kind") in _KINDS and unknown:
         raise CodecError(f"unexpected tensor(s) {', '.join(sorted(unknown))} "
@@ -220,6 +245,9 @@ def decode(data: bytes | bytearray | memoryview, expect: type = RolloutBatch) ->
     if unknown:
         raise CodecError(f"bad message fields: unexpected header field(s) "
                          f"{', '.join(sorted(unknown))[:100]}")
+    if "temperature" in scalars and "temperature" not in header:  # never score at a guessed one
+        raise CodecError(f"a {kind!r} message must say its sampling temperature (header field "
+                         f"'temperature')")
     kw: dict[str, Any] = {name: tensors.get(name) for name in spec}
     kw.update({name: header[name] for name in scalars if name in header})
     obj = cls(**kw)

@@ -85,8 +85,8 @@ def init_distributed(backend: str = "auto") -> Dist:
         torch.cuda.set_device(gpu)
     if not cuda and hasattr(ds_torch_comm, "build_shm_op"):
         ds_torch_comm.build_shm_op = lambda: None  # no JIT compile on CPU; gloo all-reduce instead
-    if backend != "nccl" and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend=backend, init_method="env://")  # DeepSpeed adopts it
+    if not torch.distributed.is_initialized():  # DeepSpeed adopts the group
+        _init_process_group(backend, torch.device("cuda", gpu) if cuda else None)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if cuda:
@@ -95,6 +95,29 @@ def init_distributed(backend: str = "auto") -> Dist:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # 1 per process on CPU
         device = torch.device("cpu")
     return Dist(rank, world, local_rank, device)
+
+
+def _init_process_group(backend: str, device: torch.device | None) -> None:
+    """The default process group from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT.
+
+    Under torchrun with restarts (`--max-restarts`), the launcher's key-value store outlives a
+    failed attempt, and with its default (static) rendezvous the new ranks would read the dead
+    ranks' addresses from it and hang or fail to connect. So every attempt gets its own key prefix
+    (TORCHELASTIC_RESTART_COUNT)."""
+    from datetime import timedelta
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    kw = {"device_id": device} if device is not None and "nccl" in backend and world > 1 else {}
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        torch.distributed.init_process_group(backend=backend, init_method="env://", **kw)
+        return
+    timeout = timedelta(minutes=30)
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                       is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout,
+                                         store=torch.distributed.PrefixStore(f"/simple_grpo/attempt_{attempt}",
+                                                                             store), **kw)
 
 
 def ds_config(path: str | Path, *, micro_batch: int, grad_accum: int, world_size: int,

@@ -6,7 +6,9 @@ Every batch taken from the queue is checked before it is trained on:
     one -> dropped, counted in `counts["stale_dropped"]`;
   * shape: a batch of another size than one rank's share of a step (a worker started with other
     --prompts_per_step / --num_generations / --trainer_ranks) -> dropped, counted in
-    `counts["rejected_batches"]`, with a one-line warning naming the fix.
+    `counts["rejected_batches"]`, with a one-line warning naming the fix;
+  * temperature: sampled at another temperature than the trainer's (its log-probs, the reference's
+    and the policy's would not match) -> dropped the same way.
 The server hands each uploaded batch out at most once, and the trainer also remembers the ids it
 took (a worker that re-sends a batch to a restarted server cannot make it train one twice).
 
@@ -24,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from simple_grpo import collectives
 from simple_grpo.codec import RolloutBatch
 from simple_grpo.errors import UserError
 
@@ -33,11 +36,12 @@ class RefConnection:
 
     def __init__(self, url: str, token: str | None, timeout: float, process=None, *,
                  batch_rows: int | None = None, group_size: int | None = None,
-                 max_staleness: int = -1):
+                 max_staleness: int = -1, temperature: float | None = None):
         from simple_grpo.client import RefClient
 
         self.url, self.timeout, self.process = url, timeout, process
         self.batch_rows, self.group_size, self.max_staleness = batch_rows, group_size, max_staleness
+        self.temperature = temperature  # None: batches of any temperature are taken
         self.client = RefClient(url, token=token, retries=2, max_backoff_s=2.0)
         self.counts = {"stale_dropped": 0, "rejected_batches": 0, "duplicates_dropped": 0,
                        "server_restarts": 0, "rollouts_resent": 0, "queue_full_bypass": 0}
@@ -116,6 +120,14 @@ class RefConnection:
                       f"workers with the trainer's --prompts_per_step, --num_generations and "
                       f"--trainer_ranks=<its ranks>)", file=sys.stderr, flush=True)
             return False
+        if self.temperature is not None and b.temperature != self.temperature:
+            self.counts["rejected_batches"] += 1
+            why = f"sampled at temperature {b.temperature}, this trainer trains at {self.temperature}"
+            if why not in self._warned:
+                self._warned.add(why)
+                print(f"[trainer] dropping a batch from {b.meta.get('producer', '?')}: {why} (start "
+                      f"workers with the trainer's --temperature)", file=sys.stderr, flush=True)
+            return False
         return True
 
     def next_batch(self, weight_version: int) -> RolloutBatch:
@@ -159,7 +171,8 @@ class RefConnection:
                 self._outstanding = None  # for room we would only make by training; score ours
                 self.counts["queue_full_bypass"] += 1  # directly (/logprobs has no queue)
                 batch.ref_logprobs = self._call(lambda: self.client.logprobs(
-                    batch.prompt_ids, batch.prompt_lens, batch.completion_ids, batch.completion_lens))
+                    batch.prompt_ids, batch.prompt_lens, batch.completion_ids, batch.completion_lens,
+                    temperature=batch.temperature))
                 return batch
         return self.next_batch(weight_version)
 
@@ -179,19 +192,17 @@ def connect_ref(cfg, dist, d) -> RefConnection | None:
     if cfg.beta == 0 and not cfg.ref_url and cfg.generate_locally:
         return None
     checks = dict(batch_rows=d.seqs_per_rank, group_size=cfg.num_generations,
-                  max_staleness=cfg.max_staleness)
+                  max_staleness=cfg.max_staleness, temperature=cfg.temperature)
     if cfg.ref_url:
         return RefConnection(cfg.ref_url, cfg.ref_token, cfg.ref_timeout, **checks)
     from simple_grpo.models import resolve_model_path
     from simple_grpo.ref_process import RefProcess
 
-    port = torch.zeros(1, dtype=torch.long)
-    process = None
+    port, process = 0, None
     if dist.rank == 0:
         threads = [] if dist.device.type == "cuda" else ["--torch_threads=1"]  # one core each
         process = RefProcess(resolve_model_path(cfg.model), dtype=cfg.dtype, extra=threads)
-        port[0] = process.port
+        port = process.port
         print(f"[trainer] started a reference server at {process.url}", flush=True)
-    if dist.world_size > 1:
-        torch.distributed.broadcast(port, src=0)
-    return RefConnection(f"http://127.0.0.1:{int(port)}", None, cfg.ref_timeout, process, **checks)
+    port = int(collectives.broadcast([port], dist.device, src=0, dtype=torch.int64)[0])
+    return RefConnection(f"http://127.0.0.1:{port}", None, cfg.ref_timeout, process, **checks)

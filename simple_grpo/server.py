@@ -15,6 +15,8 @@ JSON object {"error": "..."} with a 4xx/5xx status):
     GET  /stats     200 counters (see ServerState.stats)
     POST /weights, GET /weights/version, GET /weights: policy weights (simple_grpo.weight_routes)
 With a token every request lacking `Authorization: Bearer <token>` gets 401.
+Batches and /logprobs requests carry the sampling temperature (codec schema 2): the reference
+log-probs are log_softmax(logits / temperature), as the trainer computes its policy's.
 
 Threading: waitress runs handlers on `threads` threads. Forward passes hold one lock around the
 model and at most `max_inflight` requests may wait for it (more get 503), so at least
@@ -125,7 +127,7 @@ class ServerState:
         with self.model_lock:
             t0 = time.perf_counter()
             with torch.inference_mode():
-                logp = completion_logprobs(self.model, *args,
+                logp = completion_logprobs(self.model, *args, temperature=float(obj.temperature),
                                            max_logits_bytes=self.cfg.max_logits_mb << 20)
                 logp = logp.float().cpu()
             dt = time.perf_counter() - t0

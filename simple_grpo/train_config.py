@@ -211,7 +211,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (cfg.on_save_error in ("warn", "stop"), "--on_save_error must be warn or stop"),
         (cfg.resume in ("false", "true", "auto"), f"--resume must be false, true or auto, got {cfg.resume!r}"),
         (cfg.min_free_gb >= 0, "--min_free_gb must be >= 0"),
-        (cfg.temperature > 0, "--temperature must be > 0"),
+        (0 < cfg.temperature < float("inf"), "--temperature must be a finite number > 0"),
         (0 < cfg.top_p <= 1, "--top_p must be in (0, 1]"),
         (cfg.sampler in ("loop", "generate"), f"--sampler must be loop or generate, got {cfg.sampler!r}"),
         (cfg.publish_every >= 0, "--publish_every must be >= 0 (0: never publish)"),

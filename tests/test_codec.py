@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as st_save
 
 from simple_grpo import codec
@@ -46,10 +47,14 @@ def assert_same(a, b) -> None:
             assert x == y and type(x) is type(y), f
 
 
+DROP = object()  # a header field left out
+
+
 def raw(tensors: dict[str, torch.Tensor], **header) -> bytes:
     """A safetensors body with our header, bypassing encode's validation (to build bad input)."""
     hdr = {"schema_version": codec.SCHEMA_VERSION, "kind": "rollout", "weight_version": 0,
-           "meta": {}, "batch_id": None, **header}
+           "meta": {}, "batch_id": None, "temperature": 1.0, **header}
+    hdr = {k: v for k, v in hdr.items() if v is not DROP}
     return st_save(tensors, metadata={"simple_grpo": json.dumps(hdr)})
 
 
@@ -95,6 +100,71 @@ def test_logprob_request_and_response_round_trip():
     assert_same(resp, codec.decode(codec.encode(resp), LogprobResponse))
 
 
+@pytest.mark.parametrize("temperature", [0.7, 1e-3, 2.5, 1])
+def test_temperature_round_trips_in_the_header(temperature):
+    b = make_batch(temperature=temperature, batch_id="t")
+    data = codec.encode(b)
+    assert_same(b, codec.decode(data))
+    assert codec.encode(codec.decode(data)) == data  # byte-stable
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(json.loads(data[8:8 + n])["__metadata__"]["simple_grpo"])
+    assert header["schema_version"] == 2 and header["temperature"] == temperature
+    req = LogprobRequest(b.prompt_ids, b.prompt_lens, b.completion_ids, b.completion_lens,
+                         temperature=temperature)
+    assert_same(req, codec.decode(codec.encode(req), LogprobRequest))
+    assert make_batch().temperature == 1.0  # the default: an unscaled softmax
+
+
+BAD_TEMPERATURES = [  # (value, why it is refused)
+    (0, "zero: log_softmax(logits / 0) is undefined (greedy has no distribution)"),
+    (0.0, "zero as a float"),
+    (-1, "negative: no temperature is below zero"),
+    (float("nan"), "NaN: not a number at all"),
+    (float("inf"), "inf: every logit / inf = 0, a uniform distribution nobody sampled"),
+    ("0.7", "a string: JSON has numbers, a quoted one is a sender's bug"),
+    (True, "a bool: JSON true would pass as 1 in Python"),
+    (None, "null: a missing value written out"),
+    (10 ** 400, "an int no float can hold"),
+]
+
+
+@pytest.mark.parametrize("value,why", BAD_TEMPERATURES, ids=[w.split(":")[0] for _, w in BAD_TEMPERATURES])
+def test_bad_temperatures_are_refused(value, why):
+    b = make_batch(temperature=value)
+    with pytest.raises(CodecError, match=r"^temperature must be a finite number > 0, got ") as e:
+        codec.encode(b)
+    assert "\n" not in str(e.value)
+    req = LogprobRequest(b.prompt_ids, b.prompt_lens, b.completion_ids, b.completion_lens,
+                         temperature=value)
+    with pytest.raises(CodecError, match="temperature must be"):
+        codec.encode(req)
+    # the same value in a received header (NaN and inf are not JSON: refused as such)
+    with pytest.raises(CodecError, match="temperature must be|not valid JSON"):
+        codec.decode(raw(_tensors(b), temperature=value))
+
+
+def with_header(data: bytes, drop: tuple[str, ...] = (), **changes) -> bytes:
+    """An encoded message re-saved with header fields dropped or changed (bypasses validation)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(json.loads(data[8:8 + n])["__metadata__"]["simple_grpo"])
+    header = {k: v for k, v in {**header, **changes}.items() if k not in drop}
+    return st_save(safetensors_load(data), metadata={"simple_grpo": json.dumps(header)})
+
+
+def schema1_body(obj) -> bytes:
+    """`obj` as a schema-1 sender (before the temperature field) encoded it."""
+    return with_header(codec.encode(obj), drop=("temperature",), schema_version=1)
+
+
+def test_schema_1_body_is_refused_naming_both_versions_and_the_temperature():
+    b = make_batch()
+    req = LogprobRequest(b.prompt_ids, b.prompt_lens, b.completion_ids, b.completion_lens)
+    for obj in (b, req):
+        with pytest.raises(CodecError, match=r"schema version 1 is not supported \(this side "
+                                             r"speaks 2; schema 2 carries the sampling temperature"):
+            codec.decode(schema1_body(obj), type(obj))
+
+
 def test_wrong_kind_is_refused():
     b = make_batch()
     req = LogprobRequest(b.prompt_ids, b.prompt_lens, b.completion_ids, b.completion_lens)
@@ -138,11 +208,13 @@ def _tensors(b: RolloutBatch) -> dict[str, torch.Tensor]:
     (lambda t: t.update(completion_lens=t["completion_lens"][:2]), {}, "mismatched shapes"),
     (lambda t: t.pop("advantages"), {}, "advantages is missing"),
     (lambda t: t.update(extra=torch.zeros(2)), {}, "unexpected tensor"),
-    (lambda t: None, {"schema_version": 2}, "schema version 2 is not supported"),
+    (lambda t: None, {"schema_version": 3}, r"schema version 3 is not supported \(this side speaks 2\)$"),
+    (lambda t: None, {"schema_version": 2.0}, "schema version 2.0 is not supported"),
     (lambda t: None, {"kind": "weights"}, "unknown message kind"),
     (lambda t: None, {"weight_version": "3"}, "weight_version"),
     (lambda t: None, {"meta": "x"}, "meta must be a dict"),
     (lambda t: None, {"surprise": 1}, "bad message fields"),
+    (lambda t: None, {"temperature": DROP}, "must say its sampling temperature"),  # never guess 1.0
 ])
 def test_decode_validates(mutate, header, match):
     t = _tensors(make_batch())

@@ -17,7 +17,7 @@ from simple_grpo.client import RefClient, RefServerAuthError, RefServerError, Re
 from simple_grpo.codec import LogprobRequest, RolloutBatch
 from simple_grpo.logprobs import completion_logprobs
 from conftest import free_port
-from test_codec import make_batch, raw
+from test_codec import make_batch, raw, schema1_body, with_header
 
 VOCAB = 320  # save_tiny_model's vocabulary
 
@@ -79,6 +79,27 @@ def test_logprobs_and_upload_get_match_in_process_forward(ref_server, tiny_model
     assert s["compute_calls"] == 6 and s["tokens_per_s"] > 0 and s["compute_ms_mean"] > 0
 
 
+def test_logprobs_and_upload_get_score_at_the_sampling_temperature(ref_server, tiny_model):
+    """log_softmax(logits / T) as the trainer computes its policy's, not log_softmax(logits)."""
+    client = RefClient(ref_server().url)
+    b = ragged(5, temperature=0.7)
+    P, C = b.prompt_ids.shape[1], b.completion_ids.shape[1]
+    clean = [torch.where(torch.arange(P) >= P - b.prompt_lens[:, None], b.prompt_ids, 2),
+             b.prompt_lens, torch.where(torch.arange(C) < b.completion_lens[:, None],
+                                        b.completion_ids, 2), b.completion_lens]
+    with torch.inference_mode():
+        want = completion_logprobs(tiny_model, *clean, temperature=0.7)
+        at_1 = completion_logprobs(tiny_model, *clean)
+    assert (want - at_1).abs().max() > 1e-2  # the temperature matters for this model
+    got = client.logprobs(*_ids4(b), temperature=0.7)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(client.logprobs(*_ids4(b)), at_1, atol=1e-5, rtol=0)  # default 1
+    bid = client.upload(b)
+    out = client.get()
+    assert out.batch_id == bid and out.temperature == 0.7
+    torch.testing.assert_close(out.ref_logprobs, want, atol=1e-5, rtol=0)
+
+
 def test_health_fields(ref_server):
     h = requests.get(ref_server().url + "/health", timeout=10).json()
     assert {"model", "dtype", "device", "vocab_size", "protocol_version", "queue_depth"} <= set(h)
@@ -120,6 +141,13 @@ def _ids(row: int, col: int, value: int, which: str = "completion_ids") -> torch
     return t
 
 
+def _ids4(b: RolloutBatch | None = None) -> list[torch.Tensor]:
+    b = b or ragged()
+    return [getattr(b, f) for f in ("prompt_ids", "prompt_lens", "completion_ids", "completion_lens")]
+
+
+SCHEMA_1 = r"schema version 1 is not supported \(this side speaks 2; schema 2 carries the sampling temperature"
+
 BAD = [  # (name, method, path, body, expected status, message regex)
     ("truncated", "POST", "/upload", lambda: _good()[:-9], 400, "corrupt|truncated"),
     ("garbage", "POST", "/upload", lambda: b"\x13garbage" * 50, 400, "not a simple_grpo|truncated"),
@@ -138,6 +166,10 @@ BAD = [  # (name, method, path, body, expected status, message regex)
     ("nan gen logprob", "POST", "/upload", lambda: _with(gen_logprobs=torch.full((4, 7), float("nan"))), 400, "gen_logprobs"),
     ("empty batch", "POST", "/upload", lambda: codec.encode(make_batch(0, 3, 2)), 400, "empty batch"),
     ("bad batch id", "POST", "/upload", lambda: _with(batch_id="../../etc"), 400, "batch_id"),
+    ("schema 1 upload", "POST", "/upload", lambda: schema1_body(ragged()), 400, SCHEMA_1),
+    ("schema 1 logprobs", "POST", "/logprobs", lambda: schema1_body(LogprobRequest(*_ids4())), 400, SCHEMA_1),
+    ("zero temperature", "POST", "/logprobs", lambda: with_header(_req(), temperature=0), 400, "temperature must be a finite number > 0"),
+    ("string temperature", "POST", "/upload", lambda: with_header(_good(), temperature="0.7"), 400, "temperature must be"),
     ("wrong kind", "POST", "/upload", lambda: _req(), 400, "expected a 'rollout' message"),
     ("logprobs wrong kind", "POST", "/logprobs", _good, 400, "expected a 'logprob_request'"),
     ("logprobs oov", "POST", "/logprobs", lambda: _req(completion_ids=_ids(0, 0, 10 ** 9)), 400, "out of range"),

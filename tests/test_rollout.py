@@ -36,12 +36,13 @@ def tok_model(tiny_model_dir):
     return load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir)).eval()
 
 
-def roll(tok_model, flags, n_prompts, max_refill_rounds, dynamic=True):
+def roll(tok_model, flags, n_prompts, max_refill_rounds, dynamic=True, temperature=1.0):
     tok, model = tok_model
     examples = [{"question": f"q{i}", "answer": "0", "flat": f} for i, f in enumerate(flags)]
     stream = InOrder(examples)
     torch.manual_seed(0)
-    return make_rollout(model, tok, stream, n_prompts, SampleSettings(num_generations=G, max_new_tokens=6),
+    return make_rollout(model, tok, stream, n_prompts,
+                        SampleSettings(num_generations=G, max_new_tokens=6, temperature=temperature),
                         [RewardSpec("test_flat_or_varied")], system_render=lambda e: e["question"],
                         eos_ids=eos_token_ids(tok, model), dynamic_sampling=dynamic,
                         max_refill_rounds=max_refill_rounds)
@@ -73,6 +74,12 @@ def test_without_dynamic_sampling_flat_groups_stay(tok_model):
     assert [e["question"] for e in r.examples] == ["q0", "q1"]
     assert r.stats["refill_rounds"] == 0
     assert (r.batch.advantages.view(2, G)[0] == 0).all()
+
+
+def test_batch_carries_the_sampling_temperature(tok_model):
+    """The reference server scores a batch at its temperature (trainer's and workers' batches)."""
+    assert roll(tok_model, [False], 1, 0, dynamic=False).batch.temperature == 1.0
+    assert roll(tok_model, [False], 1, 0, dynamic=False, temperature=0.7).batch.temperature == 0.7
 
 
 def test_overlong_filter_masks_exactly_the_truncated():

@@ -1,5 +1,6 @@
 """The trainer end to end on a tiny model: presets update every parameter, resume is bit-exact,
-KL starts at exactly 0 against a real reference-server subprocess, bad input exits with code 2."""
+KL starts at 0 against a real reference-server subprocess (at temperature 1 and at the sampling
+temperature), bad input exits with code 2."""
 from __future__ import annotations
 
 import json
@@ -79,6 +80,14 @@ def test_kl_is_zero_at_step_one_with_real_ref_server_and_grows(tiny_model_dir, t
     kl = [r["kl"] for r in read_metrics(tmp_path)]
     assert kl[0] == 0.0, f"policy == reference at the first step, KL must be exactly 0, got {kl[0]}"
     assert kl[-1] > 0.0, "after updates the policy has moved away from the reference"
+
+
+def test_kl_is_zero_at_step_one_at_the_sampling_temperature(tiny_model_dir, tmp_path):
+    # the reference child scores log_softmax(logits / 0.7), as the trainer scores its policy
+    grpo_ref_split.main(tiny_args(tiny_model_dir, tmp_path, preset="grpo", steps=1, beta=0.04,
+                                  temperature=0.7))
+    (row,) = read_metrics(tmp_path)
+    assert row["kl"] < 1e-6, f"policy == reference at the first step, KL must be 0, got {row['kl']}"
 
 
 def run_cli(*args, timeout=120):

@@ -92,12 +92,14 @@ def test_publisher_then_worker_sync_and_interrupted_download(tiny_model_dir, tin
     pub.close()
 
 
-def _batch(version: int, rows: int = 8, G: int = 4, producer: str = "test") -> RolloutBatch:
+def _batch(version: int, rows: int = 8, G: int = 4, producer: str = "test",
+           temperature: float = 1.0) -> RolloutBatch:
     C = 3
     return RolloutBatch(prompt_ids=torch.full((rows, 2), 5), prompt_lens=torch.full((rows,), 2),
                         completion_ids=torch.full((rows, C), 7), completion_lens=torch.full((rows,), C),
                         rewards=torch.zeros(rows), advantages=torch.zeros(rows),
-                        weight_version=version, meta={"group_size": G, "producer": producer})
+                        weight_version=version, meta={"group_size": G, "producer": producer},
+                        temperature=temperature)
 
 
 def test_stale_and_misshapen_batches_are_dropped_and_counted(ref_server):
@@ -111,6 +113,21 @@ def test_stale_and_misshapen_batches_are_dropped_and_counted(ref_server):
     assert got == [8, 10, 9]
     assert conn.counts == {"stale_dropped": 2, "rejected_batches": 2, "duplicates_dropped": 0,
                            "server_restarts": 0, "rollouts_resent": 0, "queue_full_bypass": 0}
+    conn.close()
+
+
+def test_batches_sampled_at_another_temperature_are_dropped_and_counted(ref_server, capsys):
+    srv = ref_server()
+    conn = RefConnection(srv.url, None, timeout=10, batch_rows=8, group_size=4, temperature=0.7)
+    client = RefClient(srv.url)
+    for i, t in enumerate([1.0, 1.0, 0.7]):  # a worker started without --temperature=0.7, twice
+        client.upload(_batch(i, producer="w-default" if t == 1.0 else "w-0.7", temperature=t))
+    got = conn.next_batch(weight_version=2)
+    assert got.meta["producer"] == "w-0.7" and got.temperature == 0.7
+    assert conn.counts["rejected_batches"] == 2 and conn.counts["stale_dropped"] == 0
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "dropping a batch" in x]
+    assert warnings == ["[trainer] dropping a batch from w-default: sampled at temperature 1.0, this "
+                        "trainer trains at 0.7 (start workers with the trainer's --temperature)"]
     conn.close()
 
 
@@ -183,6 +200,31 @@ def test_trainer_with_late_and_killed_workers(tiny_model_dir, ref_server, tmp_pa
     assert steps[-1]["published_version"] >= 7
 
 
+def test_worker_batch_at_temperature_trains_with_zero_kl(tiny_model_dir, ref_server, tmp_path):
+    """A worker process sampling at --temperature=0.7: the server scores its batch at 0.7, so the
+    trainer (same weights, same temperature, beta > 0) trains it at step 1 with KL 0."""
+    sys.path.insert(0, str(ROOT))
+    import grpo_ref_split
+
+    srv = ref_server(queue_size=1)
+    common = [f"--model={tiny_model_dir}", f"--ref_url={srv.url}", "--rewards=overlong",
+              "--temperature=0.7"] + [f"--{k}={v}" for k, v in SMALL.items()]
+    worker = _spawn(common + ["--mode=generate", "--worker_index=3"], tmp_path / "worker.log")
+    run = tmp_path / "run"
+    try:
+        grpo_ref_split.main(common + [f"--run_dir={run}", "--steps=1", "--generate_locally=false",
+                                      "--beta=0.04", "--eval_every=0", "--save_every=0",
+                                      "--plot_every=0", "--publish_every=0", "--ref_timeout=120"])
+    finally:
+        worker.kill()
+        worker.wait()
+    (row,) = _rows(run / "metrics.jsonl")
+    (trained,) = _rows(run / "batches.jsonl")
+    assert trained["producer"].startswith("gen-") and row["remote_batch"] == 1.0
+    assert row["kl"] < 1e-6, f"reference and policy at the same temperature: KL {row['kl']}"
+    assert row["logprob_mismatch"] < 1e-4 and row["rejected_batches"] == 0
+
+
 def test_full_queue_never_blocks_the_trainer(ref_server, tiny_model):
     """Workers filled the (bounded) queue while the trainer generated: its own batch is scored
     through /logprobs instead of waiting for room that only its training would make."""
@@ -191,13 +233,13 @@ def test_full_queue_never_blocks_the_trainer(ref_server, tiny_model):
     for i in range(2):
         client.upload(_batch(0, producer=f"w{i}"))
     conn = RefConnection(srv.url, None, timeout=10, batch_rows=8, group_size=4)
-    ours = _batch(0, producer="trainer-0")
+    ours = _batch(0, producer="trainer-0", temperature=0.7)
     ours.batch_id = "ours"
     got = conn.exchange(ours, weight_version=0)
     assert got.batch_id == "ours" and conn.counts["queue_full_bypass"] == 1
-    with torch.no_grad():
+    with torch.no_grad():  # scored at the batch's sampling temperature
         want = completion_logprobs(tiny_model, ours.prompt_ids, ours.prompt_lens, ours.completion_ids,
-                                   ours.completion_lens)
+                                   ours.completion_lens, temperature=0.7)
     torch.testing.assert_close(got.ref_logprobs, want, atol=1e-5, rtol=0)
     assert conn.ready_batch(weight_version=0).meta["producer"] == "w0"  # the queue is intact
     conn.close()

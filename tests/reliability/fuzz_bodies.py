@@ -21,7 +21,8 @@ def tiny_ids(rng: random.Random, B: int, P: int, C: int) -> codec.LogprobRequest
         prompt_ids=torch.randint(0, VOCAB, (B, P), generator=g),
         prompt_lens=torch.randint(1, P + 1, (B,), generator=g),
         completion_ids=torch.randint(0, VOCAB, (B, C), generator=g),
-        completion_lens=torch.randint(0, C + 1, (B,), generator=g))
+        completion_lens=torch.randint(0, C + 1, (B,), generator=g),
+        temperature=rng.choice([1.0, 0.7, 1.3]))  # scored at each (schema 2)
 
 
 def tiny_batch(rng: random.Random, B: int, P: int, C: int, **kw) -> codec.RolloutBatch:
@@ -47,7 +48,7 @@ def ours(kind: str = "rollout", **fields) -> dict:
 
 def st_with(tensors: dict, **header) -> bytes:
     """safetensors.save of `tensors` with our header (overridable) - bypasses encode's checks."""
-    hdr = {**ours(), "weight_version": 0, "meta": {}, "batch_id": None, **header}
+    hdr = {**ours(), "weight_version": 0, "meta": {}, "batch_id": None, "temperature": 1.0, **header}
     return st_save({k: v.contiguous() for k, v in tensors.items()},
                    metadata={"simple_grpo": json.dumps(hdr)})
 
@@ -60,7 +61,7 @@ def random_json(rng: random.Random, depth: int = 0):
                            "x" * rng.randrange(300), rng.randrange(-5, 5), rng.random()])
     if r < 0.7:
         return [random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
-    keys = ["schema_version", "kind", "weight_version", "meta", "batch_id", "prompt_ids",
+    keys = ["schema_version", "kind", "weight_version", "meta", "batch_id", "temperature", "prompt_ids",
             "__metadata__", "simple_grpo", "dtype", "shape", "data_offsets", "x"]
     return {rng.choice(keys): random_json(rng, depth + 1) for _ in range(rng.randrange(5))}
 
@@ -147,14 +148,15 @@ def invalid_tensors(rng: random.Random, max_len: int) -> tuple[str, bytes]:
             t.pop(rng.choice(sorted(t)))
         else:
             t[rng.choice(["ref_logprobs", "logprobs", "extra", "gen_logprobs"])] = torch.zeros(B, C)
-    elif what == 11:  # bad weight versions
-        hdr["weight_version"] = rng.choice([-1, 1.5, "3", True, None, 2 ** 70, [1], {"v": 1}, 1e400])
+    elif what == 11:  # bad weight versions and temperatures
+        hdr[rng.choice(["weight_version", "temperature"])] = rng.choice(
+            [-1, 1.5, "3", True, None, 2 ** 70, 2 ** 1100, [1], {"v": 1}, 1e400, 0, 0.0, -0.5, 1e-300])
     elif what == 12:  # bad batch ids and meta
         hdr[rng.choice(["batch_id", "meta"])] = rng.choice(
             ["", "x" * 129, "a/b", "\u00e9", 5, [], {"a": 1}, None, {"1": [None] * 3}, "ok-id"])
     elif what == 13:  # bad schema / kind
         hdr[rng.choice(["schema_version", "kind"])] = rng.choice(
-            [0, 2, "1", 1.0, True, None, [1], {"k": "rollout"}, ["rollout"], "rollout ",
+            [0, 1, 3, "2", 2.0, True, None, [1], {"k": "rollout"}, ["rollout"], "rollout ",
              "logprob_response", "nope"])
     elif what == 14:  # unknown header fields
         hdr[rng.choice(["extra", "ref_logprobs", "schema", "__class__"])] = random_json(rng)

@@ -80,7 +80,8 @@ class Generator:
         else:  # as our header beside real tensors, with plausible keys
             h = ours(rng.choice(["rollout", "logprob_request"]))
             h.update({k: random_json(rng) for k in rng.sample(
-                ["weight_version", "meta", "batch_id", "kind", "schema_version"], rng.randrange(1, 4))})
+                ["weight_version", "meta", "batch_id", "kind", "schema_version", "temperature"],
+                rng.randrange(1, 4))})
             b = tiny_batch(rng, 2, 3, 2)
             body = st_save({k: getattr(b, k) for k in ("prompt_ids", "prompt_lens", "completion_ids",
                                                        "completion_lens", "rewards", "advantages")},

@@ -1,0 +1,90 @@
+"""A rank of a multi-process run dies (`kill -9`) and the launcher brings the run back by itself:
+`torchrun --max-restarts=N grpo_ref_split.py --resume=auto` restarts every rank, each resumes from
+the newest complete checkpoint, and the run finishes with every step logged once and final/ written.
+Two CPU ranks (gloo), the tiny model, beta > 0 with the reference server that rank 0 starts (it
+dies with its rank and is started again)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from simple_grpo.engine import free_port, standalone_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def ranks_of(agent_pid: int) -> dict[int, int]:
+    """{RANK: pid} of the trainer processes torchrun's agent `agent_pid` runs now."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != agent_pid:
+                continue
+            env = dict(kv.split("=", 1) for kv in (d / "environ").read_bytes().decode(errors="replace")
+                       .split("\0") if "=" in kv)
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        if "RANK" in env:
+            out[int(env["RANK"])] = int(d.name)
+    return out
+
+
+def logged_steps(path: Path) -> list[int]:
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            pass  # a line being written
+    return steps
+
+
+def test_kill_9_of_one_rank_is_restarted_and_finishes(tiny_model_dir, tmp_path):
+    steps, kill_after = 8, 3
+    args = [f"--model={tiny_model_dir}", f"--run_dir={tmp_path}", f"--steps={steps}", "--prompts_per_step=2",
+            "--num_generations=4", "--micro_batch_size=4", "--max_new_tokens=8", "--eval_every=4",
+            "--eval_prompts=4", "--save_every=1", "--preset=grpo", "--beta=0.04", "--lr=1e-3",
+            "--plot_every=0", "--resume=auto"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=2",
+           "--monitor-interval=0.2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           str(ROOT / "grpo_ref_split.py"), *args]
+    log = open(tmp_path / "torchrun.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=standalone_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"),
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while max(logged_steps(tmp_path / "metrics.jsonl"), default=-1) < kill_after:
+            assert proc.poll() is None, "the run ended before the kill"
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.05)
+        victim = ranks_of(proc.pid)[1]
+        os.kill(victim, signal.SIGKILL)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.seek(0)
+        output = log.read()
+        log.close()
+    assert rc == 0, output[-4000:]
+    assert output.count("[trainer] run dir") == 2, "one restart of the whole run"
+    assert logged_steps(tmp_path / "metrics.jsonl") == list(range(steps + 1)), \
+        "every step logged exactly once, the held-out evaluation at step 0 too"
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["kl"] < 1e-6, "step 1: the policy is the reference"
+    batches = [json.loads(line)["step"] for line in (tmp_path / "batches.jsonl").read_text().splitlines()]
+    assert batches == [s for s in range(1, steps + 1) for _ in range(2)], "one batch per rank and step"
+    assert (tmp_path / "final" / "model.safetensors").exists()
+    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step-{steps:06d}"
