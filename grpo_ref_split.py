@@ -96,7 +96,7 @@ def main(argv: list[str]) -> dict:
         if test_examples and (step % cfg.eval_every == 0 or step == cfg.steps):
             metrics["eval_accuracy"] = train_loop.evaluate(ctx, test_examples)
         out.log_step(step, metrics, roll, bar, trained)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+        if cfg.save_every >= 0 and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps):
             client_state = dict(state, stream=train_loop.gather(stream.state_dict(), dist),
                                 rng=train_loop.gather(checkpoint.rng_state(), dist),
                                 config=dataclasses.asdict(cfg))

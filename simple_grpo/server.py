@@ -160,6 +160,8 @@ class ServerState:
         out.update(c, uptime_s=time.monotonic() - self.started,
                    tokens_per_s=c["tokens"] / c["compute_s"] if c["compute_s"] else 0.0,
                    compute_ms_mean=1000 * c["compute_s"] / max(1, c["compute_calls"]))
+        if self.device.type == "cuda":
+            out["gpu_mem_gb_max"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         for hook in self.stats_hooks:
             out.update(hook())
         return out

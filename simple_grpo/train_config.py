@@ -110,7 +110,7 @@ class TrainConfig:
     run_dir: str | None = None
     """Output folder; default runs/<preset>-<task>-<seed>."""
     save_every: int = 20
-    """Checkpoint every N steps (0: only at the end)."""
+    """Checkpoint every N steps (0: only at the end; -1: never, e.g. for benchmarks)."""
     keep_last: int = 2
     """Checkpoints kept on disk."""
     on_save_error: str = "warn"

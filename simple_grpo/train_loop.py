@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from simple_grpo import collectives, policy_step, rollout
 from simple_grpo.codec import RolloutBatch
 from simple_grpo.masks import truncated
@@ -91,6 +93,8 @@ def step(ctx: StepContext, weight_version: int):
         new_tokens = float(roll.batch.completion_lens.sum())
         metrics["tokens_per_s"] = new_tokens / max(roll.stats["gen_seconds"], 1e-9)
     ours = roll is not None and trained.batch_id == roll.batch.batch_id
+    if ctx.dist.device.type == "cuda":  # this rank's peak since the start (max over ranks below)
+        metrics["gpu_mem_gb_max"] = torch.cuda.max_memory_allocated(ctx.dist.device) / 2**30
     metrics = average(metrics, ctx.dist)
     tokens = metrics.pop("mismatch_tokens", 0.0)
     mismatch = metrics.pop("mismatch_sum", 0.0)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU box (see BENCHMARKS.md) has torch with CUDA, transformers, peft, accelerate, numpy, tqdm,
+# requests, matplotlib; it has no network and lacks the packages below. Two steps:
+#   here, with the package registry:  bash benchmarks/gpu_box.sh wheels    (fills .whl/, git-ignored)
+#   there, carrying .whl:            bash benchmarks/gpu_box.sh run [gpu_check.py options]
+# `run` installs the wheels into /tmp/site, runs benchmarks/gpu_check.py and copies its report to
+# $OUT (when set) so the table comes back.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+  wheels)
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    mkdir -p .whl
+    plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+    # pure-Python or cp312 wheels of what the box lacks (pydantic-core is the one compiled module)
+    python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      "${plat[@]}" -d .whl bottle==0.13.4 waitress==3.0.2 hjson pydantic pydantic-core annotated-types \
+      typing-inspection math-verify latex2sympy2_extended antlr4-python3-runtime==4.13.2
+    # deepspeed is an sdist on the registry: build its pure-Python wheel here
+    python -m pip wheel -q --no-deps -w .whl "deepspeed==$(python -c 'import deepspeed; print(deepspeed.__version__)')"
+    ls -la .whl
+    ;;
+  run)
+    shift
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    rc=0
+    python3 benchmarks/gpu_check.py --out=/tmp/gpu_check "$@" || rc=$?
+    if [ -n "${OUT:-}" ]; then cp /tmp/gpu_check/gpu_check.md /tmp/gpu_check/gpu_check.json "$OUT"/ || true; fi
+    exit $rc
+    ;;
+  *)
+    echo "usage: bash benchmarks/gpu_box.sh wheels | run [gpu_check.py options]" >&2
+    exit 2
+    ;;
+esac
