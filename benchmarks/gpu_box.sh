@@ -15,9 +15,9 @@ case "${1:-}" in
     # pure-Python or cp312 wheels of what the box lacks (pydantic-core is the one compiled module)
     python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       "${plat[@]}" -d .whl bottle==0.13.4 waitress==3.0.2 hjson pydantic pydantic-core annotated-types \
-      typing-inspection math-verify latex2sympy2_extended antlr4-python3-runtime==4.13.2
+      typing-inspection typing-extensions math-verify latex2sympy2_extended antlr4-python3-runtime==4.13.2
     # deepspeed is an sdist on the registry: build its pure-Python wheel here
-    python -m pip wheel -q --no-deps -w .whl "deepspeed==$(python -c 'import deepspeed; print(deepspeed.__version__)')"
+    python -m pip wheel -q --no-deps -w .whl "$(grep '^deepspeed==' requirements.txt)"
     ls -la .whl
     ;;
   run)
