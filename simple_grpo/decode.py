@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from simple_grpo.hf_compat import cache_kwargs, output_cache
 from simple_grpo.logprobs import token_logprobs
 
 
@@ -69,7 +70,7 @@ def prefill(model, ids_nP: torch.Tensor, attn_nP: torch.Tensor, repeat: int, ext
     pos_nP = (attn_nP.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=ids_nP, attention_mask=attn_nP, position_ids=pos_nP, use_cache=True,
                 logits_to_keep=1)
-    cache = out.past_key_values
+    cache = output_cache(out)
     if in_place and all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
         cache.layers = [_InPlaceLayer.take_over(layer, repeat, extra) for layer in cache.layers]
     elif repeat > 1:
@@ -130,6 +131,6 @@ def decode(model, prompt_ids_nP: torch.Tensor, attn_nP: torch.Tensor, *, repeat:
         if t + 1 == max_new_tokens or bool(done_N.all()):
             break
         out = model(input_ids=tok_N[:, None], attention_mask=attn_NT[:, :P + t + 1], position_ids=pos_N1 + t,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache, logits_NV = out.past_key_values, out.logits[:, -1].float()
+                    use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+        cache, logits_NV = output_cache(out), out.logits[:, -1].float()
     return Decoded(torch.stack(tokens, 1), torch.stack(logps, 1) if record_logprobs else None)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from simple_grpo.hf_compat import cache_kwargs, output_cache
 from simple_grpo.masks import mask_from_lengths
 
 
@@ -87,7 +88,7 @@ def _shared_prompt_logits(model, prompt_ids_bP, prompt_lens_b, completion_ids_bC
     p_pos_bP = (p_attn_bP.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=prompt_ids_bP[first_u], attention_mask=p_attn_bP[first_u],
                 position_ids=p_pos_bP[first_u], use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = output_cache(out)
     cache.reorder_cache(group_b)  # repeat each prompt's keys/values for its rows (differentiable)
     first_bV = out.logits[:, -1][group_b]  # the last prompt position predicts completion token 0
     if C == 1:
@@ -96,7 +97,7 @@ def _shared_prompt_logits(model, prompt_ids_bP, prompt_lens_b, completion_ids_bC
     attn_bT = torch.cat([p_attn_bP, c_attn_bC[:, :-1]], 1)
     pos_bC = prompt_lens_b[:, None] + torch.arange(C - 1, device=prompt_lens_b.device)[None]
     rest_bCV = model(input_ids=completion_ids_bC[:, :-1], attention_mask=attn_bT, position_ids=pos_bC,
-                     past_key_values=cache, use_cache=True,
+                     use_cache=True, **cache_kwargs(cache),
                      cache_position=torch.arange(P, P + C - 1, device=prompt_ids_bP.device)).logits
     return torch.cat([first_bV[:, None], rest_bCV], 1)
 

@@ -15,6 +15,7 @@ import torch
 from simple_grpo.advantages import group_advantages, zero_variance_groups
 from simple_grpo.codec import RolloutBatch
 from simple_grpo.decode import decode, prefill
+from simple_grpo.hf_compat import cache_kwargs
 from simple_grpo.logprobs import token_logprobs
 from simple_grpo.masks import lengths_from_eos, mask_from_lengths, truncated
 from simple_grpo.reward_registry import RewardSpec, combine, with_completion_info
@@ -94,7 +95,8 @@ def _hf_generate(model, tokenizer, ids_nP, attn_nP, G, s: SampleSettings, eos_id
                                                      top_p=s.top_p, top_k=0)
     if G > 1 and share_prefill and ids_nP.shape[1] > 1:
         # every prompt token but the last, once per prompt; generate() runs the last one per row
-        kw["past_key_values"], _ = prefill(model, ids_nP[:, :-1], attn_nP[:, :-1], G, in_place=False)
+        cache, _ = prefill(model, ids_nP[:, :-1], attn_nP[:, :-1], G, in_place=False)
+        kw.update(cache_kwargs(cache))
     if record_logprobs:
         kw.update(return_dict_in_generate=True, output_logits=True)
     out = model.generate(input_ids=prompt_ids_NP, attention_mask=attn_NP,
@@ -186,6 +188,7 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
                          prompt_lens=torch.cat([g[2] for g in kept]), completion_ids=c_ids,
                          completion_lens=c_lens, rewards=rewards_N, advantages=adv_N,
                          weight_version=weight_version, meta={"group_size": G},
+                         temperature=s.temperature,
                          gen_logprobs=pad_cat([g[8] for g in kept], 0, left=False) if record_logprobs
                          else None)
     breakdown = {k: [x for g in kept for x in g[7][k]] for k in kept[0][7]}
