@@ -197,12 +197,9 @@ def main(argv: list[str]) -> int:
     model = build_model(c, shape, out / f"model-{shape}")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, str(ROOT / "ref_server.py"), f"--model={model}", f"--port={port}",
-                               f"--device={c.device}"] + (["--torch_threads=1"] if c.device == "cpu" else []),
-                              cwd=ROOT, env=child_env(c), stdout=open(out / "ref_server.log", "w"),
-                              stderr=subprocess.STDOUT)
+    server = None
     try:
-        _wait_health(url, server, c.part_timeout_s)
+        server = start_server(c, model, port, out / "ref_server.log")
         report["train"] = [training(c, model, out, False, url, c.steps)]
         stats = requests.get(f"{url}/stats", timeout=10).json()
         report["server"] = {"compute_s_per_call": stats.get("compute_ms_mean", 0.0) / 1000,
@@ -211,16 +208,14 @@ def main(argv: list[str]) -> int:
         if small != model:
             server.terminate()
             server.wait(timeout=60)
-            server = subprocess.Popen([sys.executable, str(ROOT / "ref_server.py"), f"--model={small}",
-                                       f"--port={port}", f"--device={c.device}"], cwd=ROOT, env=child_env(c),
-                                      stdout=open(out / "ref_server_small.log", "w"), stderr=subprocess.STDOUT)
-            _wait_health(url, server, c.part_timeout_s)
+            server = start_server(c, small, port, out / "ref_server_small.log")
         report["train"].append(training(c, small, out, True, url, c.two_rank_steps))
     except Exception as e:  # noqa: BLE001 - report what failed, with the table of what ran
         report.setdefault("train", []).append({"part": "setup", "ok": False, "error": f"{type(e).__name__}: {e}"})
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=60)
     table = render(report)
     print(table)
     (out / "gpu_check.md").write_text(table + "\n")
@@ -234,6 +229,20 @@ def _device_name(c: CheckConfig) -> str:
     import torch
 
     return torch.cuda.get_device_name(0) if c.device == "cuda" else "cpu"
+
+
+def start_server(c: CheckConfig, model: Path, port: int, log: Path) -> subprocess.Popen:
+    """`ref_server.py` for `model` on 127.0.0.1:`port`, on the checked device; waits until ready."""
+    cmd = [sys.executable, str(ROOT / "ref_server.py"), f"--model={model}", f"--port={port}", f"--device={c.device}"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd + (["--torch_threads=1"] if c.device == "cpu" else []), cwd=ROOT,
+                                env=child_env(c), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        _wait_health(f"http://127.0.0.1:{port}", proc, c.part_timeout_s)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc
 
 
 def _wait_health(url: str, proc: subprocess.Popen, timeout: float) -> None:

@@ -5,7 +5,7 @@ broken check never hides the others. The model is a few layers of the run's arch
 weights), built on the device.
 
     decode_vs_generate   our decode loop vs HF generate(do_sample=False), greedy, shared prompts,
-                         fp32 (must be identical) and bf16 (tokens agree up to near-ties)
+                         fp32 and bf16: identical up to near-ties that the rounding may flip
     shared_prompt_logp   completion_logprobs with the shared-prompt KV cache vs the plain forward
     sampling_logp        log-probs recorded while sampling (T = 0.7) vs the trainer's recomputation
     losses               every preset's policy_loss on the device vs float64 on the CPU
@@ -38,6 +38,23 @@ def _greedy_pair(model, ids, attn, repeat, new):
     return got, ref
 
 
+def _tie_gap(model, ids, attn, repeat, got, ref) -> float:
+    """Largest logit gap, over rows where the two greedy outputs first differ, between the token
+    generate chose and the one the loop chose (one plain forward over prompt + common prefix):
+    a near-tie that bf16 rounding may break either way has a gap of a few hundredths."""
+    worst = 0.0
+    for i in range(got.shape[0]):
+        diff = (got[i] != ref[i]).nonzero()
+        if not len(diff):
+            continue
+        t, p = int(diff[0]), i // repeat
+        prefix = torch.cat([ids[p][attn[p].bool()], ref[i, :t]])[None]
+        with torch.no_grad():
+            logits_V = model(input_ids=prefix).logits[0, -1].float()
+        worst = max(worst, float(logits_V[ref[i, t]] - logits_V[got[i, t]]))
+    return worst
+
+
 def decode_vs_generate(models: dict, new: int) -> dict:
     out = []
     ok = True
@@ -45,13 +62,12 @@ def decode_vs_generate(models: dict, new: int) -> dict:
         ids, attn = _prompts(model.config.vocab_size, model.device)
         got, ref = _greedy_pair(model, ids, attn, 2, new)
         same_rows = float((got == ref).all(1).float().mean())
-        same_tok = float((got == ref).float().mean())
-        first = [int((r != g).nonzero()[0]) if (r != g).any() else new for g, r in zip(got, ref)]
-        # fp32 must agree exactly; bf16 kernels differ in rounding, so a near-tie may flip and the
-        # rows then diverge: require the first half of every row to agree
-        ok &= same_rows == 1.0 if name == "fp32" else min(first) >= new // 2
-        out.append(f"{name}: rows identical {same_rows:.2f}, tokens {same_tok:.3f}, first divergence "
-                   f"at {min(first)}/{new}")
+        gap = _tie_gap(model, ids, attn, 2, got, ref)
+        # the two paths round differently (kernels over a preallocated vs a growing cache), so a
+        # near-tie may flip and the rows then diverge: every first difference must be such a tie
+        # (bf16 keeps 8 bits of mantissa; fp32 differences are last-bit ones)
+        ok &= gap < (1e-3 if name == "fp32" else 0.125)
+        out.append(f"{name}: rows identical {same_rows:.2f}, largest logit gap at a first difference {gap:.3f}")
     return {"check": "decode loop vs generate (greedy)", "ok": ok, "detail": "; ".join(out)}
 
 
