@@ -69,7 +69,10 @@ def test_kill_9_of_one_rank_is_restarted_and_finishes(tiny_model_dir, tmp_path):
             time.sleep(0.05)
         victim = ranks_of(proc.pid)[1]
         os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
         rc = proc.wait(timeout=300)
+        print(f"killed rank 1 after step {kill_after}; the restarted run finished "
+              f"{time.monotonic() - killed:.1f} s later")
     finally:
         if proc.poll() is None:
             proc.kill()
