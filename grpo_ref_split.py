@@ -12,7 +12,8 @@ Launch:
     python grpo_ref_split.py --help                 # every option with its docstring
 
 With beta > 0 and no --ref_url, a reference server is started on a free loopback port and
-stopped at exit. With beta = 0 no reference model is needed at all.
+stopped at exit (with LoRA, --lora_r > 0, the reference is the trainer's own model with its
+adapter disabled: no server). With beta = 0 no reference model is needed at all.
 """
 from __future__ import annotations
 
@@ -51,16 +52,25 @@ def main(argv: list[str]) -> dict:
         if cfg.eval_every > 0 else []
     tokenizer = models.load_tokenizer(cfg.model)
     model = models.load_model(cfg.model, cfg.dtype, str(dist.device))
+    if cfg.lora_r > 0:  # only the adapters train; the same adapter on every rank (and worker)
+        from simple_grpo import lora
+
+        model = lora.wrap(model, cfg, seed=cfg.seed)
+    if cfg.gradient_checkpointing:  # decoder layers recomputed in backward; before deepspeed.initialize
+        from simple_grpo import grad_ckpt
+
+        grad_ckpt.enable(model)
     stream = data.PromptStream(train_examples, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
     render = data.prompt_renderer(tokenizer, cfg.system_prompt)
     eos_ids = rollout.eos_token_ids(tokenizer, model)
 
     ds = eng.ds_config(cfg.ds_config, micro_batch=cfg.micro_batch_size, grad_accum=d.grad_accum,
                        world_size=dist.world_size, grad_clip=cfg.grad_clip,
-                       bf16=models.resolve_dtype(cfg.dtype, dist.device) == torch.bfloat16)
+                       bf16=models.resolve_dtype(cfg.dtype, dist.device) == torch.bfloat16,
+                       offload_optimizer=cfg.offload_optimizer)
     engine = eng.build_engine(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                               warmup_steps=cfg.warmup_steps, config=ds)
-    ref = rollout_source.connect_ref(cfg, dist, d)  # None when beta == 0 and generating locally
+    ref = rollout_source.connect_ref(cfg, dist, d)  # None when beta == 0 (or LoRA) and generating locally
 
     state = {"step": 0, "weight_version": 0}
     client_state = None if cfg.resume == "false" else checkpoint.load_latest(engine, run_dir / "checkpoints")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from simple_grpo import collectives
+from simple_grpo import collectives, lora
 from simple_grpo.errors import UserError
 
 log = logging.getLogger("simple_grpo")
@@ -162,7 +162,7 @@ def _estimate_bytes(engine, ckpt_root: Path) -> int:
     if prev and (ckpt_root / prev).is_dir():
         return _folder_bytes(ckpt_root / prev)
     module = getattr(engine, "module", engine)
-    return sum(p.numel() * (p.element_size() + 12) for p in module.parameters())
+    return sum(p.numel() * (p.element_size() + 12) for p in module.parameters() if p.requires_grad)
 
 
 def _check_disk(engine, ckpt_root: Path, min_free_gb: float) -> None:
@@ -218,7 +218,7 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, *, k
     error: BaseException | None = None
     try:
         engine.save_checkpoint(str(ckpt_root), tag=tmp_tag, client_state={_CLIENT_KEY: client_state},
-                               save_latest=False)
+                               save_latest=False, **lora.checkpoint_save_kwargs(engine))
     except (OSError, RuntimeError) as e:
         if not is_write_failure(e):
             raise
@@ -302,7 +302,7 @@ def load_latest(engine, ckpt_root: Path) -> dict | None:
         raise UserError(f"{ckpt_root / LATEST} names {tag!r} but {folder} does not exist "
                         f"(complete checkpoints there: {found}); write one of them into "
                         f"{ckpt_root / LATEST} or start without resuming")
-    path, client = engine.load_checkpoint(str(ckpt_root), tag=tag)
+    path, client = engine.load_checkpoint(str(ckpt_root), tag=tag, custom_load_fn=lora.load_module)
     if path is None:
         raise UserError(f"DeepSpeed could not load checkpoint {folder} (see its log above); "
                         "it may be incomplete or from a different model/ZeRO setup")
@@ -312,10 +312,11 @@ def load_latest(engine, ckpt_root: Path) -> dict | None:
 
 # ----------------------------------------------------------------------------- HF export
 
-def export_pretrained(model, tokenizer, out_dir: Path) -> Path:
+def export_pretrained(model, tokenizer, out_dir: Path, save=None) -> Path:
     """Write the (unwrapped) model as safetensors + the tokenizer into `out_dir`, atomically, so
-    `AutoModelForCausalLM.from_pretrained(out_dir)` loads it. With ZeRO-2 every rank holds the full
-    weights: any rank may call this, only rank 0 writes (no collective, no barrier)."""
+    `AutoModelForCausalLM.from_pretrained(out_dir)` loads it (`save(folder)`, when given, writes
+    the model instead: LoRA's merged export). With ZeRO-2 every rank holds the full weights: any
+    rank may call this, only rank 0 writes (no collective, no barrier)."""
     out_dir = Path(out_dir)
     if _rank() != 0:
         return out_dir
@@ -327,7 +328,7 @@ def export_pretrained(model, tokenizer, out_dir: Path) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
     try:
-        module.save_pretrained(tmp)
+        (save or module.save_pretrained)(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _fsync_tree(tmp)

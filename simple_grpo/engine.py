@@ -4,10 +4,13 @@
 `torchrun` set RANK/WORLD_SIZE/LOCAL_RANK for each process. On CPU nothing is JIT-compiled: the
 optimizer is a torch AdamW object (DeepSpeed's CPU FusedAdam would compile ~2 min) and the
 shared-memory all-reduce op (compiled ~1 min on every fresh machine) is skipped; gloo does the
-reductions.
+reductions. The one exception is `--offload_optimizer` (ZeRO-Offload: optimizer states in CPU
+memory), which needs DeepSpeed's CPU Adam, a C++ extension compiled on first use (~1 min, then
+cached in ~/.cache/torch_extensions).
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
@@ -87,6 +90,7 @@ def init_distributed(backend: str = "auto") -> Dist:
         ds_torch_comm.build_shm_op = lambda: None  # no JIT compile on CPU; gloo all-reduce instead
     if not torch.distributed.is_initialized():  # DeepSpeed adopts the group
         _init_process_group(backend, torch.device("cuda", gpu) if cuda else None)
+        atexit.register(_destroy_process_group)  # before the interpreter tears down its threads
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if cuda:
@@ -95,6 +99,11 @@ def init_distributed(backend: str = "auto") -> Dist:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # 1 per process on CPU
         device = torch.device("cpu")
     return Dist(rank, world, local_rank, device)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _init_process_group(backend: str, device: torch.device | None) -> None:
@@ -121,8 +130,9 @@ def _init_process_group(backend: str, device: torch.device | None) -> None:
 
 
 def ds_config(path: str | Path, *, micro_batch: int, grad_accum: int, world_size: int,
-              grad_clip: float, bf16: bool) -> dict:
-    """The DeepSpeed JSON with its "auto" values filled from the trainer config."""
+              grad_clip: float, bf16: bool, offload_optimizer: bool = False) -> dict:
+    """The DeepSpeed JSON with its "auto" values filled from the trainer config
+    (`offload_optimizer`: ZeRO-2's optimizer states and update on the CPU)."""
     p = Path(path)
     if not p.exists() and not p.is_absolute():  # the repo's own ds_config.json from any cwd
         p = Path(__file__).resolve().parents[1] / p
@@ -142,19 +152,58 @@ def ds_config(path: str | Path, *, micro_batch: int, grad_accum: int, world_size
         cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     cfg["zero_allow_untested_optimizer"] = True  # a torch AdamW object, see the module docstring
     cfg.setdefault("zero_optimization", {}).setdefault("stage", 2)
+    if offload_optimizer:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return cfg
+
+
+BETAS, EPS = (0.9, 0.99), 1e-8  # AdamW's, the same with and without offload
+
+CPU_ADAM_HELP = ("it is a C++ extension compiled on first use, which needs a C++ compiler and ninja "
+                 "(apt-get install g++ && pip install ninja), or prebuild it where a compiler is: "
+                 "DS_BUILD_CPU_ADAM=1 pip install deepspeed")
+
+
+def offloaded(config: dict) -> bool:
+    """Whether this DeepSpeed config puts the optimizer (states and update) on the CPU."""
+    return ((config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") == "cpu"
+
+
+def cpu_adam(params, *, lr: float, weight_decay: float):
+    """DeepSpeed's CPU AdamW (what ZeRO-Offload steps on the CPU); one UserError line when its
+    C++ extension cannot be built or loaded."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay,
+                                adamw_mode=True)
+    except Exception as e:  # noqa: BLE001 - a failed JIT build raises RuntimeError/OSError/...
+        chain = [e]
+        while chain[-1].__cause__ is not None and len(chain) < 10:
+            chain.append(chain[-1].__cause__)
+        lines = [line.strip() for x in chain for line in str(x).splitlines() if line.strip()]
+        telling = [line for line in lines if "not found" in line or "error:" in line.lower()
+                   or "No such file" in line]
+        why = (telling or lines[-1:] or [type(chain[-1]).__name__])[0][:200]
+        raise UserError(f"--offload_optimizer: DeepSpeed's CPU Adam could not be built ({why}); "
+                        f"{CPU_ADAM_HELP}") from None
 
 
 def build_engine(model, *, lr: float, weight_decay: float, warmup_steps: int, config: dict):
     """DeepSpeed engine with AdamW and a linear warm-up (then constant) learning rate.
 
     torch's fused AdamW updates ZeRO's flat fp32 partition in one pass; the default one allocates
-    full-size temporaries for sqrt and division (~0.9 s a step for 135M parameters on one CPU core)."""
+    full-size temporaries for sqrt and division (~0.9 s a step for 135M parameters on one CPU core).
+    With `offload_optimizer` in the config, DeepSpeed's CPU AdamW instead (same betas, eps, weight
+    decay and schedule), which ZeRO-Offload requires."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99), eps=1e-8,
-                            fused=True)
+    if offloaded(config):
+        opt = cpu_adam(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=BETAS, eps=EPS,
+                                fused=True)
     warm = max(1, warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,

@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from simple_grpo import lora
 from simple_grpo.client import RefClient, RefServerError, RefServerUnavailable
 from simple_grpo.weight_store import iter_state_dict_safetensors
 
@@ -30,10 +31,11 @@ from simple_grpo.weight_store import iter_state_dict_safetensors
 def cpu_snapshot(module: torch.nn.Module, dtype: torch.dtype | None):
     """-> (a detached CPU copy of the state dict in `dtype` for floats, aliases): a tensor that
     shares storage with an earlier one (tied embeddings) is not copied or sent again; aliases maps
-    its name to the name that holds it."""
+    its name to the name that holds it. A LoRA model (PEFT): its adapter's tensors only."""
     seen: dict[tuple, str] = {}
     out, aliases = {}, {}
-    for name, t in module.state_dict().items():
+    state = lora.adapter_state_dict(module) if lora.is_peft(module) else module.state_dict()
+    for name, t in state.items():
         key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
         if key in seen:
             aliases[name] = seen[key]
@@ -63,7 +65,7 @@ class WeightPublisher:
         """Snapshot `module` and upload it as `version` in the background (after the upload in
         flight, if any). `wait` blocks until it is on the server (or failed)."""
         t0 = time.perf_counter()
-        snapshot = cpu_snapshot(module, self.dtype)  # (tensors, aliases)
+        snapshot = (*cpu_snapshot(module, self.dtype), lora.publish_metadata(module))  # + marker
         with self._lock:
             self.stats["snapshot_seconds"] = time.perf_counter() - t0
             if self._next is not None:
@@ -85,12 +87,13 @@ class WeightPublisher:
                 (snapshot, version), self._next = self._next, None
             self._send(snapshot, version)
 
-    def _send(self, snapshot: tuple[dict[str, torch.Tensor], dict[str, str]], version: int) -> None:
+    def _send(self, snapshot: tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]],
+              version: int) -> None:
         t0 = time.perf_counter()
-        tensors, aliases = snapshot
+        tensors, aliases, extra = snapshot  # extra: the LoRA adapter marker (simple_grpo/lora.py)
         try:
             meta = self.client.publish_weights(iter_state_dict_safetensors(
-                tensors, metadata={"version": str(version), "aliases": json.dumps(aliases)}),
+                tensors, metadata={"version": str(version), "aliases": json.dumps(aliases), **extra}),
                 version=version)
         except RefServerError as e:
             if e.status == 409:  # the server already has this version (a resumed run): fine

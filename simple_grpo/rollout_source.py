@@ -187,9 +187,10 @@ class RefConnection:
 
 
 def connect_ref(cfg, dist, d) -> RefConnection | None:
-    """None when no server is needed (beta == 0, no --ref_url, generating locally); else a
-    connection, starting a server child process on a free loopback port when none was named."""
-    if cfg.beta == 0 and not cfg.ref_url and cfg.generate_locally:
+    """None when no server is needed (no --ref_url, generating locally, and beta == 0 or LoRA,
+    whose reference is the trainer's own model with the adapter disabled); else a connection,
+    starting a server child process on a free loopback port when none was named."""
+    if (cfg.beta == 0 or cfg.lora_r > 0) and not cfg.ref_url and cfg.generate_locally:
         return None
     checks = dict(batch_rows=d.seqs_per_rank, group_size=cfg.num_generations,
                   max_staleness=cfg.max_staleness, temperature=cfg.temperature)

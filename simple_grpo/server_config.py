@@ -31,7 +31,8 @@ class ServerConfig:
     max_body_mb: float = 64.0
     """Largest request body in MiB; larger ones get 413 before being read."""
     max_logits_mb: int = 1024
-    """Memory cap for one chunk of fp32 logits; rows are processed in chunks below it."""
+    """fp32 logits alive at once: completion tokens are scored in chunks below it, and a pass takes
+    as many rows as keep its fp32 hidden states within it (never limited by the vocabulary size)."""
     queue_size: int = 256
     """Bound on ready + in-flight batches (0 = unbounded)."""
     queue_order: str = "fifo"

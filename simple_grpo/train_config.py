@@ -84,8 +84,25 @@ class TrainConfig:
     """AdamW weight decay."""
     grad_clip: float = 1.0
     """Gradient-norm clipping (0 disables)."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing: each decoder layer keeps only its input during the training forward
+    and is recomputed in backward (about a third more compute, far less activation memory). The
+    gradients are the same, and the shared-prompt KV cache is kept (simple_grpo/grad_ckpt.py);
+    sampling and other passes without gradients are unaffected."""
     seed: int = 0
     """Seed for data order, sampling and initialisation."""
+
+    # --- LoRA (simple_grpo/lora.py, through PEFT)
+    lora_r: int = 0
+    """LoRA rank; 0 trains every weight. With r > 0 only the adapters are trained, checkpointed and
+    published, and without --ref_url the reference is the same model with its adapter disabled."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: the adapter's update is scaled by lora_alpha / lora_r."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input during training."""
+    lora_target_modules: str = "all-linear"
+    """Layers that get adapters: 'all-linear' (every linear layer of attention and MLP, not the
+    output layer: q,k,v,o,gate,up,down_proj on Llama/Qwen) or comma-separated names."""
 
     # --- sampling
     max_new_tokens: int = 48
@@ -143,6 +160,11 @@ class TrainConfig:
     """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16."""
     ds_config: str = "ds_config.json"
     """DeepSpeed config; 'auto' values are filled from this config."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep the optimizer states (AdamW moments, fp32 master weights) in CPU memory and
+    step there with DeepSpeed's CPU Adam, for full fine-tuning of a larger model on one GPU (slower
+    steps). CPU Adam is a C++ extension compiled on first use (~1 min; needs g++ and ninja, or
+    DS_BUILD_CPU_ADAM=1 pip install deepspeed); pointless on a CPU-only run."""
     local_rank: int = -1
     """Set by the deepspeed launcher."""
     dist_backend: str = "auto"
@@ -207,6 +229,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (cfg.max_new_tokens >= 1, "--max_new_tokens must be >= 1"),
         (0 <= cfg.min_new_tokens <= cfg.max_new_tokens, "--min_new_tokens must be in [0, max_new_tokens]"),
         (cfg.num_iterations >= 1, "--num_iterations must be >= 1"),
+        (cfg.lora_r >= 0, "--lora_r must be >= 0 (0: no LoRA)"),
+        (cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1,
+         "--lora_alpha must be > 0 and --lora_dropout in [0, 1)"),
+        (bool(cfg.lora_target_modules.strip(" ,")), "--lora_target_modules must name layers or be all-linear"),
         (cfg.mode in ("train", "generate"), f"--mode must be train or generate, got {cfg.mode!r}"),
         (cfg.on_save_error in ("warn", "stop"), "--on_save_error must be warn or stop"),
         (cfg.resume in ("false", "true", "auto"), f"--resume must be false, true or auto, got {cfg.resume!r}"),

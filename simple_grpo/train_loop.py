@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from simple_grpo import collectives, policy_step, rollout
+from simple_grpo import collectives, lora, policy_step, rollout
 from simple_grpo.codec import RolloutBatch
 from simple_grpo.masks import truncated
 from simple_grpo.reward_registry import RewardSpec, parse_reward_specs
@@ -79,11 +80,19 @@ def step(ctx: StepContext, weight_version: int):
                           reward_breakdown=rollout.json_breakdown(roll.breakdown))
     if ctx.ref is not None and pending is None:
         pending = ctx.ref.exchange_async(batch, weight_version)
+    ref_seconds = None
+    if ctx.ref is None and c.beta > 0 and c.lora_r > 0:  # reference = our model, adapter disabled
+        t = time.perf_counter()
+        batch.ref_logprobs = lora.reference_logprobs(ctx.engine, batch, micro_batch=c.micro_batch_size,
+                                                     temperature=c.temperature, device=ctx.dist.device)
+        ref_seconds = time.perf_counter() - t
     m, trained = policy_step.train_on_batch(
         ctx.engine, batch, micro_batch=c.micro_batch_size, num_iterations=c.num_iterations,
         loss_kw=ctx.loss_kw, eos_ids=ctx.eos_ids, overlong_filter=c.overlong_filter,
         temperature=c.temperature, world_size=ctx.dist.world_size, device=ctx.dist.device,
         ref_pending=pending, weight_version=weight_version)
+    if ref_seconds is not None:
+        m["ref_seconds"] = ref_seconds
     metrics = {**(roll.stats if roll is not None else {"gen_seconds": 0.0}), **m,
                "local_generation": float(roll is not None),
                **batch_stats(trained, ctx.eos_ids, weight_version, c.eval_reward)}
@@ -226,7 +235,7 @@ class Outputs:
 
         final = self.run_dir / "final"
         try:
-            export_pretrained(model, tokenizer, final)
+            export_pretrained(model, tokenizer, final, **lora.export_options(model))  # LoRA: merged
         except Exception as e:  # a full disk arrives as OSError, RuntimeError or SafetensorError
             if not is_write_failure(e):
                 raise

@@ -30,7 +30,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from simple_grpo import data, models, rollout
+from simple_grpo import data, lora, models, rollout
 from simple_grpo.client import RefClient, RefServerAuthError, RefServerError, RefServerUnavailable
 from simple_grpo.errors import UserError
 
@@ -72,6 +72,8 @@ class Worker:
         self.stream = data.PromptStream(examples, seed=self.seed)
         self.tokenizer = models.load_tokenizer(cfg.model)
         self.model = models.load_model(cfg.model, cfg.dtype, str(self.device)).eval()
+        if cfg.lora_r > 0:  # the trainer's adapter (the same seed): published adapters fill it
+            self.model = lora.wrap(self.model, cfg, seed=cfg.seed).eval()
         self.render = data.prompt_renderer(self.tokenizer, cfg.system_prompt)
         self.eos_ids = rollout.eos_token_ids(self.tokenizer, self.model)
         self.settings = sample_settings(cfg)
@@ -148,11 +150,12 @@ class Worker:
 def load_into(model: torch.nn.Module, path: Path) -> None:
     """Copy a published safetensors file into `model`, one tensor at a time (no second full copy
     of the weights in memory); tied tensors sent once are found through the file's "aliases"
-    metadata. Raises UserError when the names or shapes don't fit the model."""
+    metadata; a LoRA adapter (metadata format=lora-adapter) fills only the model's adapter.
+    Raises UserError when the names or shapes don't fit the model."""
     from safetensors import safe_open
 
-    params = model.state_dict()
     with safe_open(str(path), framework="pt", device="cpu") as f:
+        params = lora.published_params(model, f.metadata() or {})  # a LoRA run: its adapter only
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
         names = set(f.keys()) | set(aliases)
         if names != set(params):

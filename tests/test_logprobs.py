@@ -93,3 +93,25 @@ def test_shared_prompt_gradients_match_full_forward():
         grads.append([q.grad.clone() for q in model.parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-5), "gradients must flow into the shared prompt states"
+
+
+def test_soft_capped_logits_use_the_models_own_head():
+    """A head that soft-caps its logits (Gemma 2: cap * tanh(z / cap)) is not `lm_head(hidden)`:
+    completion_logprobs then scores with the model's own logits, with and without gradients."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       final_logit_softcapping=2.0, sliding_window=64)
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM._from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
+    p_ids, c_ids = torch.tensor([[0, 5, 6, 7], [9, 8, 7, 6]]), torch.tensor([[8, 9, 10], [4, 3, 0]])
+    p_lens, c_lens = torch.tensor([3, 4]), torch.tensor([3, 2])
+    got = completion_logprobs(gemma, p_ids, p_lens, c_ids, c_lens, temperature=0.7, max_logits_bytes=1)
+    for i in range(2):
+        p, c = p_ids[i, 4 - int(p_lens[i]):].tolist(), c_ids[i, :int(c_lens[i])].tolist()
+        logits = gemma(torch.tensor([p + c])).logits[0].float()
+        assert logits.abs().max() <= 2.0 + 1e-5, "the cap is in the model's logits"
+        want = torch.log_softmax(logits / 0.7, -1)[[len(p) - 1 + t for t in range(len(c))], c]
+        assert torch.allclose(got[i, :len(c)], want, atol=1e-5)
+    assert got.requires_grad and got[1, 2] == 0
