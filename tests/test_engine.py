@@ -82,3 +82,66 @@ def test_bf16_gradients_accumulate_in_fp32(dist_env):
 
     assert worst(_accumulated_grads(None, xs)) < 1e-6, "bf16 micro-batch gradients summed in fp32"
     assert worst(_accumulated_grads("bf16", xs)) > 1e-4, "the check must see bf16 accumulation"
+
+
+def _steps(offload: bool, steps: int = 3) -> tuple[object, dict[str, torch.Tensor]]:
+    """`steps` optimizer steps (2 micro-batches each, clipping, warm-up, weight decay) of a tiny
+    model in a real ZeRO-2 engine -> (engine, parameters)."""
+    cfg = eng.ds_config("ds_config.json", micro_batch=1, grad_accum=2, world_size=1, grad_clip=1.0,
+                        bf16=False, offload_optimizer=offload)
+    engine = eng.build_engine(build_tiny_model(seed=1), lr=1e-2, weight_decay=0.1, warmup_steps=2,
+                              config=cfg)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2 * steps):
+        x = torch.randint(3, 300, (1, 12), generator=g)
+        engine.backward(engine(input_ids=x, labels=x).loss / 2, scale_wrt_gas=False)
+        engine.step()
+    return engine, {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+@pytest.mark.slow  # DeepSpeed's CPU Adam is JIT-compiled on first use: ~1 min on 2 cores, then cached
+def test_offload_optimizer_steps_equal_plain_adamw(dist_env):
+    """--offload_optimizer: the same parameters after 3 steps as torch's AdamW without offload (the
+    same AdamW math: betas, eps, decoupled weight decay, lr warm-up), with the optimizer states
+    (moments and fp32 master weights) held by DeepSpeed's CPU Adam in CPU memory."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    plain, want = _steps(offload=False)
+    engine, got = _steps(offload=True)
+    assert isinstance(engine.optimizer.optimizer, DeepSpeedCPUAdam) and engine.optimizer.cpu_offload
+    assert not isinstance(plain.optimizer.optimizer, DeepSpeedCPUAdam)
+    states = [t for s in engine.optimizer.optimizer.state.values() for t in s.values()
+              if isinstance(t, torch.Tensor) and t.numel() > 1]
+    assert states and all(t.device.type == "cpu" for t in states), "Adam moments live on the CPU"
+    assert all(p.device.type == "cpu" for p in engine.optimizer.single_partition_of_fp32_groups)
+    moved = max(float((got[k] - build_tiny_model(seed=1).state_dict()[k]).abs().max()) for k in got)
+    assert moved > 1e-3, "the steps must change the parameters"
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
+    assert float(engine.get_lr()[0]) == float(plain.get_lr()[0]) == pytest.approx(1e-2)
+
+
+def test_offload_without_a_compiler_is_one_line(tiny_model_dir, tmp_path):
+    """Where CPU Adam cannot be built (here: CXX names no compiler and the extension cache is
+    empty), the trainer stops with one line that says how to get it built, and exit code 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get("cpu_adam"):
+        pytest.skip("this DeepSpeed was installed with CPU Adam prebuilt: nothing to compile")
+    root = Path(__file__).resolve().parents[1]
+    env = eng.standalone_env(OMP_NUM_THREADS="1", CXX="/nonexistent/g++",
+                             TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    r = subprocess.run([sys.executable, str(root / "grpo_ref_split.py"), f"--model={tiny_model_dir}",
+                        f"--run_dir={tmp_path / 'run'}", "--beta=0", "--eval_every=0",
+                        "--offload_optimizer"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("grpo_ref_split.py: error: --offload_optimizer: DeepSpeed's CPU Adam could "
+                           "not be built ("), last
+    assert "/nonexistent/g++" in last, "the reason names the missing compiler"
+    assert "DS_BUILD_CPU_ADAM=1 pip install deepspeed" in last and "Traceback" not in r.stderr

@@ -1,0 +1,61 @@
+"""benchmarks/memory.py in its tiny CPU mode: every variant is a row of the table, measured through
+the trainer's own pieces in a fresh process each, and a bad variant name is one line."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from simple_grpo.engine import standalone_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), *args], cwd=ROOT,
+                          env=standalone_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_tiny_cpu_table_has_a_measured_row_per_variant(tmp_path):
+    variants = ["full", "full+gc", "lora"]  # +offload: tests/test_engine.py (its first build is slow)
+    r = run_bench("--device=cpu", "--shape=tiny", "--G=4", "--completion_tokens=8", "--prompt_tokens=8",
+                  f"--variants={','.join(variants)}", "--jobs=3", f"--out={tmp_path / 'mem'}")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0][2:] for row in rows] == variants, r.stdout
+    results = json.loads((tmp_path / "mem.json").read_text())["results"]
+    for v in variants:  # each one ran (the trainer has every option) and measured a real peak
+        assert results[v]["status"] == "ok", results[v]
+        assert results[v]["peak_gib"] > 0 and results[v]["before_step_gib"] > 0
+    assert results["lora"]["trainable_params"] < results["full"]["trainable_params"]
+    assert "| full | " in r.stdout and "| 1.00 |" in r.stdout, "the ratio column against full"
+    assert (tmp_path / "mem.md").read_text().strip() == r.stdout.strip()
+
+
+def test_unknown_variant_is_one_line():
+    r = run_bench("--shape=tiny", "--variants=full,qlora", timeout=120)
+    assert r.returncode == 2 and "unknown variant 'qlora'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_variant_the_trainer_lacks_is_na_not_a_crash(monkeypatch):
+    """Where the trainer has no option for a variant (an older checkout without --lora_r), its row
+    says so; an OOM is a row with its reason."""
+    import importlib.util
+
+    from simple_grpo.errors import UserError
+
+    spec = importlib.util.spec_from_file_location("memory_bench", ROOT / "benchmarks" / "memory.py")
+    mem = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "memory_bench", mem)  # dataclasses look their module up
+    spec.loader.exec_module(mem)
+
+    def lacks(c, variant):
+        raise UserError("unknown option(s) --lora_r; see --help")
+
+    monkeypatch.setattr(mem, "trainer_config", lacks)
+    c = mem.MemoryConfig(shape="tiny")
+    got = mem.run_child(c, "lora")
+    assert got["status"] == "n/a" and "--lora_r" in got["reason"]
+    oom = {"status": "OOM", "reason": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    table = mem.render(c, {"lora": got, "full+offload": oom})
+    assert "| lora | n/a (not available) |" in table and "| full+offload | OOM |" in table
