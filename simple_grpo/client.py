@@ -220,12 +220,17 @@ class RefClient:
         return self._request("GET", "/weights/version", headers=headers).json()
 
     def download_weights(self, dest: str | Path, expected_sha256: str | None = None) -> Path:
-        """GET /weights into dest: written to dest.part, resumed with Range after a broken
-        connection (up to `retries` times), sha256-checked, then renamed over dest. On failure
-        dest is untouched and RefServerError / RefServerUnavailable is raised. Sets
-        last_weights."""
+        """GET /weights into dest: written to dest.part, resumed with Range + If-Range after a
+        broken connection (up to `retries` times), then renamed over dest. Whatever version the
+        server sends is taken: its X-Weight-Version and ETag (sha256) come with the file it
+        streams, the bytes are checked against that sha256 (and against expected_sha256 when
+        given), and a resume answered with another version starts over, so two versions are never
+        mixed. On success sets last_weights = {"version", "sha256", "bytes"} of the file in dest;
+        on failure dest and last_weights are untouched and RefServerError /
+        RefServerUnavailable is raised."""
         dest = Path(dest)
         part, have, etag, total, last = dest.with_name(dest.name + ".part"), 0, None, None, ""
+        got: dict[str, Any] = {}  # version and sha256 of the file the server is sending
         try:
             with open(part, "wb") as f:
                 for attempt in range(self.retries + 1):
@@ -235,13 +240,19 @@ class RefClient:
                                               timeout=self.timeout) as r:
                             if r.status_code >= 400 and r.status_code not in _RETRY_STATUS:
                                 raise self._error(r)
-                            if r.status_code in (200, 206):
+                            if r.status_code == 206 and r.headers.get("ETag") != etag:
+                                # a resume must continue the same file: never splice two versions
+                                have, etag, got = 0, None, {}
+                                f.seek(0)
+                                f.truncate()
+                                last = "the server resumed another version; starting over"
+                            elif r.status_code in (200, 206):
                                 if r.status_code == 200:  # a fresh start (or a newer version)
                                     have, etag = 0, r.headers["ETag"]
                                     f.seek(0)
                                     f.truncate()
-                                    self.last_weights = {"version": int(
-                                        r.headers["X-Weight-Version"]), "sha256": etag.strip('"')}
+                                    got = {"version": int(r.headers["X-Weight-Version"]),
+                                           "sha256": etag.strip('"')}
                                 total = have + int(r.headers["Content-Length"])
                                 for chunk in r.iter_content(1 << 20):
                                     f.write(chunk)
@@ -264,7 +275,7 @@ class RefClient:
             with open(part, "rb") as f:
                 while chunk := f.read(1 << 20):
                     sha.update(chunk)
-            want = [w for w in (self.last_weights["sha256"], expected_sha256) if w]
+            want = [w for w in (got["sha256"], expected_sha256) if w]
             if any(sha.hexdigest() != w for w in want):
                 raise RefServerError(200, f"downloaded weights have sha256 {sha.hexdigest()}, "
                                           f"expected {' and '.join(want)}", self.url)
@@ -272,7 +283,7 @@ class RefClient:
         except BaseException:
             part.unlink(missing_ok=True)
             raise
-        self.last_weights["bytes"] = have
+        self.last_weights = {**got, "bytes": have}
         return dest
 
     def close(self) -> None:

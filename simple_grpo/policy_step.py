@@ -14,11 +14,12 @@ from concurrent.futures import Future
 
 import torch
 
-from simple_grpo import collectives
+from simple_grpo import collectives, offpolicy
 from simple_grpo.codec import RolloutBatch
 from simple_grpo.logprobs import completion_logprobs
 from simple_grpo.losses import policy_loss
 from simple_grpo.masks import mask_from_lengths, truncated
+from simple_grpo.tis import TISSettings, tis_sums, tis_weights
 
 
 def loss_mask(batch: RolloutBatch, eos_ids: list[int], overlong_filter: bool) -> torch.Tensor:
@@ -30,8 +31,10 @@ def loss_mask(batch: RolloutBatch, eos_ids: list[int], overlong_filter: bool) ->
 
 
 def global_counts(mask_BC: torch.Tensor, device: torch.device) -> tuple[float, int]:
-    """(valid tokens, sequences) of this step summed over every rank."""
-    counts = collectives.all_reduce([float(mask_BC.sum()), float(mask_BC.shape[0])], device)
+    """(valid tokens, sequences) of this step summed over every rank. A sequence counts only with
+    at least one token in the loss mask, so rows the overlong filter drops do not dilute the
+    per-sequence mean (seq-mean-token-mean) or Dr.GRPO's B * max_tokens."""
+    counts = collectives.all_reduce([float(mask_BC.sum()), float(mask_BC.any(1).sum())], device)
     return float(counts[0]), int(counts[1])
 
 
@@ -43,7 +46,8 @@ def _micro(batch: RolloutBatch, sl: slice, device):
 def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_iterations: int,
                    loss_kw: dict, eos_ids: list[int], overlong_filter: bool, temperature: float,
                    world_size: int, device, ref_pending: Future | None = None,
-                   max_prefetch: int = 2, weight_version: int | None = None):
+                   max_prefetch: int = 2, weight_version: int | None = None,
+                   tis: TISSettings | None = None):
     """Run `num_iterations` optimizer steps over `batch` -> (metrics, the batch trained on).
 
     `ref_pending`: a future of the batch coming back from the reference server (ours with its
@@ -53,17 +57,23 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
     ours, those forward passes are dropped and the returned batch is trained instead. `batch`
     None: train on whatever `ref_pending` returns (a trainer that does not generate).
 
-    A batch with `gen_logprobs` (a generation worker's sampling log-probs) uses them as the old
-    policy; when it was generated with the trainer's current weights (`weight_version`), the
-    mean |gen_logprobs - trainer log-probs| over its tokens is returned as mismatch_sum /
-    mismatch_tokens (sampling-vs-training numerics: bf16 weights, another kernel or device).
+    The old policy is the one that sampled the batch (simple_grpo/offpolicy.py): a batch generated
+    with older weights than `weight_version` uses its `gen_logprobs` (sampling log-probs); a fresh
+    one the trainer's own (a worker's fresh batch with tis off: its gen_logprobs). For a fresh batch
+    with gen_logprobs the mean |gen_logprobs - trainer log-probs| over its tokens is returned as
+    mismatch_sum / mismatch_tokens (sampling-vs-training numerics: bf16 weights, another kernel or
+    device), and `tis` (level != off) weights its policy-gradient terms (simple_grpo/tis.py; sums
+    tis_weight_sum / tis_clipped / tis_tokens). offpolicy_tokens / trained_tokens: this rank's
+    tokens of a late batch trained against its sampling log-probs / all its loss tokens.
     """
+    tis = tis or TISSettings()
     assert batch is not None or ref_pending is not None, "nothing to train on"
     t0 = time.perf_counter()
     prefetched: dict[int, torch.Tensor] = {}  # micro-batch start -> policy log-probs with graph
     ref_wait = 0.0
     if ref_pending is not None:
-        if batch is not None and num_iterations == 1 and batch.gen_logprobs is None:
+        if batch is not None and num_iterations == 1 and \
+                not offpolicy.sampling_is_old(batch, weight_version, tis.level):
             for s in range(0, min(batch.batch_size, max_prefetch * micro_batch), micro_batch):
                 if s and ref_pending.done():
                     break
@@ -84,14 +94,21 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
         num_tokens = num_seqs * loss_kw["max_tokens"]  # Dr.GRPO's constant normaliser
     slices = [slice(s, s + micro_batch) for s in range(0, B, micro_batch)]
 
-    old_BC = batch.gen_logprobs  # sampling log-probs from a generation worker, when it sent them
+    # the old policy: the sampling log-probs (late batches, ...) or the trainer's own (offpolicy.py)
+    old_BC = batch.gen_logprobs if offpolicy.sampling_is_old(batch, weight_version, tis.level) else None
     if old_BC is None and num_iterations > 1:  # record the old policy before the first update
         with torch.no_grad():
             old_BC = torch.cat([completion_logprobs(engine, *_micro(batch, sl, device),
                                                     temperature=temperature).cpu() for sl in slices])
-    fresh = old_BC is not None and batch.gen_logprobs is not None and weight_version is not None \
+    fresh = batch.gen_logprobs is not None and weight_version is not None \
         and batch.weight_version == weight_version
-    sums: dict[str, float] = {"mismatch_sum": 0.0, "mismatch_tokens": 0.0}
+    use_tis = fresh and tis.level != "off"
+    late = offpolicy.is_late(batch, weight_version) and batch.gen_logprobs is not None  # old = sampling
+    sums: dict[str, float] = {"mismatch_sum": 0.0, "mismatch_tokens": 0.0,
+                              "offpolicy_tokens": float(mask_BC.sum()) if late else 0.0,
+                              "trained_tokens": float(mask_BC.sum()),
+                              **({"tis_weight_sum": 0.0, "tis_clipped": 0.0, "tis_tokens": 0.0}
+                                 if tis.level != "off" else {})}
     for it in range(num_iterations):
         for sl in slices:
             if sl.start in prefetched:
@@ -99,14 +116,22 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
             else:
                 logp_bC = completion_logprobs(engine, *_micro(batch, sl, device), temperature=temperature)
             old = None if old_BC is None else old_BC[sl].to(device)
+            m_bC, weight_bC = mask_BC[sl].to(device), None
             if fresh and it == 0:
-                m_bC = mask_BC[sl].to(device)
-                sums["mismatch_sum"] += float(((logp_bC.detach() - old).abs() * m_bC).sum())
+                gen_bC = batch.gen_logprobs[sl].to(device)
+                sums["mismatch_sum"] += float(((logp_bC.detach() - gen_bC).abs() * m_bC).sum())
                 sums["mismatch_tokens"] += float(m_bC.sum())
+            if use_tis:  # trainer's old log-probs (current weights, detached) vs the sampler's
+                weight_bC, clipped_bC = tis_weights(logp_bC.detach() if old is None else old,
+                                                    batch.gen_logprobs[sl].to(device), m_bC,
+                                                    level=tis.level, mode=tis.mode, cap=tis.cap)
+                if it == 0:
+                    for k, v in tis_sums(weight_bC, clipped_bC, m_bC).items():
+                        sums[k] += v
             ref = None if batch.ref_logprobs is None else batch.ref_logprobs[sl].to(device)
             loss, m = policy_loss(logp_bC, old, ref, batch.advantages[sl].to(device),
-                                  mask_BC[sl].to(device), num_tokens=num_tokens, num_seqs=num_seqs,
-                                  **loss_kw)
+                                  m_bC, num_tokens=num_tokens, num_seqs=num_seqs,
+                                  **loss_kw, **({"token_weight": weight_bC} if use_tis else {}))
             engine.backward(loss * world_size, scale_wrt_gas=False)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             w = m["tokens"]
@@ -116,9 +141,9 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             sums["tokens"] = sums.get("tokens", 0.0) + w
     tok = max(sums.pop("tokens", 0.0), 1.0)
-    mismatch = {k: sums.pop(k) for k in ("mismatch_sum", "mismatch_tokens")}
+    pairs = {k: sums.pop(k) for k in offpolicy.SUM_KEYS if k in sums}  # divided in offpolicy.finish_ratios
     out = {k: (v / num_iterations if k in ("loss", "pg_loss") else v / tok) for k, v in sums.items()}
-    out.update(mismatch)
+    out.update(pairs)
     out["train_seconds"] = time.perf_counter() - t0 - ref_wait
     out["ref_seconds"] = ref_wait
     out["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)

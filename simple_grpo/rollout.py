@@ -15,6 +15,7 @@ import torch
 from simple_grpo.advantages import group_advantages, zero_variance_groups
 from simple_grpo.codec import RolloutBatch
 from simple_grpo.decode import decode, prefill
+from simple_grpo.errors import UserError
 from simple_grpo.hf_compat import cache_kwargs
 from simple_grpo.logprobs import token_logprobs
 from simple_grpo.masks import lengths_from_eos, mask_from_lengths, truncated
@@ -139,9 +140,12 @@ def pad_cat(parts: list[torch.Tensor], pad_id: int, left: bool) -> torch.Tensor:
 def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, specs: list[RewardSpec],
                  *, system_render, eos_ids: list[int], dynamic_sampling: bool = False,
                  max_refill_rounds: int = 0, failure_value: float = 0.0, scale: str = "std",
-                 weight_version: int = 0, record_logprobs: bool = False) -> Rollout:
+                 weight_version: int = 0, record_logprobs: bool = False,
+                 filter_metric: str = "reward") -> Rollout:
     """Generate and score `n_prompts` groups of G; with dynamic sampling keep only groups whose
-    rewards differ, refilling with new prompts for at most `max_refill_rounds` extra rounds.
+    `filter_metric` values differ ('reward': the weighted total; a reward's name: its unweighted
+    value, e.g. correctness as in DAPO), refilling with new prompts for at most
+    `max_refill_rounds` extra rounds (zero_var_frac counts groups flat in that metric).
     `record_logprobs` stores the sampling log-probs as the batch's gen_logprobs (workers)."""
     G = s.num_generations
     kept: list[tuple] = []  # (example, prompt_ids, prompt_lens, comp_ids, comp_lens, rewards, texts,
@@ -160,7 +164,11 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
         rep = [ex for ex in examples for _ in range(G)]
         rewards_N, breakdown, failures = score(texts, rep, c_lens, specs, s, failure_value)
         stats["reward_failures"] += sum(failures.values())
-        flat = zero_variance_groups(rewards_N.view(-1, G))
+        if filter_metric != "reward" and filter_metric not in breakdown:
+            raise UserError(f"filter metric {filter_metric!r} is not among the rewards "
+                            f"({', '.join(breakdown)}) nor 'reward'")
+        metric_N = rewards_N if filter_metric == "reward" else torch.tensor(breakdown[filter_metric])
+        flat = zero_variance_groups(metric_N.view(-1, G))
         if rounds == 0:
             stats["zero_var_frac"] = float(flat.float().mean())
         generated_groups += len(examples)
@@ -172,7 +180,8 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
         if len(kept) >= n_prompts or not dynamic_sampling:
             break
         if rounds >= max_refill_rounds:
-            top_up = spare[: n_prompts - len(kept)]  # zero advantages: only the KL term acts
+            top_up = spare[: n_prompts - len(kept)]  # flat in the metric (filtering on 'reward':
+            #                                          zero advantages, only the KL term acts)
             stats["topped_up_groups"] = float(len(top_up))
             kept += top_up
             break

@@ -1,6 +1,6 @@
 """The trainer's one config: a dataclass with a docstring per field, `--key=value` overrides, a
-preset (grpo | dr_grpo | dapo | gspo) that fills every loss knob left unset, and the derived batch
-sizes, computed once with a clear error when they don't divide."""
+preset (grpo | dr_grpo | dapo | gspo | cispo | sapo) that fills every loss knob left unset, and
+the derived batch sizes, computed once with a clear error when they don't divide."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from simple_grpo.errors import UserError
-from simple_grpo.losses import AGG_MODES, KL_ESTIMATORS, PRESETS, RATIO_LEVELS
+from simple_grpo.losses import AGG_MODES, KL_ESTIMATORS, PG_LOSSES, PRESETS, RATIO_LEVELS
 from simple_grpo.models import BUNDLED
 
 
@@ -38,7 +38,8 @@ class TrainConfig:
 
     # --- the algorithm
     preset: str = "grpo"
-    """Loss preset: grpo | dr_grpo | dapo | gspo. Every field below left at None takes its value."""
+    """Loss preset: grpo | dr_grpo | dapo | gspo | cispo | sapo. Every field below left at None takes
+    its value."""
     scale: str | None = None
     """Advantage scaling: 'std' (GRPO/DAPO) or 'none' (Dr.GRPO)."""
     agg: str | None = None
@@ -58,12 +59,26 @@ class TrainConfig:
     max_refill_rounds: int = 4
     """Bound on extra generation rounds per step for dynamic sampling (then the batch is topped
     up with zero-advantage groups, counted in metrics)."""
+    filter_metric: str = "auto"
+    """Dynamic sampling keeps groups whose values of this metric differ: a reward function's name
+    (its unweighted value), 'reward' (the weighted total), or 'auto': the --eval_reward function
+    (correctness, as DAPO and verl filter on accuracy) when it is among the rewards, else 'reward'."""
     overlong_filter: bool | None = None
     """DAPO: exclude truncated completions (no EOS within max_new_tokens) from the loss."""
     overlong_reward: bool | None = None
     """DAPO: add the soft overlong punishment reward ('overlong' in rewards.py)."""
     overlong_cache: int | None = None
     """DAPO's L_cache in tokens; None means 0.2 * max_new_tokens."""
+    pg_loss: str | None = None
+    """Policy-gradient term: 'clip' (PPO/GRPO clipped ratio), 'cispo' (MiniMax-M1: a clipped,
+    stop-gradient IS weight times log-prob) or 'sapo' (Qwen SAPO: a sigmoid soft gate)."""
+    tau_pos: float | None = None
+    """SAPO gate temperature for tokens with advantage > 0 (paper: 1.0)."""
+    tau_neg: float | None = None
+    """SAPO gate temperature for tokens with advantage <= 0 (paper: 1.05)."""
+    clip_ratio_c: float | None = None
+    """Dual clip (pg_loss=clip; verl's clip_ratio_c, e.g. 3): a negative-advantage token's loss is
+    capped at -clip_ratio_c * A; must be > 1. None: the preset's value (off in every preset)."""
 
     # --- batch sizes and optimisation
     steps: int = 30
@@ -184,6 +199,17 @@ class TrainConfig:
     max_staleness: int = 4
     """Trainer: drop (and count) a queued batch generated more than this many weight versions
     (optimizer steps) ago; -1 keeps every batch."""
+    tis: str = "off"
+    """Trainer: truncated importance sampling for the sampler/trainer mismatch of a batch trained at
+    the version that sampled it (simple_grpo/tis.py): off | token (w_t = exp(trainer - sampler
+    log-prob)) | sequence (w = exp of the sum over the sequence's tokens); w weights the
+    policy-gradient term. A batch that comes back late uses its sampling log-probs as the old
+    policy instead."""
+    tis_mode: str = "truncate"
+    """TIS: truncate (w = min(w, tis_cap)) | mask (w = 0 for tokens or sequences whose w is outside
+    [1 / tis_cap, tis_cap])."""
+    tis_cap: float = 2.0
+    """TIS: the cap C (>= 1) of truncate and mask."""
     trainer_ranks: int = 1
     """Worker: the trainer's number of ranks; each upload holds prompts_per_step / trainer_ranks
     prompts, one rank's share of a step (the trainer drops batches of another size)."""
@@ -224,6 +250,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (cfg.ratio_level in RATIO_LEVELS, f"--ratio_level must be one of {', '.join(RATIO_LEVELS)}"),
         (cfg.beta >= 0, "--beta must be >= 0"),
         (cfg.eps_low >= 0 and cfg.eps_high >= 0, "--eps_low/--eps_high must be >= 0"),
+        (cfg.pg_loss in PG_LOSSES, f"--pg_loss must be one of {', '.join(PG_LOSSES)}"),
+        (cfg.pg_loss == "clip" or cfg.ratio_level == "token",
+         f"--pg_loss={cfg.pg_loss} needs --ratio_level=token (sequence ratios: pg_loss=clip, GSPO)"),
+        (cfg.tau_pos > 0 and cfg.tau_neg > 0, "--tau_pos and --tau_neg must be > 0"),
+        (cfg.clip_ratio_c is None or (cfg.clip_ratio_c > 1 and cfg.pg_loss == "clip"),
+         "--clip_ratio_c (dual clip) must be > 1 and needs --pg_loss=clip"),
         (cfg.num_generations >= 2, "--num_generations must be >= 2 (advantages are group-relative)"),
         (cfg.steps >= 0 and cfg.prompts_per_step >= 1, "--steps >= 0 and --prompts_per_step >= 1"),
         (cfg.max_new_tokens >= 1, "--max_new_tokens must be >= 1"),
@@ -243,6 +275,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (cfg.publish_every >= 0, "--publish_every must be >= 0 (0: never publish)"),
         (cfg.publish_dtype in ("auto", "float32", "bfloat16"),
          "--publish_dtype must be auto, float32 or bfloat16"),
+        (cfg.tis in ("off", "token", "sequence"), f"--tis must be off, token or sequence, got {cfg.tis!r}"),
+        (cfg.tis_mode in ("truncate", "mask"), f"--tis_mode must be truncate or mask, got {cfg.tis_mode!r}"),
+        (cfg.tis_cap >= 1, "--tis_cap must be >= 1"),
         (cfg.trainer_ranks >= 1 and cfg.prompts_per_step % cfg.trainer_ranks == 0,
          "--trainer_ranks must be >= 1 and divide --prompts_per_step"),
         (cfg.mode == "train" or cfg.ref_url, "--mode=generate needs --ref_url=http://HOST:PORT "
@@ -269,7 +304,20 @@ def derive(cfg: TrainConfig, world_size: int) -> Derived:
 def loss_kwargs(cfg: TrainConfig) -> dict:
     """The policy_loss keyword arguments this config selects."""
     return dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, kl=cfg.kl, agg=cfg.agg,
-                max_tokens=cfg.max_new_tokens, ratio_level=cfg.ratio_level)
+                max_tokens=cfg.max_new_tokens, ratio_level=cfg.ratio_level, pg_loss=cfg.pg_loss,
+                tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg, clip_ratio_c=cfg.clip_ratio_c)
+
+
+def dynamic_filter_metric(cfg: TrainConfig, specs) -> str:
+    """The metric dynamic sampling filters groups on (rollout.make_rollout's filter_metric): a
+    reward name from `specs` or 'reward'; 'auto' picks --eval_reward when it is in `specs`."""
+    names = [s.name for s in specs]
+    if cfg.filter_metric == "auto":
+        return cfg.eval_reward if cfg.eval_reward in names else "reward"
+    if cfg.filter_metric != "reward" and cfg.filter_metric not in names:
+        raise UserError(f"--filter_metric={cfg.filter_metric} is not among the rewards "
+                        f"({', '.join(names)}); use one of them, 'reward' or 'auto'")
+    return cfg.filter_metric
 
 
 def sample_settings(cfg: TrainConfig):

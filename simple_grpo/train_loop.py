@@ -12,11 +12,12 @@ from typing import Callable
 
 import torch
 
-from simple_grpo import collectives, lora, policy_step, rollout
+from simple_grpo import collectives, lora, offpolicy, policy_step, rollout
 from simple_grpo.codec import RolloutBatch
 from simple_grpo.masks import truncated
 from simple_grpo.reward_registry import RewardSpec, parse_reward_specs
 from simple_grpo.rollout_source import RefConnection
+from simple_grpo.tis import TISSettings
 
 
 def reward_specs(cfg) -> list[RewardSpec]:
@@ -60,6 +61,8 @@ def step(ctx: StepContext, weight_version: int):
     --generate_locally=false: then wait for workers) and, with a server, exchange it for the next
     ready batch (ours with reference log-probs, or a worker's); then the policy update
     -> (metrics averaged over ranks, our rollout or None, the trained batch's provenance)."""
+    from simple_grpo.train_config import dynamic_filter_metric
+
     c = ctx.cfg
     roll, batch, pending = None, None, None
     if c.generate_locally and ctx.ref is not None:  # workers' batches waiting: train on those first
@@ -71,9 +74,11 @@ def step(ctx: StepContext, weight_version: int):
         roll = rollout.make_rollout(ctx.engine.module, ctx.tokenizer, ctx.stream, ctx.d.prompts_per_rank,
                                     ctx.settings, ctx.specs, system_render=ctx.render, eos_ids=ctx.eos_ids,
                                     dynamic_sampling=c.dynamic_sampling,
+                                    filter_metric=dynamic_filter_metric(c, ctx.specs),
                                     max_refill_rounds=c.max_refill_rounds,
                                     failure_value=c.reward_failure_value, scale=c.scale,
-                                    weight_version=weight_version)
+                                    weight_version=weight_version,  # sampling log-probs: the old
+                                    record_logprobs=ctx.ref is not None or c.tis != "off")  # policy if late
         batch = roll.batch
         batch.batch_id = uuid.uuid4().hex  # to recognise our batch when it comes back from the queue
         batch.meta.update(producer=f"trainer-{ctx.dist.rank}",
@@ -90,7 +95,7 @@ def step(ctx: StepContext, weight_version: int):
         ctx.engine, batch, micro_batch=c.micro_batch_size, num_iterations=c.num_iterations,
         loss_kw=ctx.loss_kw, eos_ids=ctx.eos_ids, overlong_filter=c.overlong_filter,
         temperature=c.temperature, world_size=ctx.dist.world_size, device=ctx.dist.device,
-        ref_pending=pending, weight_version=weight_version)
+        ref_pending=pending, weight_version=weight_version, tis=TISSettings.from_config(c))
     if ref_seconds is not None:
         m["ref_seconds"] = ref_seconds
     metrics = {**(roll.stats if roll is not None else {"gen_seconds": 0.0}), **m,
@@ -105,10 +110,7 @@ def step(ctx: StepContext, weight_version: int):
     if ctx.dist.device.type == "cuda":  # this rank's peak since the start (max over ranks below)
         metrics["gpu_mem_gb_max"] = torch.cuda.max_memory_allocated(ctx.dist.device) / 2**30
     metrics = average(metrics, ctx.dist)
-    tokens = metrics.pop("mismatch_tokens", 0.0)
-    mismatch = metrics.pop("mismatch_sum", 0.0)
-    if tokens > 0:
-        metrics["logprob_mismatch"] = mismatch / tokens
+    metrics = offpolicy.finish_ratios(metrics)  # logprob_mismatch, offpolicy_token_frac, tis_*
     info = {"batch_id": trained.batch_id, "producer": trained.meta.get("producer", "?"),
             "weight_version": trained.weight_version, "rank": ctx.dist.rank}
     return metrics, (roll if ours else None), gather(info, ctx.dist)

@@ -100,13 +100,17 @@ class Worker:
                 time.sleep(2.0)
 
     def sync_weights(self) -> bool:
-        """Load the trainer's newest published weights when they differ from ours -> updated."""
+        """Load the trainer's newest published weights when they differ from ours -> updated.
+        The version polled only says whether to download: the worker takes whatever version the
+        server sends (a publish may land between the poll and the download, or during it) and
+        records that one, verified against the sha256 sent with it -- never a refusal and retry,
+        which a trainer publishing every step could keep the worker in forever."""
         info = self.call("poll weights", lambda: self.client.weights_version(self.id, self.version))
         if info.get("version") is None or info["version"] == self.version:
             return False
         path = self.dir / "policy.safetensors"
         try:
-            self.client.download_weights(path, expected_sha256=info.get("sha256"))
+            self.client.download_weights(path)  # checked against the sha256 of what was sent
         except (RefServerUnavailable, RefServerError) as e:
             if isinstance(e, RefServerAuthError):
                 raise
@@ -124,11 +128,14 @@ class Worker:
 
     def make_batch(self):
         """One rank's share of a trainer step: scored groups with sampling log-probs."""
+        from simple_grpo.train_config import dynamic_filter_metric
+
         c = self.cfg
         roll = rollout.make_rollout(self.model, self.tokenizer, self.stream,
                                     c.prompts_per_step // c.trainer_ranks, self.settings, self.specs,
                                     system_render=self.render, eos_ids=self.eos_ids,
                                     dynamic_sampling=c.dynamic_sampling,
+                                    filter_metric=dynamic_filter_metric(c, self.specs),
                                     max_refill_rounds=c.max_refill_rounds,
                                     failure_value=c.reward_failure_value, scale=c.scale,
                                     weight_version=self.version, record_logprobs=True)

@@ -207,9 +207,142 @@ def test_aggregate_rejects_unknown_mode_and_shape_mismatch():
     ("dr_grpo", "none", "seq-mean-token-sum-norm", 0.0, (0.2, 0.2)),
     ("dapo", "std", "token-mean", 0.0, (0.2, 0.28)),
     ("gspo", "std", "seq-mean-token-mean", 0.0, (3e-4, 4e-4)),
+    ("cispo", "std", "token-mean", 0.0, (1.0, 3.0)),        # no lower bound, weight capped at 4
+    ("sapo", "std", "seq-mean-token-mean", 0.0, (0.2, 0.2)),  # eps unused by the soft gate
 ])
 def test_presets_are_plain_data(name, scale, agg, beta, eps):
     p = PRESETS[name]
     assert (p["scale"], p["agg"], p["beta"], (p["eps_low"], p["eps_high"])) == (scale, agg, beta, eps)
     assert PRESETS["dapo"]["dynamic_sampling"] and PRESETS["dapo"]["overlong_reward"]
     assert PRESETS["gspo"]["ratio_level"] == "sequence"
+
+
+G_PAD = 0.0  # the padded token of sequence 1 always gets exactly zero gradient
+
+
+@pytest.mark.parametrize("eps_low, eps_high, expected, grad, low, high", [
+    # loss_t = -sg(clip(r)) * A * logp_t, token-mean over 5 tokens; d/dlogp_t = -clip(r) * A / 5.
+    # logp: seq 0 [-1.0, -2.0, -0.5] (A=+1), seq 1 [-0.3, -1.2] (A=-2).
+    # clip 0.2/0.2: weights [1.1, 1.2, 0.8], [0.9, 0.8]
+    #   seq 0: 1.1*1.0 + 1.2*2.0 + 0.8*0.5 = 3.9 ; seq 1: -(0.9*2*0.3) - (0.8*2*1.2) = -2.46
+    #   (3.9 - 2.46) / 5 = 0.288; truncated below: r=0.7, 0.5 (2/5), above: r=1.5 (1/5)
+    (0.2, 0.2, 0.288, [[-0.22, -0.24, -0.16], [0.36, 0.32, G_PAD]], 2 / 5, 1 / 5),
+    # no lower bound (eps_low=1 -> clip at 0), cap 1.3: weights [1.1, 1.3, 0.7], [0.9, 0.5]
+    #   seq 0: 1.1 + 2.6 + 0.35 = 4.05 ; seq 1: -0.54 - 1.2 = -1.74 -> 2.31 / 5 = 0.462
+    (1.0, 0.3, 0.462, [[-0.22, -0.26, -0.14], [0.36, 0.2, G_PAD]], 0.0, 1 / 5),
+    # the cispo preset (1.0 / 3.0): nothing truncated, weights = r: plain IS-weighted REINFORCE
+    #   seq 0: 1.1 + 3.0 + 0.35 = 4.45 ; seq 1: -1.74 -> 2.71 / 5 = 0.542
+    (1.0, 3.0, 0.542, [[-0.22, -0.3, -0.14], [0.36, 0.2, G_PAD]], 0.0, 0.0),
+])
+def test_cispo_value_and_gradient(eps_low, eps_high, expected, grad, low, high):
+    logp, old, ref, adv, mask = inputs()
+    loss, m = policy_loss(logp, old, ref, adv, mask, agg="token-mean", pg_loss="cispo",
+                          eps_low=eps_low, eps_high=eps_high)
+    assert loss.item() == pytest.approx(expected, abs=1e-9)
+    loss.backward()
+    # the gradient flows only through logp: the clipped ratio is a constant (else r' terms appear)
+    assert torch.allclose(logp.grad, torch.tensor(grad, dtype=F64), atol=1e-12, rtol=0)
+    assert m["clip_low_frac"] == pytest.approx(low) and m["clip_high_frac"] == pytest.approx(high)
+
+
+@pytest.mark.parametrize("tau_pos, tau_neg, expected, grad, gate", [
+    # loss_t = -(4/tau) sigmoid(tau (r - 1)) A, tau = tau_pos on seq 0 (A=+1), tau_neg on seq 1
+    # (A=-2); d/dlogp_t = -4 s (1 - s) r A; token-mean over 5 tokens.
+    # SAPO's defaults 1.0 / 1.05:
+    #   seq 0: -4 s(0.1) = -2.0999167, -4 s(0.5) = -2.4898373, -4 s(-0.3) = -1.7022299
+    #   seq 1: (4/1.05) s(-0.105) * 2 = 3.6097074, (4/1.05) s(-0.525) * 2 = 2.8318767
+    #   sum 0.1496000 / 5 = 0.029920002; gate 4 s (1 - s) averages 0.969348177
+    (1.0, 1.05, 0.029920002, [[-0.219450915, -0.282004455, -0.136896655],
+                              [0.35900957, 0.186827965, G_PAD]], 0.969348177),
+    # swapped steepness 2.0 / 0.5 changes each branch on its own:
+    #   seq 0: -2 s(0.2) = -1.0996680, -2 s(1.0) = -1.4621172, -2 s(-0.6) = -0.7086874
+    #   seq 1: 8 s(-0.05) * 2 = 7.8000417, 8 s(-0.25) * 2 = 7.0051760 -> 11.5347451 / 5
+    (2.0, 0.5, 2.306949021, [[-0.217814584, -0.23593432, -0.128119175],
+                             [0.359775094, 0.196907266, G_PAD]], 0.935112515),
+])
+def test_sapo_value_and_gradient_both_tau_branches(tau_pos, tau_neg, expected, grad, gate):
+    logp, old, ref, adv, mask = inputs()
+    loss, m = policy_loss(logp, old, ref, adv, mask, agg="token-mean", pg_loss="sapo",
+                          tau_pos=tau_pos, tau_neg=tau_neg)
+    assert loss.item() == pytest.approx(expected, abs=1e-8)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor(grad, dtype=F64), atol=1e-8, rtol=0)
+    assert m["soft_gate_mean"] == pytest.approx(gate, abs=1e-8)
+    assert m["clip_low_frac"] == 0.0 and m["clip_high_frac"] == 0.0  # no hard clip
+
+
+def dual_inputs():
+    # ratios [4.0, 1.1] in both sequences; A = +1 (seq 0), -2 (seq 1); no padding
+    logp = torch.tensor([[-1.0, -0.5], [-0.7, -0.2]], dtype=F64, requires_grad=True)
+    old = logp.detach() - torch.tensor([[4.0, 1.1], [4.0, 1.1]], dtype=F64).log()
+    return logp, old, torch.tensor([1.0, -2.0], dtype=F64), torch.ones(2, 2, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("c, expected, grad, frac", [
+    # clipped terms (eps 0.2): seq 0 (A=+1): r=4 -> -1.2 (clipped high, no grad), r=1.1 -> -1.1;
+    # seq 1 (A=-2): r=4 -> -min(-8, -2.4) = 8, r=1.1 -> 2.2.  token-mean over 4 tokens.
+    # off: (-1.2 - 1.1 + 8 + 2.2) / 4 = 1.975; d/dlogp = -r A / 4 -> 2.0 for the r=4, A<0 token
+    (None, 1.975, [[0.0, -0.275], [2.0, 0.55]], None),
+    # c=3: 8 > 3 * 2 = 6 -> capped at 6 (no gradient); A > 0 and the 2.2 token untouched: 5.9 / 4
+    (3.0, 1.475, [[0.0, -0.275], [0.0, 0.55]], 1 / 4),
+    # c=5: cap 10 > 8, inactive: same as off
+    (5.0, 1.975, [[0.0, -0.275], [2.0, 0.55]], 0.0),
+    # c=1.5: cap 3 -> 8 becomes 3, 2.2 < 3 stays: (-2.3 + 3 + 2.2) / 4 = 0.725
+    (1.5, 0.725, [[0.0, -0.275], [0.0, 0.55]], 1 / 4),
+])
+def test_dual_clip_caps_only_negative_advantages(c, expected, grad, frac):
+    logp, old, adv, mask = dual_inputs()
+    loss, m = policy_loss(logp, old, None, adv, mask, agg="token-mean", clip_ratio_c=c)
+    assert loss.item() == pytest.approx(expected, abs=1e-9)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor(grad, dtype=F64), atol=1e-12, rtol=0)
+    assert m.get("dual_clip_frac") == (None if frac is None else pytest.approx(frac))
+    assert m["clip_high_frac"] == pytest.approx(1 / 4)  # r=4 with A>0 is still the ordinary clip
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(pg_loss="ppo"), "pg_loss must be one of"),
+    (dict(clip_ratio_c=1.0), "must be > 1"),                                  # c <= 1 is no cap
+    (dict(pg_loss="cispo", clip_ratio_c=3.0), "needs pg_loss='clip'"),        # dual clip is clip-only
+    (dict(pg_loss="sapo", ratio_level="sequence"), "needs token ratios"),   # GSPO ratios: clip only
+])
+def test_pg_loss_option_errors(kw, message):
+    logp, old, ref, adv, mask = inputs()
+    with pytest.raises(AssertionError, match=message):
+        policy_loss(logp, old, ref, adv, mask, **kw)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    # the new presets, from their papers
+    (dict(preset="cispo"), dict(pg_loss="cispo", eps_low=1.0, eps_high=3.0, agg="token-mean", beta=0.0)),
+    (dict(preset="sapo"), dict(pg_loss="sapo", tau_pos=1.0, tau_neg=1.05, agg="seq-mean-token-mean")),
+    # every other preset keeps the clipped objective, dual clip off
+    (dict(preset="gspo"), dict(pg_loss="clip", clip_ratio_c=None, ratio_level="sequence")),
+    (dict(preset="dapo"), dict(pg_loss="clip", clip_ratio_c=None, eps_high=0.28)),
+    # command-line overrides win over the preset
+    (dict(preset="sapo", tau_neg=2.0), dict(pg_loss="sapo", tau_pos=1.0, tau_neg=2.0)),
+    (dict(preset="dapo", clip_ratio_c=3.0), dict(pg_loss="clip", clip_ratio_c=3.0)),
+])
+def test_pg_presets_resolve(overrides, expected):
+    from simple_grpo.train_config import TrainConfig, loss_kwargs, resolve
+
+    cfg = resolve(TrainConfig(**overrides))
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    kw = loss_kwargs(cfg)
+    assert {k: kw[k] for k in ("pg_loss", "tau_pos", "tau_neg", "clip_ratio_c")} == \
+        {k: getattr(cfg, k) for k in ("pg_loss", "tau_pos", "tau_neg", "clip_ratio_c")}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(pg_loss="ppo"), "--pg_loss must be one of"),
+    (dict(preset="gspo", pg_loss="cispo"), "needs --ratio_level=token"),
+    (dict(clip_ratio_c=0.5), "--clip_ratio_c"),
+    (dict(preset="sapo", clip_ratio_c=3.0), "--clip_ratio_c"),
+    (dict(preset="sapo", tau_pos=0.0), "--tau_pos and --tau_neg must be > 0"),
+])
+def test_pg_options_rejected_by_resolve(overrides, message):
+    from simple_grpo.errors import UserError
+    from simple_grpo.train_config import TrainConfig, resolve
+
+    with pytest.raises(UserError, match=message):
+        resolve(TrainConfig(**overrides))

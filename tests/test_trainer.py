@@ -43,7 +43,7 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("preset", ["grpo", "dr_grpo", "dapo", "gspo"])
+@pytest.mark.parametrize("preset", ["grpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo"])
 def test_two_steps_of_each_preset_change_every_parameter(preset, tiny_model_dir, tmp_path):
     extra = {"eps_low": 0.2, "eps_high": 0.2} if preset == "gspo" else {}  # GSPO's 3e-4 clips a lr-1e-3 step
     grpo_ref_split.main(tiny_args(tiny_model_dir, tmp_path, preset=preset, **extra))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 
 import pytest
 import requests
@@ -210,3 +211,85 @@ def test_large_cap_only_for_weight_uploads(ref_server):
         answer = data.decode("latin-1")
     assert answer.startswith("HTTP/1.1 413"), answer[:200]
     assert '"error"' in answer
+
+
+def test_publish_during_download_completes_with_the_version_sent(ref_server, tmp_path):
+    """A publish (from another thread) between the first and last chunk of a slow download: the
+    download finishes in one GET with the version it was sending (that version's sha256), and the
+    next download gets the new version."""
+    srv = ref_server()
+    client = RefClient(srv.url, retries=2, backoff_s=0.01)
+    v1 = state_dict_safetensors_bytes({"w": torch.randn(1_000_000)})  # 4 MB: over socket buffers
+    v2 = state_dict_safetensors_bytes({"w": torch.randn(1_000_000)})
+    client.publish_weights(v1, version=1)
+    trainer = RefClient(srv.url)
+    real_get, sent, published = client.session.get, [], []
+
+    def slow_get(*a, **kw):
+        resp = real_get(*a, **kw)
+        sent.append(resp.headers["X-Weight-Version"])
+
+        def throttled(n, _it=resp.iter_content):
+            for i, piece in enumerate(_it(64 << 10)):  # the reading side is slow
+                if i == 1 and not published:
+                    t = threading.Thread(target=lambda: published.append(
+                        trainer.publish_weights(v2, version=2)))
+                    t.start()
+                    t.join()
+                yield piece
+        resp.iter_content = throttled
+        return resp
+
+    client.session.get = slow_get
+    dest = tmp_path / "p.safetensors"
+    client.download_weights(dest)
+    assert published[0]["version"] == 2  # it landed mid-download
+    assert sent == ["1"]  # one GET: nothing refused, nothing retried
+    assert dest.read_bytes() == v1
+    assert client.last_weights == {"version": 1, "sha256": sha(v1), "bytes": len(v1)}
+    client.download_weights(dest)
+    assert sent == ["1", "2"] and dest.read_bytes() == v2
+    assert client.last_weights == {"version": 2, "sha256": sha(v2), "bytes": len(v2)}
+
+
+@pytest.mark.parametrize("if_range_kept", [True, False])
+def test_resumed_download_after_a_publish_never_mixes_versions(ref_server, tmp_path, if_range_kept):
+    """The connection breaks after 1 MiB of version 1, the trainer publishes version 2 (same size),
+    the client resumes: with If-Range the server sends all of version 2 (200); when something in
+    between drops If-Range the server resumes version 2's bytes (206, another ETag) and the client
+    starts over. Either way the file is exactly version 2, never version 1's head + 2's tail."""
+    srv = ref_server()
+    client = RefClient(srv.url, retries=3, backoff_s=0.01)
+    v1 = state_dict_safetensors_bytes({"w": torch.randn(600_000)})  # 2.4 MB
+    v2 = state_dict_safetensors_bytes({"w": torch.randn(600_000)})
+    assert len(v1) == len(v2)  # a splice would have the right length: only the check can tell
+    client.publish_weights(v1, version=1)
+    trainer = RefClient(srv.url)
+    real_get, calls = client.session.get, []
+
+    def flaky_get(*a, **kw):
+        asked = dict(kw.get("headers") or {})
+        if not if_range_kept:
+            kw["headers"] = {k: v for k, v in asked.items() if k != "If-Range"}
+        resp = real_get(*a, **kw)
+        calls.append((asked.get("Range"), resp.status_code, resp.headers["X-Weight-Version"]))
+        if len(calls) == 1:
+            def broken(n, _it=resp.iter_content):
+                it = _it(n)
+                yield next(it)
+                trainer.publish_weights(v2, version=2)  # while the worker is disconnected
+                raise requests.exceptions.ChunkedEncodingError("connection broken")
+            resp.iter_content = broken
+        return resp
+
+    client.session.get = flaky_get
+    dest = tmp_path / "p.safetensors"
+    client.download_weights(dest)
+    resume = "bytes=1048576-"
+    if if_range_kept:
+        assert calls == [(None, 200, "1"), (resume, 200, "2")]
+    else:
+        assert calls == [(None, 200, "1"), (resume, 206, "2"), (None, 200, "2")]
+    assert dest.read_bytes() == v2
+    assert client.last_weights == {"version": 2, "sha256": sha(v2), "bytes": len(v2)}
+    assert sorted(tmp_path.iterdir()) == [dest]

@@ -4,6 +4,7 @@ exactly, an interrupted weight download keeps the old weights, and the whole sys
 trainer + late / killed worker processes) trains every batch at most once."""
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -89,6 +90,61 @@ def test_publisher_then_worker_sync_and_interrupted_download(tiny_model_dir, tin
     assert w.sync_weights() and w.version == 5
     for k, v in load_safetensors_file(path).items():
         assert torch.equal(w.model.state_dict()[k], v), k
+    pub.close()
+
+
+def test_worker_takes_the_version_sent_when_publishes_land_mid_sync(tiny_model_dir, tiny_model,
+                                                                     ref_server, tmp_path):
+    """publish_every=1 on a fast trainer: version 2 lands between the worker's poll (version 1)
+    and its download, version 3 between the download's first and last chunk. The worker loads
+    version 2 (the file being sent: its sha256), in one GET, reports 2 and tags its batch 2; its
+    next sync loads 3. (Checking the download against the polled version refused it and retried.)"""
+    srv = ref_server(weights_dir=str(tmp_path / "weights"))
+    path = tmp_path / "weights" / "weights.safetensors"
+    versions = {}
+    for v in (1, 2, 3):
+        m = type(tiny_model)(tiny_model.config)
+        torch.manual_seed(v)
+        for p in m.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        versions[v] = m
+    pub = WeightPublisher(RefClient(srv.url))
+    pub.publish(versions[1], version=1, wait=True)
+    w = Worker(worker_cfg(tiny_model_dir, srv.url), RefClient(srv.url, retries=2, backoff_s=0.01))
+    real_get, gets, files = w.client.session.get, [], {}
+
+    def racing_get(*a, **kw):
+        if not gets:
+            pub.publish(versions[2], version=2, wait=True)  # after the worker polled version 1
+            files[2] = path.read_bytes()
+        resp = real_get(*a, **kw)
+        gets.append(resp.headers["X-Weight-Version"])
+
+        def slow(n, _it=resp.iter_content):
+            for i, piece in enumerate(_it(4096)):
+                if i == 1 and 3 not in files:
+                    pub.publish(versions[3], version=3, wait=True)  # mid-download
+                    files[3] = path.read_bytes()
+                yield piece
+        resp.iter_content = slow
+        return resp
+
+    w.client.session.get = racing_get
+    assert w.sync_weights() and w.version == 2 and 3 in files
+    assert gets == ["2"] and w.counts["download_failures"] == 0 and w.counts["weight_updates"] == 1
+    assert w.client.last_weights == {"version": 2, "bytes": len(files[2]),
+                                     "sha256": hashlib.sha256(files[2]).hexdigest()}
+    for k, v in versions[2].state_dict().items():
+        assert torch.equal(w.model.state_dict()[k], v), k
+    assert srv.state.stats()["workers"][w.id]["version"] == 2
+    batch, _ = w.make_batch()
+    assert batch.weight_version == 2
+
+    assert w.sync_weights() and w.version == 3 and gets == ["2", "3"]
+    for k, v in versions[3].state_dict().items():
+        assert torch.equal(w.model.state_dict()[k], v), k
+    assert srv.state.stats()["workers"][w.id]["version"] == 3
+    assert not w.sync_weights() and gets == ["2", "3"]  # up to date: no download
     pub.close()
 
 
@@ -197,6 +253,9 @@ def test_trainer_with_late_and_killed_workers(tiny_model_dir, ref_server, tmp_pa
     fresh = [r["logprob_mismatch"] for r in steps if "logprob_mismatch" in r]
     assert fresh and max(fresh) < 1e-4, fresh
     assert all(r["batch_staleness"] <= 2 for r in steps)
+    # no batch is trained as on-policy while it is not: every late one (and only those) is trained
+    # against its sampling log-probs, fresh ones against the trainer's (offpolicy_token_frac 0)
+    assert all(r["offpolicy_token_frac"] == float(r["batch_staleness"] > 0) for r in steps), steps
     assert steps[-1]["published_version"] >= 7
 
 
