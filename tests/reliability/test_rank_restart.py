@@ -60,7 +60,7 @@ def test_kill_9_of_one_rank_is_restarted_and_finishes(tiny_model_dir, tmp_path):
            str(ROOT / "grpo_ref_split.py"), *args]
     log = open(tmp_path / "torchrun.log", "w+")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=standalone_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"),
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while max(logged_steps(tmp_path / "metrics.jsonl"), default=-1) < kill_after:
@@ -74,9 +74,11 @@ def test_kill_9_of_one_rank_is_restarted_and_finishes(tiny_model_dir, tmp_path):
         print(f"killed rank 1 after step {kill_after}; the restarted run finished "
               f"{time.monotonic() - killed:.1f} s later")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        try:  # the agent and every rank it started (a failed run must not leave ranks behind)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
         log.seek(0)
         output = log.read()
         log.close()
