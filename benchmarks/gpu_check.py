@@ -134,8 +134,13 @@ def run(cmd: list[str], log: Path, c: CheckConfig) -> tuple[bool, str]:
     return ok, tail
 
 
+def completion_len(c: CheckConfig) -> int:
+    """The fixed completion length of the training parts (8 tokens in the tiny mode)."""
+    return 8 if c.tiny else c.completion_tokens
+
+
 def trainer_args(c: CheckConfig, model: Path, run_dir: Path, url: str, steps: int) -> list[str]:
-    n = 8 if c.tiny else c.completion_tokens
+    n = completion_len(c)
     return [f"--model={model}", f"--run_dir={run_dir}", f"--ref_url={url}", "--publish_every=0",
             f"--steps={steps}", f"--prompts_per_step={c.prompts_per_step}",
             f"--num_generations={c.num_generations}", f"--max_new_tokens={n}", f"--min_new_tokens={n}",
@@ -173,7 +178,7 @@ def training(c: CheckConfig, model: Path, out: Path, two_ranks: bool, url: str, 
     if ok:
         res.update(summarize(run_dir, skip=1 if steps > 1 else 0))
         rows = c.prompts_per_step * c.num_generations
-        res["train_tok_s"] = rows * (8 if c.tiny else c.completion_tokens) / max(res["train_s"], 1e-9)
+        res["train_tok_s"] = rows * completion_len(c) / max(res["train_s"], 1e-9)
         res["ok"] = res["kl_step1"] is not None and res["kl_step1"] < 1e-3  # bf16 policy vs bf16 reference
     if ok and two_ranks:
         seen = [json.loads(line) for line in (out / "collectives.jsonl").read_text().splitlines()]
@@ -191,7 +196,8 @@ def main(argv: list[str]) -> int:
     out = Path(c.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     shape = "tiny" if c.tiny else c.shape
-    report: dict = {"config": dataclasses.asdict(c), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    report: dict = {"config": dataclasses.asdict(c), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "completion_tokens": completion_len(c)}
     report["device_name"] = _device_name(c)
     report["numerics"] = numerics(c)
     model = build_model(c, shape, out / f"model-{shape}")
@@ -265,7 +271,7 @@ def render(report: dict) -> str:
     c = report["config"]
     lines = [f"device: {report['device_name']}; shape {'tiny' if c['tiny'] else c['shape']}, "
              f"{c['prompts_per_step']} prompts x G={c['num_generations']} x "
-             f"{8 if c['tiny'] else c['completion_tokens']} tokens, beta 0.04, T 0.7", "",
+             f"{report['completion_tokens']} tokens, beta 0.04, T 0.7", "",
              "| check | ok | detail |", "|---|---|---|"]
     lines += [f"| {r['check']} | {'yes' if r['ok'] else 'NO'} | {r['detail']} |" for r in report["numerics"]]
     lines += ["", "| run | ok | s/step | generate | reference (exposed) | train | gen tok/s | train tok/s | "

@@ -5,11 +5,12 @@ usually NCCL alone (what `deepspeed` creates), and NCCL refuses CPU tensors; glo
 hand, moves CUDA tensors too (that is how `benchmarks/gpu_check.py` runs two ranks on one GPU). So
 each function here copies its values to `device` (the rank's: `Dist.device`, or `rank_device()`),
 runs the collective there, and hands back a CPU tensor or plain Python values. Objects
-(`all_gather_objects`) go through torch's pickle-free path for JSON-able dicts: they are encoded as
-JSON bytes in a uint8 tensor, so no rank ever unpickles another's bytes.
+(`all_gather_objects`, JSON-able values) travel as JSON bytes in a uint8 tensor, not through
+torch's all_gather_object (pickle), so no rank ever unpickles another's bytes.
 
 With one process (world size 1, or no process group at all) every function is the identity.
-`tests/test_collectives.py` checks that no other module calls a torch.distributed collective.
+tests/test_distributed.py runs the 2-rank trainer under tests/strict_collectives.py, which fails
+any collective that comes from another module or carries a tensor off the rank's device.
 """
 from __future__ import annotations
 

@@ -37,34 +37,35 @@ _MAX_LOG = 20.0
 
 # A preset is plain data: the trainer maps these keys onto group_advantages(scale=...),
 # policy_loss(...) and its sampling options; any key can be overridden from the command line.
+_CLIP = dict(pg_loss="clip", tau_pos=1.0, tau_neg=1.05, clip_ratio_c=None)  # PPO's clipped term
+
 PRESETS: dict[str, dict] = {
     "grpo": dict(scale="std", agg="seq-mean-token-mean", beta=0.04, eps_low=0.2, eps_high=0.2,
                  kl="k3", ratio_level="token", dynamic_sampling=False, overlong_filter=False,
-                 overlong_reward=False),
+                 overlong_reward=False, **_CLIP),
     "dr_grpo": dict(scale="none", agg="seq-mean-token-sum-norm", beta=0.0, eps_low=0.2,
                     eps_high=0.2, kl="k3", ratio_level="token", dynamic_sampling=False,
-                    overlong_filter=False, overlong_reward=False),
+                    overlong_filter=False, overlong_reward=False, **_CLIP),
     "dapo": dict(scale="std", agg="token-mean", beta=0.0, eps_low=0.2, eps_high=0.28, kl="k3",
                  ratio_level="token", dynamic_sampling=True, overlong_filter=False,
-                 overlong_reward=True),
+                 overlong_reward=True, **_CLIP),
     "gspo": dict(scale="std", agg="seq-mean-token-mean", beta=0.0, eps_low=3e-4, eps_high=4e-4,
                  kl="k3", ratio_level="sequence", dynamic_sampling=False, overlong_filter=False,
-                 overlong_reward=False),
+                 overlong_reward=False, **_CLIP),
     # MiniMax-M1 (arXiv 2506.13585): no lower bound on the IS weight (eps_low=1: clip at 0), only
     # the upper one; it does not publish its eps_high, so the weight is capped at 4 (eps_high=3),
     # ScaleRL's truncation (arXiv 2510.13786). Token-mean over the batch's tokens, no KL.
     "cispo": dict(scale="std", agg="token-mean", beta=0.0, eps_low=1.0, eps_high=3.0, kl="k3",
                   ratio_level="token", dynamic_sampling=False, overlong_filter=False,
-                  overlong_reward=False, pg_loss="cispo"),
+                  overlong_reward=False, pg_loss="cispo", tau_pos=1.0, tau_neg=1.05,
+                  clip_ratio_c=None),
     # Qwen SAPO (arXiv 2511.20347): tau_pos=1.0, tau_neg=1.05, GRPO's per-sequence token mean;
     # eps_low/eps_high are unused (no hard clip).
     "sapo": dict(scale="std", agg="seq-mean-token-mean", beta=0.0, eps_low=0.2, eps_high=0.2,
                  kl="k3", ratio_level="token", dynamic_sampling=False, overlong_filter=False,
-                 overlong_reward=False, pg_loss="sapo", tau_pos=1.0, tau_neg=1.05),
+                 overlong_reward=False, pg_loss="sapo", tau_pos=1.0, tau_neg=1.05,
+                 clip_ratio_c=None),
 }
-for _preset in PRESETS.values():  # the policy-gradient knobs every other preset shares
-    for _key, _value in dict(pg_loss="clip", tau_pos=1.0, tau_neg=1.05, clip_ratio_c=None).items():
-        _preset.setdefault(_key, _value)
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
