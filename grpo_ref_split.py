@@ -29,14 +29,16 @@ from simple_grpo.errors import UserError
 def main(argv: list[str]) -> dict:
     import torch
 
-    from simple_grpo import checkpoint, data, engine as eng, models, publish, rollout, rollout_source, \
-        train_loop
-    from simple_grpo.config import parse_config
-    from simple_grpo.train_config import TrainConfig, derive, loss_kwargs, resolve
+    from simple_grpo import models
+    from simple_grpo.cli import parse_config
+    from simple_grpo.train import checkpoint, data, engine as eng, loop as train_loop, publish, rollout, \
+        rollout_source
+    from simple_grpo.train.config import TrainConfig, derive, dynamic_filter_metric, loss_kwargs, resolve, \
+        sample_settings
 
     cfg = resolve(parse_config(TrainConfig, argv, env_prefix="GRPO_", prog="grpo_ref_split.py"))
     if cfg.mode == "generate":  # a generation worker: sample, score, upload; never trains
-        from simple_grpo.worker import run_worker
+        from simple_grpo.train.worker import run_worker
 
         return run_worker(cfg)
     dist = eng.init_distributed(cfg.dist_backend)
@@ -53,11 +55,11 @@ def main(argv: list[str]) -> dict:
     tokenizer = models.load_tokenizer(cfg.model)
     model = models.load_model(cfg.model, cfg.dtype, str(dist.device))
     if cfg.lora_r > 0:  # only the adapters train; the same adapter on every rank (and worker)
-        from simple_grpo import lora
+        from simple_grpo.train import lora
 
         model = lora.wrap(model, cfg, seed=cfg.seed)
     if cfg.gradient_checkpointing:  # decoder layers recomputed in backward; before deepspeed.initialize
-        from simple_grpo import grad_ckpt
+        from simple_grpo.train import grad_ckpt
 
         grad_ckpt.enable(model)
     stream = data.PromptStream(train_examples, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
@@ -86,7 +88,8 @@ def main(argv: list[str]) -> dict:
                              restart=cfg.resume == "auto")
     ctx = train_loop.StepContext(cfg=cfg, d=d, dist=dist, engine=engine, tokenizer=tokenizer,
                                  stream=stream, render=render, eos_ids=eos_ids, specs=specs,
-                                 loss_kw=loss_kwargs(cfg), ref=ref)
+                                 loss_kw=loss_kwargs(cfg), ref=ref, settings=sample_settings(cfg),
+                                 filter_metric=dynamic_filter_metric(cfg, specs))
     publisher = publish.publisher_for(cfg, dist, ref, state["weight_version"])  # rank 0, if workers
     if publisher is not None:  # workers (also late ones) start from this run's current weights
         publisher.publish(engine.module, state["weight_version"], wait=True)

@@ -10,7 +10,8 @@ Launch it on its own GPU, its own machine, or beside the trainer on CPU:
 Every option is also read from the environment as REF_SERVER_<OPTION> (e.g. REF_SERVER_PORT);
 `python ref_server.py --help` lists them. It binds 127.0.0.1 unless told otherwise and refuses a
 non-loopback address without a token. Endpoints, queue semantics and error codes are documented
-in simple_grpo/server.py and simple_grpo/batch_queue.py; clients use simple_grpo.client.RefClient.
+in simple_grpo/server/app.py and simple_grpo/server/queue.py; clients use
+simple_grpo.wire.client.RefClient.
 """
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ import sys
 
 import torch
 
-from simple_grpo.config import parse_config
+from simple_grpo.cli import parse_config
 from simple_grpo.errors import UserError
-from simple_grpo.server import ServerState, make_app
-from simple_grpo.server_config import ServerConfig, check_bind
-from simple_grpo.wsgi import make_server, url_host
+from simple_grpo.server.app import ServerState, make_app
+from simple_grpo.server.config import ServerConfig, check_bind
+from simple_grpo.server.wsgi import make_server, url_host
 
 
 def main(argv: list[str]) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
-from simple_grpo.config import parse_config  # noqa: E402
+from simple_grpo.cli import parse_config  # noqa: E402
 
 # (hidden, intermediate, layers, heads, kv heads, vocab) of the real models, random weights here
 SHAPES = {"qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936), "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936),
@@ -64,7 +64,7 @@ class CheckConfig:
 
 
 def child_env(c: CheckConfig) -> dict:
-    from simple_grpo.engine import standalone_env
+    from simple_grpo.train.engine import standalone_env
 
     env = standalone_env(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                          PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -165,7 +165,7 @@ def training(c: CheckConfig, model: Path, out: Path, two_ranks: bool, url: str, 
     run_dir = out / name
     args = trainer_args(c, model, run_dir, url, steps)
     if two_ranks:
-        from simple_grpo.engine import free_port
+        from simple_grpo.train.engine import free_port
 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", str(ROOT / "tests" / "strict_collectives.py"),
@@ -190,7 +190,7 @@ def training(c: CheckConfig, model: Path, out: Path, two_ranks: bool, url: str, 
 def main(argv: list[str]) -> int:
     import requests
 
-    from simple_grpo.engine import free_port
+    from simple_grpo.train.engine import free_port
 
     c = parse_config(CheckConfig, argv, prog="benchmarks/gpu_check.py")
     out = Path(c.out).resolve()

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from simple_grpo.decode import decode
-from simple_grpo.logprobs import completion_logprobs
-from simple_grpo.losses import PRESETS, policy_loss
-from simple_grpo.masks import lengths_from_eos, mask_from_lengths
+from simple_grpo.algo.decode import decode
+from simple_grpo.algo.logprobs import completion_logprobs
+from simple_grpo.algo.losses import PRESETS, policy_loss
+from simple_grpo.algo.masks import lengths_from_eos, mask_from_lengths
 
 
 def _prompts(vocab: int, device, n: int = 3, width: int = 12, seed: int = 0):

@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from simple_grpo.config import parse_config  # noqa: E402
+from simple_grpo.cli import parse_config  # noqa: E402
 from simple_grpo.errors import UserError  # noqa: E402
 
 # (architecture, hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings): real shapes
@@ -94,7 +94,7 @@ def parse_variant(v: str) -> list[str]:
 
 def trainer_config(c: MemoryConfig, variant: str):
     """The TrainConfig the trainer would run this variant with (UserError: an option it lacks)."""
-    from simple_grpo.train_config import TrainConfig, resolve
+    from simple_grpo.train.config import TrainConfig, resolve
 
     mb = c.micro_batch_size or c.G
     argv = [o.format(r=c.lora_r) for o in parse_variant(variant)] + [
@@ -131,7 +131,7 @@ def synthetic_batch(c: MemoryConfig, vocab: int):
     """One prompt and G completions of exactly completion_tokens (no EOS), scored at random."""
     import torch
 
-    from simple_grpo.codec import RolloutBatch
+    from simple_grpo.wire.codec import RolloutBatch
 
     g = torch.Generator().manual_seed(0)
     B, P, C = c.G, c.prompt_tokens, c.completion_tokens
@@ -168,9 +168,11 @@ def run_child(c: MemoryConfig, variant: str) -> dict:
     """One variant, one training step, in this (fresh) process."""
     import torch
 
-    from simple_grpo import engine as eng, models
-    from simple_grpo.policy_step import train_on_batch
-    from simple_grpo.train_config import derive, loss_kwargs
+    from simple_grpo import models
+
+    from simple_grpo.train import engine as eng
+    from simple_grpo.train.config import derive, loss_kwargs
+    from simple_grpo.train.policy_step import train_on_batch
 
     try:
         cfg = trainer_config(c, variant)
@@ -187,11 +189,11 @@ def run_child(c: MemoryConfig, variant: str) -> dict:
         model, weights = build_model(c, dist.device)
         vocab = model.get_output_embeddings().weight.shape[0]
         if getattr(cfg, "lora_r", 0) > 0:  # as grpo_ref_split.py does, in its order
-            from simple_grpo import lora
+            from simple_grpo.train import lora
 
             model = lora.wrap(model, cfg, seed=cfg.seed)
         if getattr(cfg, "gradient_checkpointing", False):
-            from simple_grpo import grad_ckpt
+            from simple_grpo.train import grad_ckpt
 
             grad_ckpt.enable(model)
         d = derive(cfg, dist.world_size)
@@ -226,7 +228,7 @@ def run_child(c: MemoryConfig, variant: str) -> dict:
 
 def run_variant(c: MemoryConfig, variant: str) -> dict:
     """`variant` in a fresh subprocess of this script -> its result."""
-    from simple_grpo.engine import standalone_env
+    from simple_grpo.train.engine import standalone_env
 
     argv = [f"--{k}={v}" for k, v in dataclasses.asdict(c).items() if k != "child"]
     env = standalone_env(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")

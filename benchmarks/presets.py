@@ -32,9 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from simple_grpo.config import parse_config  # noqa: E402
+from simple_grpo.algo.losses import PRESETS  # noqa: E402
+from simple_grpo.cli import parse_config  # noqa: E402
 from simple_grpo.errors import UserError  # noqa: E402
-from simple_grpo.losses import PRESETS  # noqa: E402
 
 # returns.png plots `accuracy`: the mean correct_lenient reward of the step's samples, the reward every
 # preset shares (equal to reward_mean except for dapo, whose reward_mean adds its overlong penalty)
@@ -52,7 +52,7 @@ class PresetsConfig:
     """Task (grpo_ref_split.py --task); arithmetic2 (two-digit sums): SmolLM2-135M's greedy held-out
     accuracy starts at 8% and grows within minutes."""
     presets: str = "all"
-    """Comma-separated presets, or 'all' (every preset in simple_grpo.losses.PRESETS)."""
+    """Comma-separated presets, or 'all' (every preset in simple_grpo.algo.losses.PRESETS)."""
     seeds: int = 2
     """Seeds per preset (0, 1, ...): the spread of every number over them is reported."""
     steps: int = 30
@@ -118,7 +118,7 @@ def trainer_cmd(c: PresetsConfig, preset: str, seed: int, run_dir: Path) -> list
 
 
 def child_env() -> dict:
-    from simple_grpo.engine import standalone_env
+    from simple_grpo.train.engine import standalone_env
 
     return standalone_env(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
                           DS_ACCELERATOR="cpu", MPLBACKEND="Agg")
@@ -178,7 +178,7 @@ def _run_queue(c: PresetsConfig, todo: list, running: dict, done: dict, out: Pat
 
 def read_run(run_dir: Path) -> dict:
     """The numbers one run's metrics.jsonl gives: evaluations and the per-step curves."""
-    from simple_grpo.metrics import read_jsonl
+    from simple_grpo.train.metrics import read_jsonl
 
     rows = read_jsonl(run_dir / "metrics.jsonl")
     evals = [(r["step"], r["eval_accuracy"]) for r in rows if isinstance(r.get("eval_accuracy"), (int, float))]

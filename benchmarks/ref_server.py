@@ -31,12 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from simple_grpo.client import RefClient  # noqa: E402
-from simple_grpo.codec import RolloutBatch  # noqa: E402
-from simple_grpo.config import parse_config  # noqa: E402
+from simple_grpo.algo.logprobs import completion_logprobs  # noqa: E402
+from simple_grpo.cli import parse_config  # noqa: E402
 from simple_grpo.errors import UserError  # noqa: E402
-from simple_grpo.logprobs import completion_logprobs  # noqa: E402
 from simple_grpo.models import load_model  # noqa: E402
+from simple_grpo.wire.client import RefClient  # noqa: E402
+from simple_grpo.wire.codec import RolloutBatch  # noqa: E402
 
 
 @dataclass

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # runs in this process, so it is set before torch is imported here).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 sys.path.insert(0, str(ROOT))
-from simple_grpo.engine import free_port  # noqa: E402  (after the environment is set)
+from simple_grpo.train.engine import free_port  # noqa: E402  (after the environment is set)
 PHASES = ("gen_seconds", "ref_seconds", "train_seconds", "step_seconds")
 
 
@@ -49,9 +49,9 @@ def run_trl(a, out_dir: Path) -> list[float]:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from simple_grpo import data
     from simple_grpo.models import resolve_model_path
-    from simple_grpo.reward_registry import get_reward
+    from simple_grpo.train import data
+    from simple_grpo.train.reward_registry import get_reward
 
     torch.set_num_threads(1)
     examples = data.load_examples("arithmetic", "train")

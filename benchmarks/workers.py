@@ -28,15 +28,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    from simple_grpo.engine import standalone_env
+    from simple_grpo.train.engine import standalone_env
 
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=standalone_env(OMP_NUM_THREADS="1"),
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
 def throughput(a, n_workers: int, tmp: Path) -> dict:
-    from simple_grpo.client import RefClient
-    from simple_grpo.engine import free_port
+    from simple_grpo.train.engine import free_port
+    from simple_grpo.wire.client import RefClient
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -75,11 +75,11 @@ def throughput(a, n_workers: int, tmp: Path) -> dict:
 def sync_times(name: str, model, dtype, tmp: Path) -> dict:
     import torch
 
-    from simple_grpo.client import RefClient
     from simple_grpo.models import build_tiny_model
-    from simple_grpo.publish import WeightPublisher
-    from simple_grpo.server import ServerConfig, ServerState, start
-    from simple_grpo.worker import load_into
+    from simple_grpo.server.app import ServerConfig, ServerState, start
+    from simple_grpo.train.publish import WeightPublisher
+    from simple_grpo.train.worker import load_into
+    from simple_grpo.wire.client import RefClient
 
     state = ServerState(ServerConfig(model="tiny", port=0, weights_dir=str(tmp / f"w-{name}"),
                                      max_weights_mb=8192), build_tiny_model())

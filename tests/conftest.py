@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from simple_grpo.engine import free_port  # noqa: F401  (re-exported for the tests)
+from simple_grpo.train.engine import free_port  # noqa: F401  (re-exported for the tests)
 
 torch.set_num_threads(1)  # the test machine is small and shared
 
@@ -32,8 +32,8 @@ def tiny_model(tiny_model_dir):
 @dataclass
 class RefServerHandle:
     url: str
-    state: object  # simple_grpo.server.ServerState
-    running: object  # simple_grpo.wsgi.RunningServer
+    state: object  # simple_grpo.server.app.ServerState
+    running: object  # simple_grpo.server.wsgi.RunningServer
 
     def close(self) -> None:
         self.running.close()
@@ -43,7 +43,7 @@ class RefServerHandle:
 def ref_server(tiny_model_dir, tiny_model):
     """Factory: `ref_server(**ServerConfig overrides) -> RefServerHandle` serving the tiny model
     in-process on a free 127.0.0.1 port; every server started is closed after the test."""
-    from simple_grpo.server import ServerConfig, ServerState, start
+    from simple_grpo.server.app import ServerConfig, ServerState, start
 
     handles: list[RefServerHandle] = []
 

@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from simple_grpo import engine as eng  # noqa: E402
-from simple_grpo.codec import RolloutBatch  # noqa: E402
-from simple_grpo.losses import PRESETS  # noqa: E402
+from simple_grpo.algo.losses import PRESETS  # noqa: E402
 from simple_grpo.models import build_tiny_model  # noqa: E402
-from simple_grpo.policy_step import train_on_batch  # noqa: E402
+from simple_grpo.train import engine as eng  # noqa: E402
+from simple_grpo.train.policy_step import train_on_batch  # noqa: E402
+from simple_grpo.wire.codec import RolloutBatch  # noqa: E402
 
 
 def fixed_batch(B=8, P=5, C=6, seed=0) -> RolloutBatch:

@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run ... tests/strict_collectives.py LOG.jsonl SCRIPT.py [args...]
 
-Each collective call must (a) come from simple_grpo/collectives.py or from DeepSpeed (the trainer's
+Each collective call must (a) come from simple_grpo/train/collectives.py or from DeepSpeed (the trainer's
 own collectives live in one module, which puts tensors on the rank's device) and (b) carry only
 tensors on the rank's device (`collectives.rank_device()`: CUDA under NCCL, the CPU on a CPU box).
 A violation raises at once, so the run fails; every call is also counted per caller in LOG.jsonl
@@ -21,12 +21,12 @@ import torch.distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from simple_grpo.collectives import rank_device  # noqa: E402
+from simple_grpo.train.collectives import rank_device  # noqa: E402
 
 GUARDED = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce", "reduce_scatter",
            "reduce_scatter_tensor", "all_gather_object", "broadcast_object_list", "gather", "scatter",
            "gather_object", "scatter_object_list", "all_to_all", "all_to_all_single", "barrier")
-ALLOWED = (str(ROOT / "simple_grpo" / "collectives.py"), os.sep + "deepspeed" + os.sep)
+ALLOWED = (str(ROOT / "simple_grpo" / "train" / "collectives.py"), os.sep + "deepspeed" + os.sep)
 calls: Counter = Counter()
 
 
@@ -43,7 +43,7 @@ def _guard(name, fn):
         caller = sys._getframe(1).f_code.co_filename
         if not any(part in caller for part in ALLOWED):
             raise RuntimeError(f"torch.distributed.{name} called from {caller}: the trainer's "
-                               f"collectives belong in simple_grpo/collectives.py")
+                               f"collectives belong in simple_grpo/train/collectives.py")
         want = rank_device()
         for t in _tensors(args, kwargs):
             if t.device != want:

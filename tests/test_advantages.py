@@ -4,7 +4,7 @@ import statistics
 import pytest
 import torch
 
-from simple_grpo.advantages import group_advantages, zero_variance_groups
+from simple_grpo.algo.advantages import group_advantages, zero_variance_groups
 
 
 def reference(rows, scale, eps):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from simple_grpo.batch_queue import BatchQueue, Busy, QueueFull
+from simple_grpo.server.queue import BatchQueue, Busy, QueueFull
 
 
 def push(q: BatchQueue, bid: str, version: int = 0) -> str:

@@ -16,10 +16,10 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
 
-from simple_grpo import checkpoint as ck  # noqa: E402
-from simple_grpo.engine import free_port  # noqa: E402
 from simple_grpo.errors import UserError  # noqa: E402
 from simple_grpo.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from simple_grpo.train import checkpoint as ck  # noqa: E402
+from simple_grpo.train.engine import free_port  # noqa: E402
 
 torch.set_num_threads(1)
 deepspeed = pytest.importorskip("deepspeed")

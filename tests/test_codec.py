@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as st_save
 
-from simple_grpo import codec
-from simple_grpo.codec import CodecError, LogprobRequest, LogprobResponse, RolloutBatch
+from simple_grpo.wire import codec
+from simple_grpo.wire.codec import CodecError, LogprobRequest, LogprobResponse, RolloutBatch
 
 
 def make_batch(B: int = 3, P: int = 5, C: int = 4, gen: bool = True, ref: bool = True,

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from simple_grpo.config import field_docs, help_text, parse_config
+from simple_grpo.cli import field_docs, help_text, parse_config
 from simple_grpo.errors import UserError
 
 

@@ -1,14 +1,14 @@
-"""Tasks, prompts and the prompt stream of simple_grpo.data (no network: files are in tmp_path)."""
+"""Tasks, prompts and the prompt stream of simple_grpo.train.data (no network: files are in tmp_path)."""
 import json
 import re
 
 import pytest
 
-from simple_grpo import data
-from simple_grpo.data import (DEFAULT_SYSTEM_PROMPT, PromptStream, load_examples,
-                              normalize_answer, render_prompt)
 from simple_grpo.errors import UserError
 from simple_grpo.models import build_tiny_tokenizer
+from simple_grpo.train import data
+from simple_grpo.train.data import (DEFAULT_SYSTEM_PROMPT, PromptStream, load_examples,
+                              normalize_answer, render_prompt)
 
 
 def _pair(example: dict) -> tuple[int, int]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from simple_grpo.engine import standalone_env
+from simple_grpo.train.engine import standalone_env
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from simple_grpo.engine import free_port, standalone_env
+from simple_grpo.train.engine import free_port, standalone_env
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 
@@ -46,7 +46,7 @@ def test_two_ranks_equal_one_process(preset, iterations, tmp_path):
 
 def test_trainer_script_on_two_ranks(tiny_model_dir, tmp_path):
     """`torchrun --nproc_per_node 2 grpo_ref_split.py`: both ranks train, checkpoint and export;
-    every collective comes from simple_grpo/collectives.py or DeepSpeed and carries only tensors on
+    every collective comes from simple_grpo/train/collectives.py or DeepSpeed and carries only tensors on
     the rank's device (tests/strict_collectives.py guards each call the way NCCL would)."""
     import json
 

@@ -4,9 +4,9 @@ by the whole step's token count, so many small contributions are summed)."""
 import pytest
 import torch
 
-from simple_grpo import engine as eng
 from simple_grpo.errors import UserError
 from simple_grpo.models import build_tiny_model
+from simple_grpo.train import engine as eng
 
 deepspeed = pytest.importorskip("deepspeed")
 
@@ -35,6 +35,13 @@ def test_ds_config_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match="not found"):
         eng.ds_config(tmp_path / "missing.json", micro_batch=1, grad_accum=1, world_size=1,
                       grad_clip=0, bf16=False)
+
+
+def test_ds_config_default_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a run started outside the repo still finds the repo's ds_config.json
+    cfg = eng.ds_config("ds_config.json", micro_batch=1, grad_accum=2, world_size=1, grad_clip=1.0,
+                        bf16=False)
+    assert cfg["zero_optimization"]["stage"] == 2 and cfg["gradient_accumulation_steps"] == 2
 
 
 def test_init_distributed_rejects_unknown_or_gpu_only_backends():

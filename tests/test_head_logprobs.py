@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from simple_grpo.head_logprobs import head_logprobs, plan_chunks
-from simple_grpo.logprobs import completion_logprobs, sequence_inputs, token_logprobs
-from simple_grpo.masks import mask_from_lengths
+from simple_grpo.algo.head_logprobs import head_logprobs, plan_chunks
+from simple_grpo.algo.logprobs import completion_logprobs, sequence_inputs, token_logprobs
+from simple_grpo.algo.masks import mask_from_lengths
 from simple_grpo.models import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[2])
-    from simple_grpo.logprobs import completion_logprobs
+    from simple_grpo.algo.logprobs import completion_logprobs
     from simple_grpo.models import build_tiny_model
     from tests.test_head_logprobs import full_logits_logprobs
     model = build_tiny_model(vocab_size=65536, hidden=32, layers=1, seed=0)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from simple_grpo.logprobs import completion_logprobs, sequence_inputs
+from simple_grpo.algo.logprobs import completion_logprobs, sequence_inputs
 from simple_grpo.models import build_tiny_model
 
 

@@ -14,15 +14,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from simple_grpo import lora
-from simple_grpo.client import RefClient
-from simple_grpo.config import parse_config
-from simple_grpo.engine import standalone_env
+from simple_grpo.cli import parse_config
 from simple_grpo.errors import UserError
 from simple_grpo.models import build_tiny_model, load_model
-from simple_grpo.reward_registry import register
-from simple_grpo.train_config import TrainConfig, resolve
-from simple_grpo.worker import Worker
+from simple_grpo.train import lora
+from simple_grpo.train.config import TrainConfig, resolve
+from simple_grpo.train.engine import standalone_env
+from simple_grpo.train.reward_registry import register
+from simple_grpo.train.worker import Worker
+from simple_grpo.wire.client import RefClient
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -77,7 +77,7 @@ def trained(tiny_model_dir, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(lora, "export_options", spy)
-        mp.setattr("simple_grpo.ref_process.RefProcess", no_server)
+        mp.setattr("simple_grpo.train.ref_process.RefProcess", no_server)
         grpo_ref_split.main(args(model=tiny_model_dir, run_dir=run, steps=3, beta=0.04))
     return run, captured["model"]
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from simple_grpo.masks import lengths_from_eos, mask_from_lengths, truncated
+from simple_grpo.algo.masks import lengths_from_eos, mask_from_lengths, truncated
 from simple_grpo.models import build_tiny_tokenizer
 
 EOS = 2  # also the pad id, as in SmolLM2 / Qwen chat models

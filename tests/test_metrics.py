@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from simple_grpo.errors import UserError
-from simple_grpo.metrics import MetricsLogger, SamplesWriter, plot_metrics, read_jsonl
+from simple_grpo.train.metrics import MetricsLogger, SamplesWriter, plot_metrics, read_jsonl
 
 torch.set_num_threads(1)
 

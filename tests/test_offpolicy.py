@@ -1,4 +1,4 @@
-"""Off-policy batches and truncated importance sampling (simple_grpo/offpolicy.py, tis.py):
+"""Off-policy batches and truncated importance sampling (simple_grpo/train/offpolicy.py, tis.py):
 which log-probs are the old policy, TIS weights and metrics vs hand-computed numbers, and the real
 policy_step.train_on_batch in a DeepSpeed engine on the tiny model: a trainer batch trained one
 version late has ratio != 1 and its clipped tokens get no gradient, a fresh one is trained exactly
@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from simple_grpo import engine as eng
-from simple_grpo.codec import RolloutBatch
-from simple_grpo.logprobs import completion_logprobs
+from simple_grpo.algo.logprobs import completion_logprobs
+from simple_grpo.algo.tis import TISSettings, tis_sums, tis_weights
 from simple_grpo.models import build_tiny_model
-from simple_grpo.offpolicy import finish_ratios, sampling_is_old
-from simple_grpo.policy_step import train_on_batch
-from simple_grpo.tis import TISSettings, tis_sums, tis_weights
+from simple_grpo.train import engine as eng
+from simple_grpo.train.offpolicy import finish_ratios, sampling_is_old
+from simple_grpo.train.policy_step import train_on_batch
+from simple_grpo.wire.codec import RolloutBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -108,9 +108,9 @@ def test_which_logprobs_are_the_old_policy(producer, version, gen, trainer_versi
 
 
 def test_tis_options_are_checked():
-    from simple_grpo.config import parse_config
+    from simple_grpo.cli import parse_config
     from simple_grpo.errors import UserError
-    from simple_grpo.train_config import TrainConfig, resolve
+    from simple_grpo.train.config import TrainConfig, resolve
 
     cfg = resolve(parse_config(TrainConfig, ["--tis=sequence", "--tis_mode=mask", "--tis_cap=3"]))
     assert TISSettings.from_config(cfg) == TISSettings("sequence", "mask", 3.0)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from simple_grpo.engine import standalone_env
+from simple_grpo.train.engine import standalone_env
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,10 +12,10 @@ import pytest
 import requests
 import torch
 
-from simple_grpo import codec
-from simple_grpo.client import RefClient, RefServerAuthError, RefServerError, RefServerUnavailable
-from simple_grpo.codec import LogprobRequest, RolloutBatch
-from simple_grpo.logprobs import completion_logprobs
+from simple_grpo.algo.logprobs import completion_logprobs
+from simple_grpo.wire import codec
+from simple_grpo.wire.client import RefClient, RefServerAuthError, RefServerError, RefServerUnavailable
+from simple_grpo.wire.codec import LogprobRequest, RolloutBatch
 from conftest import free_port
 from test_codec import make_batch, raw, schema1_body, with_header
 

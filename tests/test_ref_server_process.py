@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from simple_grpo.client import RefClient
-from simple_grpo.logprobs import completion_logprobs
+from simple_grpo.algo.logprobs import completion_logprobs
+from simple_grpo.wire.client import RefClient
 from test_codec import make_batch
 
 ROOT = Path(__file__).resolve().parents[1]

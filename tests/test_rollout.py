@@ -3,10 +3,11 @@ counts what it did), the overlong filter masks exactly the truncated completions
 import pytest
 import torch
 
-from simple_grpo.codec import RolloutBatch
-from simple_grpo.policy_step import loss_mask
-from simple_grpo.reward_registry import RewardSpec, register
-from simple_grpo.rollout import SampleSettings, eos_token_ids, make_rollout, sample
+from simple_grpo.algo.masks import truncated
+from simple_grpo.train.policy_step import loss_mask
+from simple_grpo.train.reward_registry import RewardSpec, register
+from simple_grpo.train.rollout import SampleSettings, eos_token_ids, make_rollout, sample
+from simple_grpo.wire.codec import RolloutBatch
 
 G = 4
 
@@ -92,8 +93,8 @@ def test_overlong_filter_masks_exactly_the_truncated():
     batch = RolloutBatch(prompt_ids=torch.ones(4, 2, dtype=torch.long), prompt_lens=torch.full((4,), 2),
                          completion_ids=comp, completion_lens=lens, rewards=torch.zeros(4),
                          advantages=torch.ones(4))
-    unfiltered = loss_mask(batch, [EOS], overlong_filter=False)
-    filtered = loss_mask(batch, [EOS], overlong_filter=True)
+    unfiltered = loss_mask(batch, truncated(comp, lens, [EOS]), overlong_filter=False)
+    filtered = loss_mask(batch, truncated(comp, lens, [EOS]), overlong_filter=True)
     assert unfiltered.sum(1).tolist() == [3, 4, 1, 4]
     assert filtered.sum(1).tolist() == [3, 0, 1, 4]
 
@@ -182,7 +183,7 @@ def test_unknown_filter_metric_is_a_user_error(tok_model):
 ])
 def test_filter_metric_default_and_choices(overrides, rewards, expected):
     from simple_grpo.errors import UserError
-    from simple_grpo.train_config import TrainConfig, dynamic_filter_metric, resolve
+    from simple_grpo.train.config import TrainConfig, dynamic_filter_metric, resolve
 
     cfg = resolve(TrainConfig(**overrides))
     specs = [RewardSpec(name) for name in rewards]
@@ -223,14 +224,14 @@ class _FakeEngine:
     ("seq-mean-token-sum-norm", -0.5 / 6),
 ])
 def test_overlong_filtered_rows_do_not_count_as_sequences(monkeypatch, agg, expected):
-    from simple_grpo import policy_step
+    from simple_grpo.train import policy_step
 
     EOS = 2
     comp = torch.tensor([[5, EOS, EOS], [5, 6, 7], [5, 6, EOS], [5, 6, 7]])
     batch = RolloutBatch(prompt_ids=torch.ones(4, 2, dtype=torch.long), prompt_lens=torch.full((4,), 2),
                          completion_ids=comp, completion_lens=torch.tensor([2, 3, 3, 3]),
                          rewards=torch.zeros(4), advantages=torch.tensor([1.0, 5.0, -0.5, 7.0]))
-    mask = loss_mask(batch, [EOS], overlong_filter=True)
+    mask = loss_mask(batch, truncated(comp, batch.completion_lens, [EOS]), overlong_filter=True)
     assert policy_step.global_counts(mask, torch.device("cpu")) == (5.0, 2)  # tokens, kept rows
     monkeypatch.setattr(policy_step, "completion_logprobs",
                         lambda engine, p, pl, c, cl, temperature: torch.zeros(c.shape, requires_grad=True))
@@ -242,3 +243,4 @@ def test_overlong_filtered_rows_do_not_count_as_sequences(monkeypatch, agg, expe
     assert len(engine.losses) == 2  # two micro-batches, their losses sum to the step's loss
     assert sum(engine.losses) == pytest.approx(expected, abs=1e-7)
     assert out["loss"] == pytest.approx(expected, abs=1e-7)
+    assert out["truncated_frac"] == 0.5  # rows 1 and 3 ran into the limit: the trained batch's share

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from simple_grpo.engine import standalone_env
-from simple_grpo.reward_registry import register
+from simple_grpo.train.engine import standalone_env
+from simple_grpo.train.reward_registry import register
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -127,7 +127,7 @@ def test_ref_server_child_dies_with_the_trainer(tiny_model_dir):
 
     parent = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, sys.argv[1]);"
-        "from simple_grpo.ref_process import RefProcess;"
+        "from simple_grpo.train.ref_process import RefProcess;"
         "p = RefProcess(sys.argv[2], extra=['--torch_threads=1']); print(p.proc.pid, flush=True);"
         "time.sleep(600)"), str(ROOT), str(tiny_model_dir)], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())

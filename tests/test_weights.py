@@ -14,10 +14,10 @@ import requests
 import safetensors.torch
 import torch
 
-from simple_grpo.client import RefClient, RefServerAuthError, RefServerError
-from simple_grpo.weight_store import (InvalidWeights, WeightStore, check_safetensors,
-                                      iter_state_dict_safetensors, load_safetensors_file,
-                                      state_dict_safetensors_bytes)
+from simple_grpo.server.weight_store import WeightStore
+from simple_grpo.wire.client import RefClient, RefServerAuthError, RefServerError
+from simple_grpo.wire.weights import (InvalidWeights, check_safetensors, iter_state_dict_safetensors,
+                                      load_safetensors_file, state_dict_safetensors_bytes)
 
 
 def sha(data: bytes) -> str:

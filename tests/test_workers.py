@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from simple_grpo.client import RefClient
-from simple_grpo.codec import RolloutBatch
-from simple_grpo.config import parse_config
-from simple_grpo.engine import standalone_env
-from simple_grpo.logprobs import completion_logprobs
-from simple_grpo.publish import WeightPublisher
-from simple_grpo.rollout_source import RefConnection
-from simple_grpo.train_config import TrainConfig, resolve
-from simple_grpo.weight_store import load_safetensors_file
-from simple_grpo.worker import Worker
+from simple_grpo.algo.logprobs import completion_logprobs
+from simple_grpo.cli import parse_config
+from simple_grpo.train.config import TrainConfig, resolve
+from simple_grpo.train.engine import standalone_env
+from simple_grpo.train.publish import WeightPublisher
+from simple_grpo.train.rollout_source import RefConnection
+from simple_grpo.train.worker import Worker
+from simple_grpo.wire.client import RefClient
+from simple_grpo.wire.codec import RolloutBatch
+from simple_grpo.wire.weights import load_safetensors_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(prompts_per_step=2, num_generations=4, micro_batch_size=4, max_new_tokens=8)

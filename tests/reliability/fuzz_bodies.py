@@ -9,7 +9,7 @@ import struct
 import torch
 from safetensors.torch import save as st_save
 
-from simple_grpo import codec
+from simple_grpo.wire import codec
 
 
 VOCAB = 320  # save_tiny_model's vocabulary

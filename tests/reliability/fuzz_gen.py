@@ -10,8 +10,8 @@ from urllib.parse import quote
 import torch
 from safetensors.torch import save as st_save
 
-from simple_grpo import codec
-from simple_grpo.weight_store import state_dict_safetensors_bytes
+from simple_grpo.wire import codec
+from simple_grpo.wire.weights import state_dict_safetensors_bytes
 
 from fuzz_bodies import Case, invalid_tensors, mutate, ours, random_json, st_file, tiny_batch, tiny_ids
 

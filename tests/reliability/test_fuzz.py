@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from simple_grpo.client import RefClient
-from simple_grpo.engine import free_port, standalone_env
-from simple_grpo.logprobs import completion_logprobs
+from simple_grpo.algo.logprobs import completion_logprobs
+from simple_grpo.train.engine import free_port, standalone_env
+from simple_grpo.wire.client import RefClient
 
 from fuzz_bodies import tiny_ids
 from fuzz_gen import Case, Generator, Sender, regressions

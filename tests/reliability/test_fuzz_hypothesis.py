@@ -11,9 +11,9 @@ import requests
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from simple_grpo import codec
-from simple_grpo.client import RefClient
-from simple_grpo.logprobs import completion_logprobs
+from simple_grpo.algo.logprobs import completion_logprobs
+from simple_grpo.wire import codec
+from simple_grpo.wire.client import RefClient
 
 from fuzz_bodies import tiny_batch, tiny_ids
 from test_fuzz import ServerProcess

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from simple_grpo.engine import free_port, standalone_env
+from simple_grpo.train.engine import free_port, standalone_env
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from simple_grpo.client import RefClient
-from simple_grpo.codec import RolloutBatch
-from simple_grpo.engine import free_port, standalone_env
-from simple_grpo.rollout_source import RefConnection
+from simple_grpo.train.engine import free_port, standalone_env
+from simple_grpo.train.rollout_source import RefConnection
+from simple_grpo.wire.client import RefClient
+from simple_grpo.wire.codec import RolloutBatch
 
 ROOT = Path(__file__).resolve().parents[2]
 

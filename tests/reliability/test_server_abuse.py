@@ -14,9 +14,9 @@ import pytest
 import requests
 import torch
 
-from simple_grpo import codec
-from simple_grpo.client import RefClient
-from simple_grpo.weight_store import state_dict_safetensors_bytes
+from simple_grpo.wire import codec
+from simple_grpo.wire.client import RefClient
+from simple_grpo.wire.weights import state_dict_safetensors_bytes
 from fuzz_bodies import tiny_batch, tiny_ids
 from test_fuzz import ServerProcess
 

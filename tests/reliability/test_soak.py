@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from simple_grpo.client import RefClient
-from simple_grpo.engine import free_port, standalone_env
+from simple_grpo.train.engine import free_port, standalone_env
+from simple_grpo.wire.client import RefClient
 
 ROOT = Path(__file__).resolve().parents[2]
 QUEUE_SIZE = 4

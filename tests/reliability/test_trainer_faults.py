@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from simple_grpo.engine import standalone_env
+from simple_grpo.train.engine import standalone_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "grpo_ref_split.py")
@@ -184,7 +184,7 @@ def kill_mid_checkpoint(t: Trainer, ckpts: Path, stats: dict) -> int | None:
 
 
 def test_kill_9_mid_checkpoint_then_resume(tiny_model_dir, tmp_path, trainers):
-    from simple_grpo.checkpoint import step_tag
+    from simple_grpo.train.checkpoint import step_tag
 
     steps, stats = 5, {"stops": 0, "missed": 0}
     for attempt in range(3):
@@ -341,7 +341,7 @@ def test_real_full_tmpfs_at_checkpoint_warns(tiny_model_dir, tmp_path, small_tmp
 EXPORT_LIMITED = """
 import resource, runpy, signal, sys
 sys.path.insert(0, {root!r})
-from simple_grpo import checkpoint
+from simple_grpo.train import checkpoint
 real = checkpoint.export_pretrained
 def limited(*a, **k):
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -380,8 +380,8 @@ def test_final_export_failure_is_one_line_and_resume_exports(tiny_model_dir, tmp
 def test_export_removes_leftovers_of_a_killed_export(tmp_path):
     """A trainer killed during the final export leaves `.tmp-final-*` (and `.tmp-old-final-*`)
     folders next to `final/`; the next export removes them."""
-    from simple_grpo.checkpoint import export_pretrained
     from simple_grpo.models import build_tiny_model, build_tiny_tokenizer
+    from simple_grpo.train.checkpoint import export_pretrained
 
     for name in (".tmp-final-x1y2", ".tmp-old-final-z3"):
         (tmp_path / name).mkdir()

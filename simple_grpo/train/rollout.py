@@ -1,7 +1,7 @@
 """Rollouts: sample G completions per prompt, score them, compute group advantages, and apply
 DAPO's dynamic sampling (drop zero-variance groups, refill with new prompts, bounded).
 
-The output is a `RolloutBatch` (simple_grpo.codec), the same typed record that generation workers
+The output is a `RolloutBatch` (simple_grpo.wire.codec), the same typed record that generation workers
 upload to the reference server, so the trainer consumes local and remote rollouts the same way.
 """
 from __future__ import annotations
@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from simple_grpo.advantages import group_advantages, zero_variance_groups
-from simple_grpo.codec import RolloutBatch
-from simple_grpo.decode import decode, prefill
+from simple_grpo.algo.advantages import group_advantages, zero_variance_groups
+from simple_grpo.algo.decode import decode, prefill
+from simple_grpo.algo.logprobs import token_logprobs
+from simple_grpo.algo.masks import lengths_from_eos, mask_from_lengths
 from simple_grpo.errors import UserError
 from simple_grpo.hf_compat import cache_kwargs
-from simple_grpo.logprobs import token_logprobs
-from simple_grpo.masks import lengths_from_eos, mask_from_lengths, truncated
-from simple_grpo.reward_registry import RewardSpec, combine, with_completion_info
+from simple_grpo.train.reward_registry import RewardSpec, combine, with_completion_info
+from simple_grpo.wire.codec import RolloutBatch
 
 
 @dataclass
@@ -32,7 +32,7 @@ class SampleSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     overlong_cache: int | None = None
-    sampler: str = "loop"  # "loop" (simple_grpo.decode) or "generate" (HF model.generate)
+    sampler: str = "loop"  # "loop" (simple_grpo.algo.decode) or "generate" (HF model.generate)
 
 
 @dataclass
@@ -61,7 +61,7 @@ def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: lis
     """-> prompt_ids [n*G, P], prompt_lens [n*G], completion_ids [n*G, C], completion_lens [n*G],
     and with `record_logprobs` also the sampling log-probs [n*G, C] of the generated tokens
     (log_softmax(logits / temperature) of the model as it sampled; 0 past each length).
-    `s.sampler` picks our decode loop (simple_grpo.decode) or HF `generate`."""
+    `s.sampler` picks our decode loop (simple_grpo.algo.decode) or HF `generate`."""
     G = s.num_generations if repeat is None else repeat
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
@@ -201,10 +201,9 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
                          gen_logprobs=pad_cat([g[8] for g in kept], 0, left=False) if record_logprobs
                          else None)
     breakdown = {k: [x for g in kept for x in g[7][k]] for k in kept[0][7]}
-    trunc = truncated(c_ids, c_lens, eos_ids)
     stats.update(generated_groups=float(generated_groups), gen_seconds=time.perf_counter() - t0,
                  completion_len_mean=float(c_lens.float().mean()),
-                 completion_len_max=float(c_lens.max()), truncated_frac=float(trunc.float().mean()),
+                 completion_len_max=float(c_lens.max()),
                  reward_mean=float(rewards_N.mean()), reward_std=float(rewards_N.std()))
     for name, values in breakdown.items():
         stats[f"reward/{name}"] = sum(values) / len(values)

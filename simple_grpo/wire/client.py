@@ -1,4 +1,4 @@
-"""Client of the reference server (simple_grpo.server), for the trainer and generation workers.
+"""Client of the reference server (simple_grpo.server.app), for the trainer and generation workers.
 
     client = RefClient("http://127.0.0.1:59875", token=os.environ.get("REF_SERVER_TOKEN"))
     client.wait_ready(timeout_s=300)          # prints "waiting for ref server at URL ..."
@@ -36,8 +36,8 @@ from typing import Any, Iterable
 import requests
 import torch
 
-from simple_grpo import codec
 from simple_grpo.errors import UserError
+from simple_grpo.wire import codec
 
 _RETRY_STATUS = (429, 502, 503, 504)  # queue full, busy, or a proxy in between
 
@@ -197,7 +197,7 @@ class RefClient:
 
     def publish_weights(self, chunks: Iterable[bytes] | bytes, version: int) -> dict[str, Any]:
         """POST /weights?version=N with a safetensors file, streamed from `chunks` (e.g.
-        weight_store.iter_state_dict_safetensors). Not retried: a stream cannot be replayed."""
+        wire.weights.iter_state_dict_safetensors). Not retried: a stream cannot be replayed."""
         try:
             r = self.session.post(self.url + "/weights", params={"version": version}, data=chunks,
                                   headers={"Content-Type": "application/octet-stream"},

@@ -7,7 +7,7 @@
 
 `publish` copies the parameters to one CPU snapshot (the optimizer changes them in place while the
 upload runs), then a background thread streams that snapshot as safetensors
-(`weight_store.iter_state_dict_safetensors`, one tensor at a time) with POST /weights?version=N.
+(`wire.weights.iter_state_dict_safetensors`, one tensor at a time) with POST /weights?version=N.
 A publish that is due while the previous one is still uploading waits for it (one pending
 snapshot at most: a newer one replaces it, counted in publish_skipped), so the newest version
 always reaches the server; a failed one is reported and the next one is tried as usual. Training
@@ -23,9 +23,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from simple_grpo import lora
-from simple_grpo.client import RefClient, RefServerError, RefServerUnavailable
-from simple_grpo.weight_store import iter_state_dict_safetensors
+from simple_grpo.train import lora
+from simple_grpo.wire.client import RefClient, RefServerError, RefServerUnavailable
+from simple_grpo.wire.weights import iter_state_dict_safetensors
 
 
 def cpu_snapshot(module: torch.nn.Module, dtype: torch.dtype | None):
@@ -90,7 +90,7 @@ class WeightPublisher:
     def _send(self, snapshot: tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]],
               version: int) -> None:
         t0 = time.perf_counter()
-        tensors, aliases, extra = snapshot  # extra: the LoRA adapter marker (simple_grpo/lora.py)
+        tensors, aliases, extra = snapshot  # extra: the LoRA adapter marker (simple_grpo/train/lora.py)
         try:
             meta = self.client.publish_weights(iter_state_dict_safetensors(
                 tensors, metadata={"version": str(version), "aliases": json.dumps(aliases), **extra}),

@@ -14,19 +14,20 @@ from concurrent.futures import Future
 
 import torch
 
-from simple_grpo import collectives, offpolicy
-from simple_grpo.codec import RolloutBatch
-from simple_grpo.logprobs import completion_logprobs
-from simple_grpo.losses import policy_loss
-from simple_grpo.masks import mask_from_lengths, truncated
-from simple_grpo.tis import TISSettings, tis_sums, tis_weights
+from simple_grpo.algo.logprobs import completion_logprobs
+from simple_grpo.algo.losses import policy_loss
+from simple_grpo.algo.masks import mask_from_lengths, truncated
+from simple_grpo.algo.tis import TISSettings, tis_sums, tis_weights
+from simple_grpo.train import collectives, offpolicy
+from simple_grpo.wire.codec import RolloutBatch
 
 
-def loss_mask(batch: RolloutBatch, eos_ids: list[int], overlong_filter: bool) -> torch.Tensor:
-    """[B, C] bool: completion tokens that enter the loss (DAPO's overlong filter drops truncated rows)."""
+def loss_mask(batch: RolloutBatch, truncated_B: torch.Tensor, overlong_filter: bool) -> torch.Tensor:
+    """[B, C] bool: completion tokens that enter the loss (DAPO's overlong filter drops the rows
+    `truncated_B` marks: masks.truncated of the batch, computed once per step)."""
     mask_BC = mask_from_lengths(batch.completion_lens, batch.completion_ids.shape[1])
     if overlong_filter:
-        mask_BC &= ~truncated(batch.completion_ids, batch.completion_lens, eos_ids)[:, None]
+        mask_BC &= ~truncated_B[:, None]
     return mask_BC
 
 
@@ -57,12 +58,12 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
     ours, those forward passes are dropped and the returned batch is trained instead. `batch`
     None: train on whatever `ref_pending` returns (a trainer that does not generate).
 
-    The old policy is the one that sampled the batch (simple_grpo/offpolicy.py): a batch generated
+    The old policy is the one that sampled the batch (simple_grpo/train/offpolicy.py): a batch generated
     with older weights than `weight_version` uses its `gen_logprobs` (sampling log-probs); a fresh
     one the trainer's own (a worker's fresh batch with tis off: its gen_logprobs). For a fresh batch
     with gen_logprobs the mean |gen_logprobs - trainer log-probs| over its tokens is returned as
     mismatch_sum / mismatch_tokens (sampling-vs-training numerics: bf16 weights, another kernel or
-    device), and `tis` (level != off) weights its policy-gradient terms (simple_grpo/tis.py; sums
+    device), and `tis` (level != off) weights its policy-gradient terms (simple_grpo/algo/tis.py; sums
     tis_weight_sum / tis_clipped / tis_tokens). offpolicy_tokens / trained_tokens: this rank's
     tokens of a late batch trained against its sampling log-probs / all its loss tokens.
     """
@@ -88,7 +89,8 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
     B = batch.batch_size
     assert B % micro_batch == 0, f"batch of {B} does not split into micro-batches of {micro_batch}"
     assert batch.ref_logprobs is not None or loss_kw["beta"] == 0, "beta > 0 needs ref log-probs"
-    mask_BC = loss_mask(batch, eos_ids, overlong_filter)
+    truncated_B = truncated(batch.completion_ids, batch.completion_lens, eos_ids)  # [B] no EOS in time
+    mask_BC = loss_mask(batch, truncated_B, overlong_filter)
     num_tokens, num_seqs = global_counts(mask_BC, device)
     if loss_kw["agg"] == "seq-mean-token-sum-norm":
         num_tokens = num_seqs * loss_kw["max_tokens"]  # Dr.GRPO's constant normaliser
@@ -144,6 +146,7 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
     pairs = {k: sums.pop(k) for k in offpolicy.SUM_KEYS if k in sums}  # divided in offpolicy.finish_ratios
     out = {k: (v / num_iterations if k in ("loss", "pg_loss") else v / tok) for k, v in sums.items()}
     out.update(pairs)
+    out["truncated_frac"] = float(truncated_B.float().mean())  # of the batch trained (ours or not)
     out["train_seconds"] = time.perf_counter() - t0 - ref_wait
     out["ref_seconds"] = ref_wait
     out["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)

@@ -7,8 +7,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+from simple_grpo.algo.losses import AGG_MODES, KL_ESTIMATORS, PG_LOSSES, PRESETS, RATIO_LEVELS
 from simple_grpo.errors import UserError
-from simple_grpo.losses import AGG_MODES, KL_ESTIMATORS, PG_LOSSES, PRESETS, RATIO_LEVELS
 from simple_grpo.models import BUNDLED
 
 
@@ -102,12 +102,12 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Activation checkpointing: each decoder layer keeps only its input during the training forward
     and is recomputed in backward (about a third more compute, far less activation memory). The
-    gradients are the same, and the shared-prompt KV cache is kept (simple_grpo/grad_ckpt.py);
+    gradients are the same, and the shared-prompt KV cache is kept (simple_grpo/train/grad_ckpt.py);
     sampling and other passes without gradients are unaffected."""
     seed: int = 0
     """Seed for data order, sampling and initialisation."""
 
-    # --- LoRA (simple_grpo/lora.py, through PEFT)
+    # --- LoRA (simple_grpo/train/lora.py, through PEFT)
     lora_r: int = 0
     """LoRA rank; 0 trains every weight. With r > 0 only the adapters are trained, checkpointed and
     published, and without --ref_url the reference is the same model with its adapter disabled."""
@@ -129,7 +129,7 @@ class TrainConfig:
     top_p: float = 1.0
     """Nucleus sampling."""
     sampler: str = "loop"
-    """`loop`: our KV-cached decode loop (simple_grpo/decode.py, faster on CPU); `generate`: HF
+    """`loop`: our KV-cached decode loop (simple_grpo/algo/decode.py, faster on CPU); `generate`: HF
     model.generate (for models whose cache the loop does not handle)."""
 
     # --- evaluation and outputs
@@ -201,7 +201,7 @@ class TrainConfig:
     (optimizer steps) ago; -1 keeps every batch."""
     tis: str = "off"
     """Trainer: truncated importance sampling for the sampler/trainer mismatch of a batch trained at
-    the version that sampled it (simple_grpo/tis.py): off | token (w_t = exp(trainer - sampler
+    the version that sampled it (simple_grpo/algo/tis.py): off | token (w_t = exp(trainer - sampler
     log-prob)) | sequence (w = exp of the sum over the sequence's tokens); w weights the
     policy-gradient term. A batch that comes back late uses its sampling log-probs as the old
     policy instead."""
@@ -322,7 +322,7 @@ def dynamic_filter_metric(cfg: TrainConfig, specs) -> str:
 
 def sample_settings(cfg: TrainConfig):
     """How completions are sampled (rollout.SampleSettings), for the trainer and workers."""
-    from simple_grpo.rollout import SampleSettings
+    from simple_grpo.train.rollout import SampleSettings
 
     return SampleSettings(num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
                           min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature,

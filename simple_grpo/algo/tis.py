@@ -30,7 +30,7 @@ _MAX_LOG = 20.0
 
 @dataclass(frozen=True)
 class TISSettings:
-    """--tis, --tis_mode, --tis_cap (simple_grpo/train_config.py)."""
+    """--tis, --tis_mode, --tis_cap (simple_grpo/train/config.py)."""
 
     level: str = "off"
     mode: str = "truncate"
@@ -67,7 +67,7 @@ def tis_weights(trainer_old_BT: torch.Tensor, sampler_BT: torch.Tensor, mask_BT:
 
 def tis_sums(w_BT: torch.Tensor, clipped_BT: torch.Tensor, mask_BT: torch.Tensor) -> dict[str, float]:
     """Sums for the step's metrics: tis_weight_mean = tis_weight_sum / tis_tokens and
-    tis_clipped_frac = tis_clipped / tis_tokens (simple_grpo.offpolicy.finish_ratios)."""
+    tis_clipped_frac = tis_clipped / tis_tokens (simple_grpo.train.offpolicy.finish_ratios)."""
     m_BT = mask_BT.bool()
     return {"tis_weight_sum": float((w_BT.double() * m_BT).sum()),
             "tis_clipped": float((clipped_BT & m_BT).sum()), "tis_tokens": float(m_BT.sum())}

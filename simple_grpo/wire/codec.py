@@ -22,7 +22,7 @@ symbols B, P, C below must agree across fields) and raises `CodecError` with a o
 so a server can answer bad input with a 400 naming the problem. `encode(decode(x))` round-trips
 bit-exactly.
 
-Batch layout (see simple_grpo/logprobs.py):
+Batch layout (see simple_grpo/algo/logprobs.py):
     prompt_ids       [B, P] int64   left-padded prompts; row i's prompt is its last prompt_lens[i]
     completion_ids   [B, C] int64   right-padded completions; row i's is its first completion_lens[i]
     *_lens           [B]    int64   in [0, P] and [0, C]

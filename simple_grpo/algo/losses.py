@@ -145,7 +145,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: tor
     logp, old_logp, ref_logp, mask: [B, T]; advantages: [B]. `old_logp=None` means on-policy
     (old = logp detached, ratio 1). `ref_logp` may be None only when beta == 0. cispo and sapo
     take token ratios only; `clip_ratio_c` (dual clip, > 1) applies to pg_loss="clip" (token or
-    sequence ratios). `token_weight` [B, T] (no gradient; e.g. TIS weights, simple_grpo/tis.py)
+    sequence ratios). `token_weight` [B, T] (no gradient; e.g. TIS weights, simple_grpo/algo/tis.py)
     multiplies the policy-gradient term of each token, not the KL term.
     """
     B, T = logp.shape

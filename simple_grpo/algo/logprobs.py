@@ -13,12 +13,12 @@ its keys/values are repeated for the group's rows, and only completion tokens ar
 the default run (70-token prompts, 48-token completions, G = 8) this halves the tokens the
 transformer processes; gradients still flow into the prompt states through the repeated cache.
 The cache is `_PrefixLayer`s: `update` returns cat(prefix, new) and stores nothing, so a layer run
-twice (activation checkpointing recomputes it in backward, simple_grpo/grad_ckpt.py) sees the
+twice (activation checkpointing recomputes it in backward, simple_grpo/train/grad_ckpt.py) sees the
 same cache both times.
 
 Memory: the transformer body runs once per pass and yields final hidden states [B, C, H]; the LM
 head, temperature and log-softmax run on the flattened completion tokens in chunks of at most
-`max_logits_bytes` of fp32 logits (simple_grpo/head_logprobs.py), and in training backward
+`max_logits_bytes` of fp32 logits (simple_grpo/algo/head_logprobs.py), and in training backward
 recomputes each chunk's logits, so no [B, C, V] logits are kept for backward. Without gradients
 (the reference server) rows are chunked only by the size of their hidden states, never by the
 vocabulary (`plan_chunks`).
@@ -28,9 +28,9 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from simple_grpo.head_logprobs import head_logprobs, plan_chunks
+from simple_grpo.algo.head_logprobs import head_logprobs, plan_chunks
+from simple_grpo.algo.masks import mask_from_lengths
 from simple_grpo.hf_compat import cache_kwargs
-from simple_grpo.masks import mask_from_lengths
 
 
 def sequence_inputs(prompt_ids_BP: torch.Tensor, prompt_lens_B: torch.Tensor,

@@ -58,7 +58,7 @@ def init_distributed(backend: str = "auto") -> Dist:
 
     `backend`: auto (nccl on GPUs, gloo on CPUs) | nccl | gloo (also moves CUDA tensors: two ranks
     sharing one GPU, which NCCL refuses) | cpu:gloo,cuda:nccl (both, by tensor device). Our own
-    collectives put their tensors on the rank's device (simple_grpo/collectives.py), so every
+    collectives put their tensors on the rank's device (simple_grpo/train/collectives.py), so every
     choice works; DeepSpeed's reduce-scatter of CUDA gradients wants nccl on real multi-GPU runs."""
     import importlib
 
@@ -135,7 +135,7 @@ def ds_config(path: str | Path, *, micro_batch: int, grad_accum: int, world_size
     (`offload_optimizer`: ZeRO-2's optimizer states and update on the CPU)."""
     p = Path(path)
     if not p.exists() and not p.is_absolute():  # the repo's own ds_config.json from any cwd
-        p = Path(__file__).resolve().parents[1] / p
+        p = Path(__file__).resolve().parents[2] / p  # simple_grpo/train/engine.py -> repo
     if not p.exists():
         raise UserError(f"DeepSpeed config {p} not found (set --ds_config=PATH)")
     try:

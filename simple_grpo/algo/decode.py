@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from simple_grpo.algo.logprobs import token_logprobs
 from simple_grpo.hf_compat import cache_kwargs, output_cache
-from simple_grpo.logprobs import token_logprobs
 
 
 @dataclass

@@ -10,7 +10,7 @@ trained against the policy that sampled it:
     with num_iterations > 1 recorded before the first update), except a worker's fresh batch with
     --tis=off, whose sampling log-probs stay the old policy (the clipped ratio then also absorbs
     the sampler/trainer numerics). With --tis on, fresh batches get TIS weights instead
-    (simple_grpo/tis.py);
+    (simple_grpo/algo/tis.py);
   * no trainer version given (unit tests, benchmarks): the sampling log-probs when present.
 A late batch without sampling log-probs can only be trained as on-policy (every producer here
 records them); `offpolicy_token_frac` counts the tokens of late batches trained against their
@@ -18,7 +18,7 @@ sampling log-probs, so such a batch shows as 0 there while its `batch_staleness`
 """
 from __future__ import annotations
 
-from simple_grpo.codec import RolloutBatch
+from simple_grpo.wire.codec import RolloutBatch
 
 # (metric, numerator, denominator): policy_step returns the sums, averaged over ranks like every
 # metric (a mean of sums over a mean of counts is the ratio of the totals), then divided here.

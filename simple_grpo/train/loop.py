@@ -12,18 +12,17 @@ from typing import Callable
 
 import torch
 
-from simple_grpo import collectives, lora, offpolicy, policy_step, rollout
-from simple_grpo.codec import RolloutBatch
-from simple_grpo.masks import truncated
-from simple_grpo.reward_registry import RewardSpec, parse_reward_specs
-from simple_grpo.rollout_source import RefConnection
-from simple_grpo.tis import TISSettings
+from simple_grpo.algo.tis import TISSettings
+from simple_grpo.train import collectives, lora, offpolicy, policy_step, rollout
+from simple_grpo.train.reward_registry import RewardSpec, parse_reward_specs
+from simple_grpo.train.rollout_source import RefConnection
+from simple_grpo.wire.codec import RolloutBatch
 
 
 def reward_specs(cfg) -> list[RewardSpec]:
     """The configured reward functions, plus DAPO's soft overlong punishment when enabled."""
     if cfg.rewards is None:
-        from simple_grpo.reward_registry import load_rewards
+        from simple_grpo.train.reward_registry import load_rewards
 
         specs = list(load_rewards().DEFAULT_REWARDS)
     else:
@@ -48,12 +47,8 @@ class StepContext:
     specs: list[RewardSpec]
     loss_kw: dict
     ref: RefConnection | None
-
-    @property
-    def settings(self) -> rollout.SampleSettings:
-        from simple_grpo.train_config import sample_settings
-
-        return sample_settings(self.cfg)
+    settings: rollout.SampleSettings  # config.sample_settings(cfg)
+    filter_metric: str  # config.dynamic_filter_metric(cfg, specs)
 
 
 def step(ctx: StepContext, weight_version: int):
@@ -61,8 +56,6 @@ def step(ctx: StepContext, weight_version: int):
     --generate_locally=false: then wait for workers) and, with a server, exchange it for the next
     ready batch (ours with reference log-probs, or a worker's); then the policy update
     -> (metrics averaged over ranks, our rollout or None, the trained batch's provenance)."""
-    from simple_grpo.train_config import dynamic_filter_metric
-
     c = ctx.cfg
     roll, batch, pending = None, None, None
     if c.generate_locally and ctx.ref is not None:  # workers' batches waiting: train on those first
@@ -74,7 +67,7 @@ def step(ctx: StepContext, weight_version: int):
         roll = rollout.make_rollout(ctx.engine.module, ctx.tokenizer, ctx.stream, ctx.d.prompts_per_rank,
                                     ctx.settings, ctx.specs, system_render=ctx.render, eos_ids=ctx.eos_ids,
                                     dynamic_sampling=c.dynamic_sampling,
-                                    filter_metric=dynamic_filter_metric(c, ctx.specs),
+                                    filter_metric=ctx.filter_metric,
                                     max_refill_rounds=c.max_refill_rounds,
                                     failure_value=c.reward_failure_value, scale=c.scale,
                                     weight_version=weight_version,  # sampling log-probs: the old
@@ -127,8 +120,6 @@ def batch_stats(batch: RolloutBatch, eos_ids: list[int], weight_version: int,
             out["accuracy"] = sum(1.0 for v in values if v >= 1.0) / max(len(values), 1)
     return out | {"reward_mean": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()),
             "completion_len_mean": float(lens.mean()), "completion_len_max": float(lens.max()),
-            "truncated_frac": float(truncated(batch.completion_ids, batch.completion_lens,
-                                              eos_ids).float().mean()),
             "batch_staleness": float(weight_version - batch.weight_version),
             "remote_batch": float(not str(batch.meta.get("producer", "")).startswith("trainer"))}
 
@@ -169,7 +160,7 @@ class Outputs:
     def __init__(self, run_dir: Path, cfg, dist, resume_step: int = 0, restart: bool = False):
         """`resume_step`: the checkpoint's step, whose later log lines are dropped; `restart`
         (--resume=auto) with no checkpoint yet: the logs of a previous attempt are dropped."""
-        from simple_grpo.metrics import MetricsLogger, SamplesWriter, truncate_jsonl
+        from simple_grpo.train.metrics import MetricsLogger, SamplesWriter, truncate_jsonl
 
         self.run_dir, self.cfg, self.main = run_dir, cfg, dist.rank == 0
         if not self.main:
@@ -224,16 +215,16 @@ class Outputs:
             self.plot()
 
     def plot(self) -> None:
-        from simple_grpo.metrics import plot_metrics
+        from simple_grpo.train.metrics import plot_metrics
 
         plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots.png")
 
     def finish(self, model, tokenizer) -> None:
         if not self.main:
             return
-        from simple_grpo.checkpoint import describe_write_failure, export_pretrained, is_write_failure, \
-            latest_checkpoint
         from simple_grpo.errors import UserError
+        from simple_grpo.train.checkpoint import describe_write_failure, export_pretrained, is_write_failure, \
+            latest_checkpoint
 
         final = self.run_dir / "final"
         try:

@@ -30,9 +30,11 @@ from typing import Callable, TypeVar
 
 import torch
 
-from simple_grpo import data, lora, models, rollout
-from simple_grpo.client import RefClient, RefServerAuthError, RefServerError, RefServerUnavailable
+from simple_grpo import models
+
 from simple_grpo.errors import UserError
+from simple_grpo.train import data, lora, rollout
+from simple_grpo.wire.client import RefClient, RefServerAuthError, RefServerError, RefServerUnavailable
 
 T = TypeVar("T")
 
@@ -58,8 +60,8 @@ class Worker:
     """One worker's model, prompt stream and connection; `sync_weights`, `make_batch`, `upload`."""
 
     def __init__(self, cfg, client: RefClient):
-        from simple_grpo.train_config import sample_settings
-        from simple_grpo.train_loop import reward_specs
+        from simple_grpo.train.config import dynamic_filter_metric, sample_settings
+        from simple_grpo.train.loop import reward_specs
 
         self.cfg, self.client, self.id = cfg, client, default_worker_id()
         index = cfg.worker_index if cfg.worker_index >= 0 else random.SystemRandom().randrange(1 << 30)
@@ -77,6 +79,7 @@ class Worker:
         self.render = data.prompt_renderer(self.tokenizer, cfg.system_prompt)
         self.eos_ids = rollout.eos_token_ids(self.tokenizer, self.model)
         self.settings = sample_settings(cfg)
+        self.filter_metric = dynamic_filter_metric(cfg, self.specs)
         self.version = 0  # the base model is version 0 of a fresh run
         self.dir = Path(tempfile.mkdtemp(prefix="simple_grpo-worker-"))
         self.counts = {"batches": 0, "weight_updates": 0, "download_failures": 0, "stale": 0}
@@ -128,14 +131,12 @@ class Worker:
 
     def make_batch(self):
         """One rank's share of a trainer step: scored groups with sampling log-probs."""
-        from simple_grpo.train_config import dynamic_filter_metric
-
         c = self.cfg
         roll = rollout.make_rollout(self.model, self.tokenizer, self.stream,
                                     c.prompts_per_step // c.trainer_ranks, self.settings, self.specs,
                                     system_render=self.render, eos_ids=self.eos_ids,
                                     dynamic_sampling=c.dynamic_sampling,
-                                    filter_metric=dynamic_filter_metric(c, self.specs),
+                                    filter_metric=self.filter_metric,
                                     max_refill_rounds=c.max_refill_rounds,
                                     failure_value=c.reward_failure_value, scale=c.scale,
                                     weight_version=self.version, record_logprobs=True)

@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from simple_grpo.engine import free_port, standalone_env
+from simple_grpo.train.engine import free_port, standalone_env
 
-REF_SERVER = Path(__file__).resolve().parents[1] / "ref_server.py"
+REF_SERVER = Path(__file__).resolve().parents[2] / "ref_server.py"  # the repo root
 
 
 def _die_with_parent() -> None:

@@ -1,7 +1,7 @@
 """The reference-model server: a bottle app on waitress that computes reference log-probs and
 holds the queue of scored batches between producers and the trainer.
 
-Endpoints (tensors travel in the simple_grpo.codec format, control as JSON; errors are a one-line
+Endpoints (tensors travel in the simple_grpo.wire.codec format, control as JSON; errors are a one-line
 JSON object {"error": "..."} with a 4xx/5xx status):
     GET  /health    200 {"status", "model", "dtype", "device", "vocab_size", "protocol_version",
                     "queue_depth", "max_len", "max_body_bytes", ...}
@@ -13,7 +13,7 @@ JSON object {"error": "..."} with a 4xx/5xx status):
                     &request_id=ID makes it idempotent: a repeat gets the same answer (last 16)
     POST /logprobs  codec LogprobRequest -> 200 codec LogprobResponse (stateless)
     GET  /stats     200 counters (see ServerState.stats)
-    POST /weights, GET /weights/version, GET /weights: policy weights (simple_grpo.weight_routes)
+    POST /weights, GET /weights/version, GET /weights: policy weights (simple_grpo.server.weight_routes)
 With a token every request lacking `Authorization: Bearer <token>` gets 401.
 Batches and /logprobs requests carry the sampling temperature (codec schema 2): the reference
 log-probs are log_softmax(logits / temperature), as the trainer computes its policy's.
@@ -43,12 +43,14 @@ from typing import Any, Callable
 import bottle
 import torch
 
-from simple_grpo import codec
-from simple_grpo.batch_queue import BatchQueue, Busy, QueueFull
-from simple_grpo.logprobs import completion_logprobs
-from simple_grpo.masks import mask_from_lengths
-from simple_grpo.server_config import ServerConfig
-from simple_grpo.wsgi import ApiError, RunningServer, json_response, raw_header, read_body
+from simple_grpo.algo.logprobs import completion_logprobs
+from simple_grpo.algo.masks import mask_from_lengths
+from simple_grpo.server.config import ServerConfig
+from simple_grpo.server.queue import BatchQueue, Busy, QueueFull
+from simple_grpo.server.weight_routes import add_weight_routes
+from simple_grpo.server.weight_store import WeightStore
+from simple_grpo.server.wsgi import ApiError, RunningServer, json_response, raw_header, read_body
+from simple_grpo.wire import codec
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -315,9 +317,7 @@ def make_app(state: ServerState) -> bottle.Bottle:
         return bottle.HTTPResponse(codec.encode(codec.LogprobResponse(logp)), status=200, headers={
             "Content-Type": "application/octet-stream", "X-Compute-Ms": f"{1000 * dt:.3f}"})
 
-    from simple_grpo.weight_routes import add_weight_routes
-    from simple_grpo.weight_store import WeightStore
-    add_weight_routes(app, state, WeightStore(state.cfg.weights_dir))
+    add_weight_routes(app, state, api_handler(state), WeightStore(state.cfg.weights_dir))
     return app
 
 

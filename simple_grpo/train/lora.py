@@ -104,7 +104,7 @@ def published_params(model, metadata: dict[str, str]) -> dict[str, torch.Tensor]
 @torch.no_grad()
 def reference_logprobs(engine, batch, *, micro_batch: int, temperature: float, device) -> torch.Tensor:
     """Reference log-probs [B, C] (CPU) of `batch`: the policy's base model, adapter disabled."""
-    from simple_grpo.logprobs import completion_logprobs
+    from simple_grpo.algo.logprobs import completion_logprobs
 
     module = getattr(engine, "module", engine)
     out = []

@@ -20,8 +20,8 @@ from typing import Any
 
 import bottle
 
-from simple_grpo.weight_store import WeightStore
-from simple_grpo.wsgi import ApiError, iter_body, json_response, raw_header
+from simple_grpo.server.weight_store import WeightStore
+from simple_grpo.server.wsgi import ApiError, iter_body, json_response, raw_header
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 _WORKER_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
@@ -49,12 +49,10 @@ class WorkerTable:
         return {w: {"version": v, "last_seen_s_ago": now - t} for w, (v, t) in seen}
 
 
-def add_weight_routes(app: bottle.Bottle, state, store: WeightStore) -> WorkerTable:
-    """Add the /weights endpoints to `make_app`'s app (its auth hook and JSON errors apply) and
-    the "weights" and "workers" entries to /stats."""
-    from simple_grpo.server import api_handler
-
-    handler, workers = api_handler(state), WorkerTable()
+def add_weight_routes(app: bottle.Bottle, state, handler, store: WeightStore) -> WorkerTable:
+    """Add the /weights endpoints to `make_app`'s app (its auth hook applies; `handler` is its
+    `api_handler(state)`, for JSON errors) and the "weights" and "workers" entries to /stats."""
+    workers = WorkerTable()
     limit = state.cfg.max_weights_bytes
     state.stats_hooks.append(lambda: {"weights": store.current() or {"version": None},
                                       "workers": workers.stats()})

@@ -26,9 +26,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from simple_grpo import collectives
-from simple_grpo.codec import RolloutBatch
 from simple_grpo.errors import UserError
+from simple_grpo.train import collectives
+from simple_grpo.wire.codec import RolloutBatch
 
 
 class RefConnection:
@@ -37,7 +37,7 @@ class RefConnection:
     def __init__(self, url: str, token: str | None, timeout: float, process=None, *,
                  batch_rows: int | None = None, group_size: int | None = None,
                  max_staleness: int = -1, temperature: float | None = None):
-        from simple_grpo.client import RefClient
+        from simple_grpo.wire.client import RefClient
 
         self.url, self.timeout, self.process = url, timeout, process
         self.batch_rows, self.group_size, self.max_staleness = batch_rows, group_size, max_staleness
@@ -55,7 +55,7 @@ class RefConnection:
     def _call(self, fn, is_get: bool = False):
         """fn() against the server; through an outage, wait (with messages) for it to return.
         After a /get, a changed server instance (a restart between calls) is noticed too."""
-        from simple_grpo.client import RefServerQueueFull, RefServerUnavailable
+        from simple_grpo.wire.client import RefServerQueueFull, RefServerUnavailable
 
         while True:
             try:
@@ -161,7 +161,7 @@ class RefConnection:
 
     def exchange(self, batch: RolloutBatch | None, weight_version: int) -> RolloutBatch:
         """Upload our batch (if any), then take the next usable ready batch from the queue."""
-        from simple_grpo.client import RefServerQueueFull
+        from simple_grpo.wire.client import RefServerQueueFull
 
         if batch is not None:
             self._outstanding = batch
@@ -197,7 +197,7 @@ def connect_ref(cfg, dist, d) -> RefConnection | None:
     if cfg.ref_url:
         return RefConnection(cfg.ref_url, cfg.ref_token, cfg.ref_timeout, **checks)
     from simple_grpo.models import resolve_model_path
-    from simple_grpo.ref_process import RefProcess
+    from simple_grpo.train.ref_process import RefProcess
 
     port, process = 0, None
     if dist.rank == 0:

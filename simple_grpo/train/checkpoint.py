@@ -16,7 +16,7 @@ a full disk at any point leaves `latest` naming the previous complete checkpoint
 Multi-rank: `save_checkpoint` and `load_latest` must be called on EVERY rank (DeepSpeed requires it:
 each rank writes and reads its own ZeRO-2 optimizer shard), with `ckpt_root` on a filesystem all
 ranks share. Only rank 0 renames, writes `latest` and deletes; barriers separate the phases and an
-all-reduce makes all ranks agree whether the save succeeded (simple_grpo/collectives.py).
+all-reduce makes all ranks agree whether the save succeeded (simple_grpo/train/collectives.py).
 """
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from simple_grpo import collectives, lora
 from simple_grpo.errors import UserError
+from simple_grpo.io import fsync_path, fsync_tree, write_text_atomic
+from simple_grpo.train import collectives, lora
 
 log = logging.getLogger("simple_grpo")
 
@@ -94,45 +95,6 @@ def describe_write_failure(e: BaseException | None, folder: Path) -> str:
     except OSError:
         free = "free space unknown"
     return f"{why} (disk full or quota reached? {free} in {folder})"
-
-
-# ----------------------------------------------------------------------------- filesystem helpers
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (directories: best effort, some filesystems refuse)."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # e.g. EINVAL for directories on some network filesystems
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            _fsync_path(p)
-    _fsync_path(folder)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so readers see either the old or the new content, never a mix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_path(path.parent)
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -233,7 +195,7 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, *, k
     commit_error: BaseException | None = None
     if rank0:
         try:
-            _fsync_tree(ckpt_root / tmp_tag)
+            fsync_tree(ckpt_root / tmp_tag)
             trash = None
             if final.exists():  # same step saved again, or a folder from a crash before `latest`
                 trash = ckpt_root / f".tmp-old-{tag}"
@@ -244,7 +206,7 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, *, k
                 if trash is not None and not final.exists():
                     os.replace(trash, final)  # put the old folder back: `latest` may name it
                 raise
-            _fsync_path(ckpt_root)
+            fsync_path(ckpt_root)
             write_text_atomic(ckpt_root / LATEST, tag)
             if trash is not None:
                 shutil.rmtree(trash, ignore_errors=True)
@@ -331,13 +293,13 @@ def export_pretrained(model, tokenizer, out_dir: Path, save=None) -> Path:
         (save or module.save_pretrained)(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         trash = None
         if out_dir.exists():
             trash = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-old-{out_dir.name}-"))
             os.replace(out_dir, trash / out_dir.name)
         os.replace(tmp, out_dir)
-        _fsync_path(out_dir.parent)
+        fsync_path(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

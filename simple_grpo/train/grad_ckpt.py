@@ -10,7 +10,7 @@ log-probs, evaluation) run the layers as they are, KV cache included.
 Why not transformers' own `gradient_checkpointing_enable`: under it a layer that runs with
 gradients drops its KV cache (`use_cache=False`, `cache=None`), because a cache that is appended to
 inside a checkpointed layer would be appended to again when backward recomputes the layer. The
-shared-prompt path of simple_grpo/logprobs.py needs the cache: it runs each prompt once and its
+shared-prompt path of simple_grpo/algo/logprobs.py needs the cache: it runs each prompt once and its
 completions on top of the prompt's keys/values. Its cache layers (`_PrefixLayer`) have an `update`
 without side effects (they return cat(prefix, new) and store nothing), so running a layer twice is
 harmless, and here the cache is passed through to the checkpointed layer unchanged. The layers are

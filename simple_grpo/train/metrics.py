@@ -11,12 +11,11 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
-from simple_grpo.checkpoint import write_text_atomic
 from simple_grpo.errors import UserError
+from simple_grpo.io import atomic_open, write_text_atomic
 
 log = logging.getLogger("simple_grpo")
 
@@ -192,14 +191,9 @@ def plot_metrics(metrics_jsonl: Path, out_png: Path) -> Path:
             ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_png.parent, prefix=f".tmp-{out_png.stem}-", suffix=".png")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_open(out_png, "wb", durable=False) as f:
             fig.savefig(f, format="png")
-        os.replace(tmp, out_png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         fig.clear()
         del fig, axes, rows

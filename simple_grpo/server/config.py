@@ -5,8 +5,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from simple_grpo.batch_queue import ORDERS, WHEN_FULL
 from simple_grpo.errors import UserError
+from simple_grpo.server.queue import ORDERS, WHEN_FULL
 
 
 @dataclass
