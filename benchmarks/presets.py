@@ -70,6 +70,12 @@ class PresetsConfig:
     """Sampling temperature of the training completions (evaluation is greedy). On arithmetic2 the
     base model's samples at 1.0 are right 2% of the time (12% of groups differ, so few carry a
     signal); at 0.7, 4% (31% of groups): grpo went 0.08 -> 0.47 held-out in 12 steps."""
+    num_iterations: int = 1
+    """Optimizer passes per batch (grpo_ref_split.py --num_iterations). With 1 every batch is
+    trained on-policy in one update, the ratio is exactly 1 and no clipping rule ever acts: gspo,
+    sapo and grpo-without-KL then take the same gradient (2026-12-01: gspo and sapo gave the same
+    run, sample for sample), and cispo differs from them only by its token-mean aggregation. With
+    2 or more, the later passes are off-policy and the clipping rules differ."""
     eval_prompts: int = 100
     """Held-out prompts evaluated before training and after the last step."""
     model: str = "smollm2-135m"
@@ -112,7 +118,7 @@ def trainer_cmd(c: PresetsConfig, preset: str, seed: int, run_dir: Path) -> list
     return [sys.executable, str(ROOT / "grpo_ref_split.py"), f"--model={c.model}", f"--task={c.task}",
             f"--preset={preset}", f"--seed={seed}", f"--steps={c.steps}", f"--prompts_per_step={c.prompts_per_step}",
             f"--num_generations={c.num_generations}", f"--max_new_tokens={c.max_new_tokens}",
-            f"--temperature={c.temperature}",
+            f"--temperature={c.temperature}", f"--num_iterations={c.num_iterations}",
             f"--eval_every={max(c.steps, 1)}", f"--eval_prompts={c.eval_prompts}", "--save_every=-1",
             "--plot_every=0", f"--run_dir={run_dir}"]
 
@@ -242,7 +248,8 @@ def _spread(values: list) -> str:
 
 def table(c: PresetsConfig, results: dict) -> str:
     lines = [f"task {c.task}, model {Path(c.model).name}, {c.steps} steps of {c.prompts_per_step} prompts x "
-             f"G={c.num_generations} x {c.max_new_tokens} tokens, T {c.temperature:g}, {c.seeds} seeds, "
+             f"G={c.num_generations} x {c.max_new_tokens} tokens, T {c.temperature:g}, "
+             f"{c.num_iterations} update(s) per batch, {c.seeds} seeds, "
              f"held-out accuracy on {c.eval_prompts} prompts (greedy, correct_lenient): mean (min-max over seeds)",
              "", f"| preset | beta | held-out accuracy before -> after | reward, last {LAST_STEPS} steps | final KL "
                  "| wall time (min) | runs ok |", "|---|---|---|---|---|---|---|"]
