@@ -1,4 +1,12 @@
-"""simple_grpo: GRPO / Dr.GRPO / DAPO training with a reference-model HTTP server."""
+"""simple_grpo: GRPO and its successors (Dr.GRPO, DAPO, GSPO, CISPO, SAPO) with a reference-model server.
+
+One package per role; tests/test_layout.py checks the imports:
+    algo/    the algorithm as pure tensor math (advantages, losses, masks, log-probs, decoding)
+    wire/    what crosses a process boundary (codec, HTTP client, weights stream)
+    server/  ref_server.py's process; never imports train/
+    train/   grpo_ref_split.py's processes (trainer ranks, generation workers); never imports server/
+    errors, io, cli, hf_compat, models: shared by every process
+"""
 import os
 
 # Large CPU tensors (gradients, optimizer state, activations) on 2 MB pages: PyTorch reads this

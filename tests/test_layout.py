@@ -158,3 +158,10 @@ def test_readme_tree_lists_exactly_the_files():
     listed, present = readme_tree(), tracked_files()
     assert not present - listed, f"files missing from the README tree: {sorted(present - listed)}"
     assert not listed - present, f"README tree names files that do not exist: {sorted(listed - present)}"
+
+
+@pytest.mark.parametrize("doc", ["README.md", "BENCHMARKS.md"])
+def test_docs_name_only_files_that_exist(doc):
+    named = set(re.findall(r"simple_grpo/[\w/]+\.py", (ROOT / doc).read_text()))
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert named and not missing, f"{doc} names files that do not exist: {missing}"
