@@ -139,6 +139,9 @@ def test_resume_is_bit_exact_with_adapter_only_checkpoints(tiny_model_dir, tmp_p
     assert [r["kl"] for r in metrics(split)] == [r["kl"] for r in metrics(straight)]
     with pytest.raises(UserError, match="resume with the run's --model and --lora_"):
         grpo_ref_split.main(args(run_dir=split, steps=5, resume="true", **{**common, "lora_r": 8}))
+    # same shapes, another model: the saved settings catch what the state dict cannot
+    with pytest.raises(UserError, match=r"--lora_alpha=8 \(this run: 16\)"):
+        grpo_ref_split.main(args(run_dir=split, steps=5, resume="true", **{**common, "lora_alpha": 16}))
 
 
 def test_bad_lora_options_are_one_line_errors(tiny_model_dir):

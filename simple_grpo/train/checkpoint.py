@@ -40,6 +40,7 @@ log = logging.getLogger("simple_grpo")
 
 LATEST = "latest"
 _CLIENT_KEY = "simple_grpo_client_state"  # nested so trainer keys never clobber DeepSpeed's own
+_LORA_KEY = "simple_grpo_lora"  # the adapter's settings (lora.resume_settings), checked on resume
 _STEP_RE = re.compile(r"^step-(\d+)$")
 # torch.save reports a failed write (ENOSPC, EFBIG) as a RuntimeError from its zip writer, not OSError,
 # and safetensors (the final export) as a SafetensorError wrapping the IoError
@@ -179,8 +180,9 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, *, k
     # phase 2 (all ranks): DeepSpeed writes this rank's files into the temp tag folder
     error: BaseException | None = None
     try:
-        engine.save_checkpoint(str(ckpt_root), tag=tmp_tag, client_state={_CLIENT_KEY: client_state},
-                               save_latest=False, **lora.checkpoint_save_kwargs(engine))
+        saved = {_CLIENT_KEY: client_state, _LORA_KEY: lora.resume_settings(engine.module)}
+        engine.save_checkpoint(str(ckpt_root), tag=tmp_tag, client_state=saved, save_latest=False,
+                               **lora.checkpoint_save_kwargs(engine))
     except (OSError, RuntimeError) as e:
         if not is_write_failure(e):
             raise
@@ -268,6 +270,7 @@ def load_latest(engine, ckpt_root: Path) -> dict | None:
     if path is None:
         raise UserError(f"DeepSpeed could not load checkpoint {folder} (see its log above); "
                         "it may be incomplete or from a different model/ZeRO setup")
+    lora.check_resume((client or {}).get(_LORA_KEY), engine.module)
     log.info("resumed from checkpoint %s", folder)
     return dict((client or {}).get(_CLIENT_KEY, {}))
 

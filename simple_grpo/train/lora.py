@@ -75,6 +75,29 @@ def settings(module) -> dict:
     return {"r": c.r, "lora_alpha": c.lora_alpha, "target_modules": targets}
 
 
+def resume_settings(module) -> dict | None:
+    """What a resumed run must match: `settings` plus the dropout (it changes training, not what a
+    worker computes); None without LoRA. Saved with every checkpoint, checked by check_resume."""
+    module = getattr(module, "module", module)
+    if not is_peft(module):
+        return None
+    return {**settings(module), "lora_dropout": module.peft_config[ADAPTER].lora_dropout}
+
+
+def check_resume(saved: dict | None, module) -> None:
+    """UserError when the checkpoint's adapter settings differ from this run's: another
+    --lora_alpha or --lora_dropout loads without a shape error but trains another model."""
+    ours = resume_settings(module)
+    if saved is None or ours is None:  # no LoRA, or a checkpoint from before settings were saved
+        return
+    diff = [k for k in ours if saved.get(k) != ours[k]]
+    show = lambda v: f"{v:g}" if isinstance(v, float) else v  # noqa: E731
+    if diff:
+        raise UserError("the checkpoint's LoRA adapter was trained with " +
+                        ", ".join(f"--{k}={show(saved.get(k))} (this run: {show(ours[k])})" for k in diff) +
+                        ": resume with the run's --model and --lora_* options")
+
+
 def publish_metadata(module) -> dict[str, str]:
     """Extra safetensors metadata of a published snapshot: the adapter marker, or nothing."""
     if not is_peft(module):
