@@ -234,7 +234,7 @@ def test_overlong_filtered_rows_do_not_count_as_sequences(monkeypatch, agg, expe
     mask = loss_mask(batch, truncated(comp, batch.completion_lens, [EOS]), overlong_filter=True)
     assert policy_step.global_counts(mask, torch.device("cpu")) == (5.0, 2)  # tokens, kept rows
     monkeypatch.setattr(policy_step, "completion_logprobs",
-                        lambda engine, p, pl, c, cl, temperature: torch.zeros(c.shape, requires_grad=True))
+                        lambda engine, p, pl, c, cl, **kw: torch.zeros(c.shape, requires_grad=True))
     engine = _FakeEngine()
     loss_kw = dict(eps_low=0.2, eps_high=0.2, beta=0.0, kl="k3", agg=agg, max_tokens=3, ratio_level="token")
     out, _ = policy_step.train_on_batch(engine, batch, micro_batch=2, num_iterations=1, loss_kw=loss_kw,

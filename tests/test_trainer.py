@@ -61,6 +61,24 @@ def test_two_steps_of_each_preset_change_every_parameter(preset, tiny_model_dir,
     assert (tmp_path / "samples.jsonl").exists() and (tmp_path / "config.json").exists()
 
 
+def test_max_logits_mb_reaches_every_training_pass(tiny_model_dir, tmp_path, monkeypatch):
+    from simple_grpo.algo import logprobs
+
+    budgets = []  # the real chunk planner, recording the budget of each log-prob pass
+
+    def spy(rows, seq_len, hidden, vocab, max_logits_bytes, *a, **kw):
+        budgets.append(max_logits_bytes)
+        return plan(rows, seq_len, hidden, vocab, max_logits_bytes, *a, **kw)
+
+    plan = logprobs.plan_chunks
+    monkeypatch.setattr(logprobs, "plan_chunks", spy)
+    # num_iterations=2: the old log-probs pass too; dr_grpo: beta 0, so no server process
+    grpo_ref_split.main(tiny_args(tiny_model_dir, tmp_path, preset="dr_grpo", num_iterations=2,
+                                  max_logits_mb=1))
+    # 2 steps x (1 old-log-prob pass + 2 training passes) x 2 micro-batches of 4
+    assert budgets == [1 << 20] * 12
+
+
 def test_resume_is_bit_exact(tiny_model_dir, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = dict(preset="dapo", save_every=2)

@@ -91,6 +91,10 @@ class TrainConfig:
     """Sequences per forward/backward pass on one rank (gradient accumulation covers the rest)."""
     num_iterations: int = 1
     """mu: optimisation passes over each batch; old log-probs are recorded before the first."""
+    max_logits_mb: int = 1024
+    """fp32 logits alive at once per micro-batch pass (kept until backward in training): the LM
+    head runs over the completion tokens in chunks below it (simple_grpo/algo/head_logprobs.py).
+    Lower it when a large vocabulary x micro_batch_size x max_new_tokens runs out of memory."""
     lr: float = 1e-5
     """Peak learning rate (AdamW)."""
     warmup_steps: int = 3
@@ -261,6 +265,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (cfg.max_new_tokens >= 1, "--max_new_tokens must be >= 1"),
         (0 <= cfg.min_new_tokens <= cfg.max_new_tokens, "--min_new_tokens must be in [0, max_new_tokens]"),
         (cfg.num_iterations >= 1, "--num_iterations must be >= 1"),
+        (cfg.max_logits_mb >= 1, "--max_logits_mb must be >= 1"),
         (cfg.lora_r >= 0, "--lora_r must be >= 0 (0: no LoRA)"),
         (cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1,
          "--lora_alpha must be > 0 and --lora_dropout in [0, 1)"),

@@ -82,13 +82,15 @@ def step(ctx: StepContext, weight_version: int):
     if ctx.ref is None and c.beta > 0 and c.lora_r > 0:  # reference = our model, adapter disabled
         t = time.perf_counter()
         batch.ref_logprobs = lora.reference_logprobs(ctx.engine, batch, micro_batch=c.micro_batch_size,
-                                                     temperature=c.temperature, device=ctx.dist.device)
+                                                     temperature=c.temperature, device=ctx.dist.device,
+                                                     max_logits_bytes=c.max_logits_mb << 20)
         ref_seconds = time.perf_counter() - t
     m, trained = policy_step.train_on_batch(
         ctx.engine, batch, micro_batch=c.micro_batch_size, num_iterations=c.num_iterations,
         loss_kw=ctx.loss_kw, eos_ids=ctx.eos_ids, overlong_filter=c.overlong_filter,
         temperature=c.temperature, world_size=ctx.dist.world_size, device=ctx.dist.device,
-        ref_pending=pending, weight_version=weight_version, tis=TISSettings.from_config(c))
+        ref_pending=pending, weight_version=weight_version, tis=TISSettings.from_config(c),
+        max_logits_bytes=c.max_logits_mb << 20)
     if ref_seconds is not None:
         m["ref_seconds"] = ref_seconds
     metrics = {**(roll.stats if roll is not None else {"gen_seconds": 0.0}), **m,

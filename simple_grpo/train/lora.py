@@ -125,7 +125,8 @@ def published_params(model, metadata: dict[str, str]) -> dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def reference_logprobs(engine, batch, *, micro_batch: int, temperature: float, device) -> torch.Tensor:
+def reference_logprobs(engine, batch, *, micro_batch: int, temperature: float, device,
+                       max_logits_bytes: int = 1 << 30) -> torch.Tensor:
     """Reference log-probs [B, C] (CPU) of `batch`: the policy's base model, adapter disabled."""
     from simple_grpo.algo.logprobs import completion_logprobs
 
@@ -137,7 +138,7 @@ def reference_logprobs(engine, batch, *, micro_batch: int, temperature: float, d
             out.append(completion_logprobs(  # no gradients: the module itself, not the engine
                 module, batch.prompt_ids[sl].to(device), batch.prompt_lens[sl].to(device),
                 batch.completion_ids[sl].to(device), batch.completion_lens[sl].to(device),
-                temperature=temperature).cpu())
+                temperature=temperature, max_logits_bytes=max_logits_bytes).cpu())
     return torch.cat(out)
 
 

@@ -48,7 +48,7 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
                    loss_kw: dict, eos_ids: list[int], overlong_filter: bool, temperature: float,
                    world_size: int, device, ref_pending: Future | None = None,
                    max_prefetch: int = 2, weight_version: int | None = None,
-                   tis: TISSettings | None = None):
+                   tis: TISSettings | None = None, max_logits_bytes: int = 1 << 30):
     """Run `num_iterations` optimizer steps over `batch` -> (metrics, the batch trained on).
 
     `ref_pending`: a future of the batch coming back from the reference server (ours with its
@@ -68,6 +68,7 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
     tokens of a late batch trained against its sampling log-probs / all its loss tokens.
     """
     tis = tis or TISSettings()
+    lp_kw = dict(temperature=temperature, max_logits_bytes=max_logits_bytes)  # completion_logprobs
     assert batch is not None or ref_pending is not None, "nothing to train on"
     t0 = time.perf_counter()
     prefetched: dict[int, torch.Tensor] = {}  # micro-batch start -> policy log-probs with graph
@@ -79,7 +80,7 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
                 if s and ref_pending.done():
                     break
                 prefetched[s] = completion_logprobs(engine, *_micro(batch, slice(s, s + micro_batch),
-                                                                    device), temperature=temperature)
+                                                                    device), **lp_kw)
         t = time.perf_counter()
         got = ref_pending.result()
         ref_wait = time.perf_counter() - t
@@ -101,7 +102,7 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
     if old_BC is None and num_iterations > 1:  # record the old policy before the first update
         with torch.no_grad():
             old_BC = torch.cat([completion_logprobs(engine, *_micro(batch, sl, device),
-                                                    temperature=temperature).cpu() for sl in slices])
+                                                    **lp_kw).cpu() for sl in slices])
     fresh = batch.gen_logprobs is not None and weight_version is not None \
         and batch.weight_version == weight_version
     use_tis = fresh and tis.level != "off"
@@ -116,7 +117,7 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
             if sl.start in prefetched:
                 logp_bC = prefetched.pop(sl.start)
             else:
-                logp_bC = completion_logprobs(engine, *_micro(batch, sl, device), temperature=temperature)
+                logp_bC = completion_logprobs(engine, *_micro(batch, sl, device), **lp_kw)
             old = None if old_BC is None else old_BC[sl].to(device)
             m_bC, weight_bC = mask_BC[sl].to(device), None
             if fresh and it == 0:
