@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from simple_grpo.errors import UserError
+from simple_grpo.errors import UserError, exit_if_terminated
 
 
 def main(argv: list[str]) -> dict:
@@ -98,6 +98,7 @@ def main(argv: list[str]) -> dict:
         out.log_eval(0, train_loop.evaluate(ctx, test_examples))
     bar = out.progress(state["step"], cfg.steps)
     for step in range(state["step"] + 1, cfg.steps + 1):
+        exit_if_terminated()  # a SIGTERM whose exit was swallowed (simple_grpo/errors.py)
         t0 = time.perf_counter()
         metrics, roll, trained = train_loop.step(ctx, state["weight_version"])
         state.update(step=step, weight_version=state["weight_version"] + cfg.num_iterations)

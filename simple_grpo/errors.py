@@ -2,8 +2,23 @@
 message as a single line and exit with code 2 instead of showing a traceback."""
 
 
+import sys
+import threading
+
+
 class UserError(Exception):
     """A bad option, a missing file, an unreachable server: a one-line message naming the fix."""
+
+
+_TERMINATED = threading.Event()  # set by run_entry_point's SIGTERM handler
+
+
+def exit_if_terminated() -> None:
+    """Exit 143 at a safe point (a step boundary) when a SIGTERM arrived but its SystemExit was
+    lost: a handler's exception raised inside a weakref callback or __del__ (tqdm's WeakSet, for
+    one) is swallowed by Python, which would keep training."""
+    if _TERMINATED.is_set():
+        sys.exit(143)
 
 
 def run_entry_point(main, argv: list[str], prog: str):
@@ -13,16 +28,21 @@ def run_entry_point(main, argv: list[str], prog: str):
     (SIGXFSZ), and warnings of the simple_grpo loggers print as whole lines above progress bars."""
     import logging
     import signal
-    import sys
 
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     def on_sigterm(*_):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not interrupt cleanups
+        _TERMINATED.set()
         sys.exit(143)  # atexit cleanups still run
 
+    def unraisable(info):  # our SystemExit swallowed in a callback: exit_if_terminated exits later
+        if not (_TERMINATED.is_set() and info.exc_type is SystemExit):
+            sys.__unraisablehook__(info)
+
     signal.signal(signal.SIGTERM, on_sigterm)
+    sys.unraisablehook = unraisable
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     console = logging.StreamHandler()
     console.setFormatter(logging.Formatter(f"{prog}: %(levelname)s: %(message)s"))

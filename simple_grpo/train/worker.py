@@ -32,7 +32,7 @@ import torch
 
 from simple_grpo import models
 
-from simple_grpo.errors import UserError
+from simple_grpo.errors import UserError, exit_if_terminated
 from simple_grpo.train import data, lora, rollout
 from simple_grpo.wire.client import RefClient, RefServerAuthError, RefServerError, RefServerUnavailable
 
@@ -187,6 +187,7 @@ def run_worker(cfg) -> dict:
     w = Worker(cfg, client)
     log(f"[{w.id}] generation worker for {cfg.ref_url} on {w.device} (prompt seed {w.seed})")
     while cfg.worker_batches == 0 or w.counts["batches"] < cfg.worker_batches:
+        exit_if_terminated()  # a SIGTERM whose exit was swallowed (simple_grpo/errors.py)
         if w.sync_weights():
             log(f"[{w.id}] loaded weight version {w.version}")
         t0 = time.perf_counter()
