@@ -95,7 +95,7 @@ def step(ctx: StepContext, weight_version: int):
         m["ref_seconds"] = ref_seconds
     metrics = {**(roll.stats if roll is not None else {"gen_seconds": 0.0}), **m,
                "local_generation": float(roll is not None),
-               **batch_stats(trained, ctx.eos_ids, weight_version, c.eval_reward)}
+               **batch_stats(trained, weight_version, c.eval_reward)}
     if ctx.ref is not None:
         metrics.update({k: float(v) for k, v in ctx.ref.counts.items()})
     if roll is not None:
@@ -111,8 +111,7 @@ def step(ctx: StepContext, weight_version: int):
     return metrics, (roll if ours else None), gather(info, ctx.dist)
 
 
-def batch_stats(batch: RolloutBatch, eos_ids: list[int], weight_version: int,
-                eval_reward: str) -> dict[str, float]:
+def batch_stats(batch: RolloutBatch, weight_version: int, eval_reward: str) -> dict[str, float]:
     """What the logs say about the batch actually trained (ours or a worker's)."""
     lens = batch.completion_lens.float()
     out = {}
@@ -123,7 +122,7 @@ def batch_stats(batch: RolloutBatch, eos_ids: list[int], weight_version: int,
     return out | {"reward_mean": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()),
             "completion_len_mean": float(lens.mean()), "completion_len_max": float(lens.max()),
             "batch_staleness": float(weight_version - batch.weight_version),
-            "remote_batch": float(not str(batch.meta.get("producer", "")).startswith("trainer"))}
+            "remote_batch": float(not offpolicy.is_trainer_batch(batch))}
 
 
 def average(metrics: dict[str, float], dist) -> dict[str, float]:
