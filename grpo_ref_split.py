@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from simple_grpo.errors import UserError, exit_if_terminated
+from simple_grpo.errors import exit_if_terminated
 
 
 def main(argv: list[str]) -> dict:
@@ -74,15 +74,8 @@ def main(argv: list[str]) -> dict:
                               warmup_steps=cfg.warmup_steps, config=ds)
     ref = rollout_source.connect_ref(cfg, dist, d)  # None when beta == 0 (or LoRA) and generating locally
 
-    state = {"step": 0, "weight_version": 0}
-    client_state = None if cfg.resume == "false" else checkpoint.load_latest(engine, run_dir / "checkpoints")
-    if client_state is None and cfg.resume == "true":
-        raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} (--resume=auto starts "
-                        f"fresh when there is none)")
-    if client_state is not None:
-        state = {"step": client_state["step"], "weight_version": client_state["weight_version"]}
-        stream.load_state_dict(client_state["stream"][dist.rank])
-        checkpoint.set_rng_state(client_state["rng"][dist.rank])
+    # fresh, or the latest checkpoint (weights, optimizer, data position, RNG) with --resume
+    state = checkpoint.resume(engine, run_dir / "checkpoints", cfg.resume, stream, dist.rank)
     # a resumed run (or an automatic restart before its first checkpoint) rewrites the logs from there
     out = train_loop.Outputs(run_dir, cfg, dist, resume_step=state["step"],
                              restart=cfg.resume == "auto")

@@ -231,3 +231,50 @@ def test_two_ranks_agree_on_a_one_rank_failure(tmp_path):
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files, files
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def _stream():
+    from simple_grpo.train.data import PromptStream
+
+    return PromptStream([{"question": f"q{i}", "answer": str(i)} for i in range(20)], seed=3)
+
+
+@pytest.mark.parametrize("mode, saved, expect", [
+    ("auto", False, "fresh"),    # an automatic restart before the first checkpoint: step 0
+    ("auto", True, "resumed"),   # an automatic restart after one: the checkpoint's step, data, RNG
+    ("true", True, "resumed"),   # --resume: the same
+    ("false", True, "fresh"),    # the default ignores an existing checkpoint
+    ("true", False, "error"),    # --resume with nothing to resume is one line
+])
+def test_resume_modes(mode, saved, expect, make_engine, tmp_path, capsys):
+    torch.manual_seed(1)
+    a, stream_a = make_engine(), _stream()
+    train(a, 2)
+    stream_a.next_batch(3)  # the data position a resumed run must continue from
+    if saved:
+        state = dict(step=2, weight_version=5, stream=[stream_a.state_dict()], rng=[ck.rng_state()])
+        ck.save_checkpoint(a, tmp_path, 2, state)
+    want_next = [e["question"] for e in stream_a.next_batch(2)]
+    want_rand = torch.rand(4)  # the RNG stream right after the save
+    saved_params = params(a)
+
+    torch.manual_seed(999)
+    b, stream_b = make_engine(seed=5), _stream()
+    fresh_params = params(b)
+    if expect == "error":
+        with pytest.raises(UserError, match="no checkpoint in"):
+            ck.resume(b, tmp_path, mode, stream_b, rank=0)
+        return
+    got = ck.resume(b, tmp_path, mode, stream_b, rank=0)
+    out = capsys.readouterr().out
+    if expect == "fresh":
+        assert got == {"step": 0, "weight_version": 0} and "resumed" not in out
+        assert stream_b.state_dict()["position"] == 0
+        assert all(torch.equal(v, fresh_params[k]) for k, v in params(b).items()), "weights untouched"
+        return
+    assert got == {"step": 2, "weight_version": 5}
+    assert f"resumed from {tmp_path / 'step-000002'} at step 2" in out, out
+    assert [e["question"] for e in stream_b.next_batch(2)] == want_next, "the data position"
+    assert torch.equal(torch.rand(4), want_rand), "the RNG state"
+    assert all(torch.equal(v, saved_params[k]) for k, v in params(b).items()), "the weights"
+    assert b.global_steps == a.global_steps == 2

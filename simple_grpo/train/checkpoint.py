@@ -275,6 +275,33 @@ def load_latest(engine, ckpt_root: Path) -> dict | None:
     return dict((client or {}).get(_CLIENT_KEY, {}))
 
 
+RESUME_MODES = ("false", "true", "auto")
+
+
+def resume(engine, ckpt_root: Path, mode: str, stream, rank: int) -> dict:
+    """Where the run starts -> {"step", "weight_version"}. Call on every rank.
+
+    mode "false": a fresh run (step 0), whatever `ckpt_root` holds. "true": the latest checkpoint,
+    a UserError when there is none. "auto": the latest checkpoint when there is one, else fresh
+    (what a launcher's automatic restart needs). Resuming loads the checkpoint into `engine`
+    (weights, optimizer, scheduler) and restores this rank's data position (`stream`) and RNG
+    states, so the run continues as if it had never stopped."""
+    assert mode in RESUME_MODES, f"resume must be one of {RESUME_MODES}, got {mode!r}"
+    client = None if mode == "false" else load_latest(engine, ckpt_root)
+    if client is None and mode == "true":
+        raise UserError(f"--resume: no checkpoint in {ckpt_root} (--resume=auto starts fresh when "
+                        f"there is none)")
+    if client is None:
+        return {"step": 0, "weight_version": 0}
+    stream.load_state_dict(client["stream"][rank])
+    set_rng_state(client["rng"][rank])
+    if rank == 0:
+        print(f"[trainer] resumed from {latest_checkpoint(ckpt_root)} at step {client['step']} "
+              f"(data epoch {client['stream'][0]['epoch']}, position {client['stream'][0]['position']})",
+              flush=True)
+    return {"step": client["step"], "weight_version": client["weight_version"]}
+
+
 # ----------------------------------------------------------------------------- HF export
 
 def export_pretrained(model, tokenizer, out_dir: Path, save=None) -> Path:
