@@ -42,7 +42,9 @@ def test_hand_computed_group():
 
 
 @pytest.mark.parametrize("rewards", [
-    [[0.1, 0.1, 0.1]],      # constant non-representable float: mean may round, result still 0
+    [[0.1, 0.1, 0.1]],      # constant non-representable float whose float32 mean is exact
+    [[0.9, 0.9, 0.9]],      # one whose float32 mean rounds (r - mean = 6e-8): still exactly 0
+    [[0.3] * 6],            # the same with six completions (r - mean = 3e-8)
     [[1.0, 1.0], [0.0, 0.0]],  # two constant groups
     [[7.0]],                # a group of one completion
 ])

@@ -164,6 +164,26 @@ def test_on_policy_old_logp_none_has_ratio_one():
     loss, m = policy_loss(logp, None, ref, adv, mask, agg="token-mean")
     # r = 1 everywhere: -(1 + 1 + 1) * 1 + (2 + 2) = 1 -> 1 / 5
     assert loss.item() == pytest.approx(0.2, abs=1e-9) and m["ratio_mean"] == 1.0
+    # ... and the gradient is the policy gradient -A_i / 5 per valid token (old = logp detached;
+    # an old log-prob that kept its graph would cancel it to 0)
+    loss.backward()
+    want = torch.tensor([[-1.0, -1.0, -1.0], [2.0, 2.0, 0.0]], dtype=F64) / 5
+    torch.testing.assert_close(logp.grad, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("pg_loss", ["clip", "cispo", "sapo"])
+def test_garbage_in_masked_logp_never_reaches_loss_metrics_or_gradient(pg_loss):
+    logp, old, ref, adv, mask = inputs()
+    clean, m_clean = policy_loss(logp, old, ref, adv, mask, beta=0.04, pg_loss=pg_loss)
+    (g_clean,) = torch.autograd.grad(clean, logp)
+    for bad in (float("nan"), float("inf"), -float("inf")):  # under the mask (row 1, position 2)
+        dirty_logp = logp.detach().clone()
+        dirty_logp[1, 2] = bad
+        dirty_logp.requires_grad_(True)
+        loss, m = policy_loss(dirty_logp, old, ref, adv, mask, beta=0.04, pg_loss=pg_loss)
+        (g,) = torch.autograd.grad(loss, dirty_logp)
+        assert loss.item() == clean.item() and m == m_clean, (bad, m)
+        assert torch.equal(g, g_clean) and g[1, 2].item() == 0.0, (bad, g)
 
 
 @pytest.mark.parametrize("agg, norm", [
