@@ -84,8 +84,9 @@ def main(argv: list[str]) -> dict:
                                  loss_kw=loss_kwargs(cfg), ref=ref, settings=sample_settings(cfg),
                                  filter_metric=dynamic_filter_metric(cfg, specs))
     publisher = publish.publisher_for(cfg, dist, ref, state["weight_version"])  # rank 0, if workers
-    if publisher is not None:  # workers (also late ones) start from this run's current weights
-        publisher.publish(engine.module, state["weight_version"], wait=True)
+    if publisher is not None:  # workers already polling start from this run's current weights
+        publisher.step_end(engine.module, state["weight_version"], state["step"], cfg.publish_every,
+                           wait=True)
 
     if state["step"] == 0 and test_examples:
         out.log_eval(0, train_loop.evaluate(ctx, test_examples))
@@ -95,8 +96,8 @@ def main(argv: list[str]) -> dict:
         t0 = time.perf_counter()
         metrics, roll, trained = train_loop.step(ctx, state["weight_version"])
         state.update(step=step, weight_version=state["weight_version"] + cfg.num_iterations)
-        if publisher is not None and step % cfg.publish_every == 0:
-            publisher.publish(engine.module, state["weight_version"])  # background upload
+        if publisher is not None:  # a background upload, when a generation worker is there
+            publisher.step_end(engine.module, state["weight_version"], step, cfg.publish_every)
         metrics.update(weight_version=state["weight_version"],
                        step_seconds=time.perf_counter() - t0,
                        **(publisher.metrics() if publisher is not None else {}))

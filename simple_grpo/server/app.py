@@ -153,7 +153,8 @@ class ServerState:
                 "queue_depth": len(self.queue), "max_len": self.max_len,
                 "max_body_bytes": self.cfg.max_body_bytes, "queue_order": self.cfg.queue_order,
                 "when_full": self.cfg.when_full, "max_staleness": self.cfg.max_staleness,
-                "auth": bool(self.cfg.token), "instance": self.instance}
+                "auth": bool(self.cfg.token), "instance": self.instance,
+                "max_weights_bytes": self.cfg.max_weights_bytes}
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -196,8 +196,10 @@ class TrainConfig:
     false: train only on batches that generation workers upload."""
     publish_every: int = 1
     """Trainer: publish the policy weights to the reference server every K optimizer steps, for
-    generation workers (0: never). Only when workers can exist: with --ref_url, or with
-    --generate_locally=false. Publishing runs in the background and never stalls a step."""
+    generation workers (0: never). Only when a worker has asked the server for weights (none
+    uploaded before; the step the first one is seen, at once), and only with --ref_url or
+    --generate_locally=false. The upload runs in the background; a step waits only for the CPU
+    copy of the weights (`snapshot_seconds`)."""
     publish_dtype: str = "auto"
     """Published weight dtype: auto (the training dtype) | float32 | bfloat16 (half the bytes)."""
     max_staleness: int = 4

@@ -1,9 +1,17 @@
-"""The trainer's side of weight sync: publish the policy to the reference server in the background.
+"""The trainer's side of weight sync: publish the policy to the reference server in the background,
+and only when a generation worker is there to take it.
 
     publisher = WeightPublisher(RefClient(url, token), dtype=torch.bfloat16)
+    publisher.step_end(engine.module, version, step, every=1)  # publishes if a worker asked
     publisher.publish(engine.module, version=step)   # returns at once (after a CPU snapshot)
     publisher.metrics()                               # publish_seconds, published_version, ...
     publisher.close()                                 # waits for the last one
+
+Workers announce themselves when they poll GET /weights/version (the server lists them in /stats
+"workers"). Until one has, `step_end` only asks the server (one small request a step) and uploads
+nothing; the step a worker is first seen, the current weights go out at once, then every `every`
+steps. Before that first upload the weights' size in the publish dtype is checked against the
+server's --max_weights_mb: too big is one line and no publishing (not a 413 every step).
 
 `publish` copies the parameters to one CPU snapshot (the optimizer changes them in place while the
 upload runs), then a background thread streams that snapshot as safetensors
@@ -46,6 +54,20 @@ def cpu_snapshot(module: torch.nn.Module, dtype: torch.dtype | None):
     return out, aliases
 
 
+def publish_bytes(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> int:
+    """Bytes of `state`'s tensors as published: floats in `dtype` (None: their own), tied
+    tensors once (as cpu_snapshot sends them)."""
+    seen, total = set(), 0
+    for t in state.values():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if key in seen:
+            continue
+        seen.add(key)
+        as_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        total += t.numel() * as_dtype.itemsize
+    return total
+
+
 class WeightPublisher:
     """Publishes snapshots of a module's weights in a background thread; see the module doc."""
 
@@ -59,7 +81,46 @@ class WeightPublisher:
         self._lock = threading.Lock()
         self.stats = {"published_version": -1.0, "publish_seconds": 0.0, "snapshot_seconds": 0.0,
                       "publish_mb": 0.0, "publishes": 0.0, "publish_skipped": 0.0,
-                      "publish_failures": 0.0}
+                      "publish_failures": 0.0, "workers_seen": 0.0}
+        self.disabled: str | None = None  # why publishing is off (the weights exceed the server's limit)
+
+    def step_end(self, module: torch.nn.Module, version: int, step: int, every: int,
+                 wait: bool = False) -> bool:
+        """After a step (or, with the run's starting step, before the first): publish `version`
+        if a generation worker has asked for weights: at once when the first one is seen, then
+        when `step % every == 0` -> whether a publish started. See the module docstring."""
+        if self.disabled is not None:
+            return False
+        first = not self.stats["workers_seen"]
+        if first:
+            try:
+                workers = len(self.client.stats().get("workers") or {})
+            except (RefServerError, RefServerUnavailable):
+                return False  # the server is away: the step's own requests report and wait
+            if not workers:
+                return False
+            self.stats["workers_seen"] = float(workers)
+            if not self._fits(module):
+                return False
+        if not (first or step % every == 0):
+            return False
+        self.publish(module, version, wait=wait)
+        return True
+
+    def _fits(self, module: torch.nn.Module) -> bool:
+        """Whether the weights, in the publish dtype, fit the server's --max_weights_mb; if not,
+        say so in one line and publish nothing from now on."""
+        limit = self.client.health().get("max_weights_bytes")
+        state = lora.adapter_state_dict(module) if lora.is_peft(module) else module.state_dict()
+        size = publish_bytes(state, self.dtype)
+        if limit is None or size <= limit:
+            return True
+        self.disabled = (f"the policy's weights are {size / 2**20:,.0f} MB in the publish dtype, more "
+                         f"than the reference server's --max_weights_mb={limit / 2**20:,.0f}: generation "
+                         f"workers keep their weights (restart ref_server.py with --max_weights_mb="
+                         f"{-(-size // 2**20) + 1}, or --publish_dtype=bfloat16)")
+        self.log(f"[trainer] not publishing weights: {self.disabled}")
+        return False
 
     def publish(self, module: torch.nn.Module, version: int, wait: bool = False) -> None:
         """Snapshot `module` and upload it as `version` in the background (after the upload in

@@ -1,0 +1,67 @@
+"""Weights are published only for someone: a trainer with --ref_url and no generation worker
+uploads nothing; once a worker has polled the server, the current weights go out at once, then
+every --publish_every steps; weights over the server's --max_weights_mb are one line, not a 413
+per step. Real HTTP servers on 127.0.0.1, the real publisher and trainer."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from simple_grpo.train.publish import WeightPublisher, publish_bytes
+from simple_grpo.wire.client import RefClient
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import grpo_ref_split  # noqa: E402
+
+
+def test_trainer_with_a_server_and_no_worker_uploads_nothing(tiny_model_dir, ref_server, tmp_path):
+    srv = ref_server()
+    grpo_ref_split.main([f"--model={tiny_model_dir}", f"--ref_url={srv.url}", f"--run_dir={tmp_path}",
+                         "--steps=3", "--prompts_per_step=2", "--num_generations=4", "--micro_batch_size=4",
+                         "--max_new_tokens=6", "--eval_every=0", "--save_every=0", "--plot_every=0",
+                         "--beta=0.04", "--rewards=overlong", "--publish_every=1"])
+    assert RefClient(srv.url).weights_version() == {"version": None}, "nothing uploaded for nobody"
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["publishes"] for r in rows] == [0, 0, 0] and all(r["workers_seen"] == 0 for r in rows)
+    assert RefClient(srv.url).stats()["compute_calls"] >= 3, "the server scored every step's batch"
+
+
+def test_first_worker_gets_weights_at_once_then_every_k_steps(tiny_model, ref_server):
+    srv = ref_server()
+    pub = WeightPublisher(RefClient(srv.url))
+    client = RefClient(srv.url)
+    uploaded = []
+    for step in range(1, 8):
+        if step == 3:  # a worker starts: its first poll is what the trainer waits for
+            client.weights_version("gen-0", 0)
+        if pub.step_end(tiny_model, version=step, step=step, every=4, wait=True):
+            uploaded.append(step)
+    pub.close()
+    assert uploaded == [3, 4], "at once when the worker appears (step 3), then at multiples of 4"
+    assert client.weights_version()["version"] == 4 and pub.metrics()["workers_seen"] == 1
+
+
+def test_weights_over_the_server_limit_are_one_line_and_no_upload(tiny_model, ref_server):
+    srv = ref_server(max_weights_mb=0.01)  # 10 KiB: the tiny model is larger
+    lines = []
+    pub = WeightPublisher(RefClient(srv.url), log=lines.append)
+    RefClient(srv.url).weights_version("gen-0", 0)
+    assert not any(pub.step_end(tiny_model, version=s, step=s, every=1, wait=True) for s in range(1, 5))
+    pub.close()
+    assert len(lines) == 1 and "--max_weights_mb" in lines[0], lines
+    m = pub.metrics()
+    assert m["publish_failures"] == 0 and m["publishes"] == 0
+    assert RefClient(srv.url).weights_version() == {"version": None}
+
+
+def test_publish_bytes_counts_tied_tensors_once_in_the_publish_dtype(tiny_model):
+    state = tiny_model.state_dict()
+    unique = {t.data_ptr(): t for t in state.values()}  # tied embeddings: one storage, two names
+    assert len(unique) < len(state), "the tiny model ties its embeddings"
+    fp32 = sum(t.numel() * 4 for t in unique.values())
+    assert publish_bytes(state, None) == fp32
+    assert publish_bytes(state, torch.bfloat16) == fp32 // 2
