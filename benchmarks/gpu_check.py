@@ -101,11 +101,9 @@ def build_model(c: CheckConfig, shape: str, folder: Path) -> Path:
     return folder
 
 
-def numerics(c: CheckConfig) -> list[dict]:
-    """Part 1 in this process (the parts after it run in children, so its memory is freed first)."""
+def numerics_model(c: CheckConfig):
+    """The numerics part's model: 2 layers of the shape, random weights, fp32, sdpa, on the device."""
     import torch
-
-    from gpu_check_numerics import run_all  # beside this file
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     hidden, inter, _, heads, kv, vocab = SHAPES["tiny" if c.tiny else c.shape]
@@ -113,7 +111,16 @@ def numerics(c: CheckConfig) -> list[dict]:
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096)
     torch.manual_seed(0)
     with torch.device(c.device):
-        model = Qwen2ForCausalLM._from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+        return Qwen2ForCausalLM._from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def numerics(c: CheckConfig) -> list[dict]:
+    """Part 1 in this process (the parts after it run in children, so its memory is freed first)."""
+    import torch
+
+    from gpu_check_numerics import run_all  # beside this file
+
+    model = numerics_model(c)
     rows = run_all(model, torch.device(c.device), new=16 if c.tiny else 64)
     del model
     if c.device == "cuda":

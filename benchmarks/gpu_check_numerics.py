@@ -8,9 +8,12 @@ weights), built on the device.
                          fp32 and bf16: identical up to near-ties that the rounding may flip
     shared_prompt_logp   completion_logprobs with the shared-prompt KV cache vs the plain forward
     sampling_logp        log-probs recorded while sampling (T = 0.7) vs the trainer's recomputation
-    losses               every preset's policy_loss on the device vs float64 on the CPU
+    losses               every preset's policy_loss on the device vs float64 on the CPU, computed
+                         from the formulas one token at a time (not by policy_loss again)
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -110,6 +113,36 @@ def sampling_logp(models: dict, new: int) -> dict:
     return {"check": "sampling log-probs vs trainer (T=0.7)", "ok": ok, "detail": "; ".join(out)}
 
 
+def reference_loss(logp_BC, old_BC, ref_BC, adv_B, mask_BC, p: dict, beta: float) -> float:
+    """A preset's loss from the formulas of simple_grpo/algo/losses.py, in Python floats (float64),
+    one sequence and token at a time: k3 KL; clip, cispo or sapo; token or sequence ratio; the
+    step-wide normalisers the check passes (num_tokens = valid tokens, num_seqs = B)."""
+    lo, hi = 1 - p["eps_low"], 1 + p["eps_high"]
+    seq_means, total, n_all = [], 0.0, 0
+    for lp, od, rf, m, a in zip(logp_BC.tolist(), old_BC.tolist(), ref_BC.tolist(), mask_BC.tolist(),
+                                adv_B.tolist()):
+        toks = [t for t, valid in enumerate(m) if valid]
+        seq_ratio = math.exp(sum(lp[t] - od[t] for t in toks) / len(toks))
+        terms = []
+        for t in toks:
+            r = seq_ratio if p["ratio_level"] == "sequence" else math.exp(lp[t] - od[t])
+            clipped = min(max(r, lo), hi)
+            if p["pg_loss"] == "cispo":
+                pg = -clipped * a * lp[t]
+            elif p["pg_loss"] == "sapo":
+                tau = p["tau_pos"] if a > 0 else p["tau_neg"]
+                pg = -(4 / tau) * a / (1 + math.exp(-tau * (r - 1)))
+            else:
+                pg = -min(r * a, clipped * a)
+                if p["clip_ratio_c"] is not None and a < 0:
+                    pg = min(pg, -p["clip_ratio_c"] * a)
+            d = rf[t] - lp[t]
+            terms.append(pg + beta * (math.exp(d) - d - 1))
+        seq_means.append(sum(terms) / len(terms))
+        total, n_all = total + sum(terms), n_all + len(terms)
+    return sum(seq_means) / len(seq_means) if p["agg"] == "seq-mean-token-mean" else total / n_all
+
+
 def losses(device) -> dict:
     g = torch.Generator().manual_seed(0)
     B, C = 16, 24
@@ -120,20 +153,28 @@ def losses(device) -> dict:
     worst = 0.0
     for name, p in PRESETS.items():
         kw = dict(eps_low=p["eps_low"], eps_high=p["eps_high"], beta=0.04, kl=p["kl"], agg=p["agg"],
-                  max_tokens=C, ratio_level=p["ratio_level"], num_tokens=float(mask.sum()), num_seqs=B)
-        want, _ = policy_loss(logp, old, ref, adv, mask, **kw)
+                  max_tokens=C, ratio_level=p["ratio_level"], num_tokens=float(mask.sum()), num_seqs=B,
+                  pg_loss=p["pg_loss"], tau_pos=p["tau_pos"], tau_neg=p["tau_neg"],
+                  clip_ratio_c=p["clip_ratio_c"])
+        assert p["kl"] == "k3", f"{name}: the reference has the k3 estimator only"
+        want = reference_loss(logp, old, ref, adv, mask, p, beta=0.04)
         on = [t.float().to(device) for t in (logp, old, ref, adv)]
         got, _ = policy_loss(on[0], on[1], on[2], on[3], mask.to(device), **kw)
-        worst = max(worst, abs(float(got) - float(want)) / max(abs(float(want)), 1e-6))
+        worst = max(worst, abs(float(got) - want) / max(abs(want), 1e-6))
     return {"check": "losses on device vs float64 CPU", "ok": worst < 1e-5,
-            "detail": f"{len(PRESETS)} presets, worst relative difference {worst:.1e}"}
+            "detail": f"{len(PRESETS)} presets vs their formulas in float64, worst relative difference {worst:.1e}"}
+
+
+def model_pair(model_fp32, device) -> dict:
+    """{"fp32": `model_fp32`, "bf16": the same weights in bf16}, on `device`, in eval mode."""
+    model_bf16 = type(model_fp32)._from_config(model_fp32.config, dtype=torch.bfloat16).to(device).eval()
+    model_bf16.load_state_dict(model_fp32.state_dict())
+    return {"fp32": model_fp32.eval(), "bf16": model_bf16}
 
 
 def run_all(model_fp32, device, new: int) -> list[dict]:
     """Every check; `model_fp32` (random weights, on `device`) is also cast to bf16."""
-    model_bf16 = type(model_fp32)._from_config(model_fp32.config, dtype=torch.bfloat16).to(device).eval()
-    model_bf16.load_state_dict(model_fp32.state_dict())
-    models = {"fp32": model_fp32.eval(), "bf16": model_bf16}
+    models = model_pair(model_fp32, device)
     rows = []
     for fn, args in ((decode_vs_generate, (models, new)), (shared_prompt_logp, (models, new)),
                      (sampling_logp, (models, new)), (losses, (device,))):

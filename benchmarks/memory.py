@@ -19,6 +19,11 @@ which needs less memory than the training pass and is not run here).
 Peak memory: on CPU the child's own peak RSS (ru_maxrss: libraries, model, engine and the step);
 on a GPU torch.cuda.max_memory_allocated since before the model was built (weights, gradients,
 optimizer states, activations), and the child's peak RSS beside it (where offloaded states live).
+Beside the peak, each row has what the variant changed in the model, read back from it: the decoder
+layers gradient checkpointing wrapped, the LoRA adapter's parameters, and the activations the step
+kept for backward (bytes autograd saved, parameters excluded, summed over micro-batches; a
+checkpointed layer's are recomputed in backward, so they are not kept). That count is exact on
+any device, where a CPU's peak RSS hides a small shape's activations in its libraries.
 A variant that runs out of memory is "OOM" with the reason (a CUDA OOM under --gpu_mem_cap_gb, a
 MemoryError, or the child killed by SIGKILL, which is what the kernel's OOM killer sends).
 """
@@ -154,6 +159,24 @@ def rss_gib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
+class SavedForBackward:
+    """`with torch.autograd.graph.saved_tensors_hooks(*counter.hooks()):` counts in `.bytes` the
+    tensors autograd keeps for backward that are not `module`'s parameters (its activations).
+    Tensors saved inside a checkpointed layer go to the checkpoint's own hooks and are not kept."""
+
+    def __init__(self, module):
+        self.params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        self.bytes = 0
+
+    def pack(self, t):
+        if t.untyped_storage().data_ptr() not in self.params:
+            self.bytes += t.numel() * t.element_size()
+        return t
+
+    def hooks(self):
+        return self.pack, lambda t: t
+
+
 def is_oom(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or \
@@ -172,6 +195,7 @@ def run_child(c: MemoryConfig, variant: str) -> dict:
 
     from simple_grpo.train import engine as eng
     from simple_grpo.train.config import derive, loss_kwargs
+    from simple_grpo.train.grad_ckpt import decoder_layers
     from simple_grpo.train.policy_step import train_on_batch
 
     try:
@@ -203,21 +227,29 @@ def run_child(c: MemoryConfig, variant: str) -> dict:
                            offload_optimizer=getattr(cfg, "offload_optimizer", False))
         engine = eng.build_engine(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   warmup_steps=cfg.warmup_steps, config=ds)
-        trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+        named = list(engine.module.named_parameters())
+        trainable = sum(p.numel() for _, p in named if p.requires_grad)
+        adapter = sum(p.numel() for n, p in named if "lora_" in n)
+        wrapped = sum(getattr(m.forward, "simple_grpo_checkpointed", False)
+                      for m in decoder_layers(engine.module))
+        saved = SavedForBackward(engine.module)
         before = torch.cuda.memory_allocated(dist.device) / 2**30 if cuda else rss_gib()
         t0 = time.perf_counter()
         eos = getattr(model.config, "eos_token_id", None)
-        train_on_batch(engine, synthetic_batch(c, vocab), micro_batch=cfg.micro_batch_size,
-                       num_iterations=cfg.num_iterations, loss_kw=loss_kwargs(cfg),
-                       eos_ids=list(eos) if isinstance(eos, (list, tuple)) else [eos],
-                       overlong_filter=cfg.overlong_filter, temperature=cfg.temperature,
-                       world_size=dist.world_size, device=dist.device)
+        with torch.autograd.graph.saved_tensors_hooks(*saved.hooks()):
+            train_on_batch(engine, synthetic_batch(c, vocab), micro_batch=cfg.micro_batch_size,
+                           num_iterations=cfg.num_iterations, loss_kw=loss_kwargs(cfg),
+                           eos_ids=list(eos) if isinstance(eos, (list, tuple)) else [eos],
+                           overlong_filter=cfg.overlong_filter, temperature=cfg.temperature,
+                           world_size=dist.world_size, device=dist.device)
         if cuda:
             torch.cuda.synchronize(dist.device)
         step_s = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(dist.device) / 2**30 if cuda else peak_rss_gib()
         return {"status": "ok", "peak_gib": peak, "before_step_gib": before, "step_s": step_s,
                 "cpu_peak_rss_gib": peak_rss_gib(), "trainable_params": trainable, "weights": weights,
+                "adapter_params": adapter, "checkpointed_layers": wrapped,
+                "saved_for_backward_mib": saved.bytes / 2**20,
                 "micro_batch": cfg.micro_batch_size, "grad_accum": d.grad_accum,
                 "dtype": str(next(engine.module.parameters()).dtype).replace("torch.", "")}
     except UserError as e:  # e.g. CPU Adam cannot be built for +offload
@@ -260,18 +292,19 @@ def render(c: MemoryConfig, results: dict[str, dict]) -> str:
              f"1 prompt of {c.prompt_tokens} tokens x G={c.G} x {c.completion_tokens} completion tokens, "
              f"micro-batch {c.micro_batch_size or c.G}, grpo preset (beta 0.04), LoRA r={c.lora_r}", "",
              f"| variant | peak {'GPU allocated' if cuda else 'RSS'} (GiB) | vs full | before the step (GiB) | "
-             f"{'CPU peak RSS (GiB) | ' if cuda else ''}trainable params | step s | note |",
-             "|---|---|---|---|" + ("---|" if cuda else "") + "---|---|---|"]
+             f"{'CPU peak RSS (GiB) | ' if cuda else ''}kept for backward (MiB) | trainable params | step s | note |",
+             "|---|---|---|---|" + ("---|" if cuda else "") + "---|---|---|---|"]
     full = results.get("full", {})
     for name, r in results.items():
         if r["status"] != "ok":
             label = "n/a (not available)" if r["status"] == "n/a" else r["status"]
-            lines.append(f"| {name} | {label} | | | " + ("| " if cuda else "") + f"| | {r['reason']} |")
+            lines.append(f"| {name} | {label} | | | " + ("| " if cuda else "") + f"| | | {r['reason']} |")
             continue
         ratio = f"{r['peak_gib'] / full['peak_gib']:.2f}" if full.get("status") == "ok" else "-"
         lines.append(f"| {name} | {r['peak_gib']:.2f} | {ratio} | {r['before_step_gib']:.2f} | "
                      + (f"{r['cpu_peak_rss_gib']:.2f} | " if cuda else "")
-                     + f"{r['trainable_params'] / 1e6:.2f}M | {r['step_s']:.1f} | |")
+                     + f"{r['saved_for_backward_mib']:.1f} | {r['trainable_params'] / 1e6:.2f}M | "
+                     f"{r['step_s']:.1f} | |")
     return "\n".join(lines)
 
 

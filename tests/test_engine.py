@@ -44,12 +44,13 @@ def test_ds_config_default_is_found_from_any_working_directory(tmp_path, monkeyp
     assert cfg["zero_optimization"]["stage"] == 2 and cfg["gradient_accumulation_steps"] == 2
 
 
-def test_init_distributed_rejects_unknown_or_gpu_only_backends():
+def test_init_distributed_rejects_unknown_or_gpu_only_backends(monkeypatch):
     with pytest.raises(UserError, match="--dist_backend must be one of"):
         eng.init_distributed("mpi")
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="needs CUDA GPUs"):
-            eng.init_distributed("cpu:gloo,cuda:nccl")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU box, also on a GPU one
+    for backend in ("nccl", "cpu:gloo,cuda:nccl"):
+        with pytest.raises(UserError, match=f"--dist_backend={backend} needs CUDA GPUs"):
+            eng.init_distributed(backend)
 
 
 def _accumulated_grads(acc_dtype: str | None, xs: list[torch.Tensor]) -> dict[str, torch.Tensor]:

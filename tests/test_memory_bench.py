@@ -1,5 +1,7 @@
 """benchmarks/memory.py in its tiny CPU mode: every variant is a row of the table, measured through
-the trainer's own pieces in a fresh process each, and a bad variant name is one line."""
+the trainer's own pieces in a fresh process each, and is what its name says (layers checkpointed,
+adapter parameters, activations kept for backward); a bad variant name is one line."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -16,6 +18,16 @@ def run_bench(*args, timeout=300):
                           timeout=timeout)
 
 
+def mem_bench():
+    """benchmarks/memory.py as the module `memory_bench` (dataclasses look their module up)."""
+    if "memory_bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("memory_bench", ROOT / "benchmarks" / "memory.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["memory_bench"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["memory_bench"]
+
+
 def test_tiny_cpu_table_has_a_measured_row_per_variant(tmp_path):
     variants = ["full", "full+gc", "lora"]  # +offload: tests/test_engine.py (its first build is slow)
     r = run_bench("--device=cpu", "--shape=tiny", "--G=4", "--completion_tokens=8", "--prompt_tokens=8",
@@ -27,7 +39,19 @@ def test_tiny_cpu_table_has_a_measured_row_per_variant(tmp_path):
     for v in variants:  # each one ran (the trainer has every option) and measured a real peak
         assert results[v]["status"] == "ok", results[v]
         assert results[v]["peak_gib"] > 0 and results[v]["before_step_gib"] > 0
-    assert results["lora"]["trainable_params"] < results["full"]["trainable_params"]
+    full, gc, lora = (results[v] for v in variants)
+    # each variant is what its name says, read back from the model it trained
+    mem = mem_bench()
+    _, hidden, inter, layers, heads, kv, _, _ = mem.SHAPES["tiny"]
+    assert [x["checkpointed_layers"] for x in (full, gc, lora)] == [0, layers, 0]
+    kv_dim = hidden // heads * kv  # r x (in + out) per linear: q, k, v, o, gate, up, down
+    per_layer = mem.MemoryConfig().lora_r * (2 * (hidden + hidden) + 2 * (hidden + kv_dim) + 3 * (hidden + inter))
+    assert lora["adapter_params"] == lora["trainable_params"] == layers * per_layer, lora
+    assert full["adapter_params"] == gc["adapter_params"] == 0
+    assert full["trainable_params"] == gc["trainable_params"] > lora["trainable_params"]
+    # checkpointing keeps only what is outside the decoder layers for backward (an exact count of
+    # saved bytes, not an RSS peak, so it holds at this shape): about a tenth of full's here
+    assert 0 < gc["saved_for_backward_mib"] < full["saved_for_backward_mib"] / 4, (full, gc)
     assert "| full | " in r.stdout and "| 1.00 |" in r.stdout, "the ratio column against full"
     assert (tmp_path / "mem.md").read_text().strip() == r.stdout.strip()
 
@@ -40,14 +64,9 @@ def test_unknown_variant_is_one_line():
 def test_a_variant_the_trainer_lacks_is_na_not_a_crash(monkeypatch):
     """Where the trainer has no option for a variant (an older checkout without --lora_r), its row
     says so; an OOM is a row with its reason."""
-    import importlib.util
-
     from simple_grpo.errors import UserError
 
-    spec = importlib.util.spec_from_file_location("memory_bench", ROOT / "benchmarks" / "memory.py")
-    mem = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "memory_bench", mem)  # dataclasses look their module up
-    spec.loader.exec_module(mem)
+    mem = mem_bench()
 
     def lacks(c, variant):
         raise UserError("unknown option(s) --lora_r; see --help")

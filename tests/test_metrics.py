@@ -2,6 +2,8 @@
 import json
 import logging
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -55,15 +57,61 @@ def test_truncate_after_drops_resumed_steps(tmp_path):
     assert MetricsLogger(tmp_path / "new").truncate_after(3) == 0  # no file yet
 
 
-def test_missing_backends_give_user_error(tmp_path):
-    import importlib.util
+def test_missing_backends_give_user_error(tmp_path, monkeypatch):
+    """Absent wandb / tensorboard (a None in sys.modules makes any import of them fail, installed
+    or not) are one UserError each, before any file is written."""
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(UserError, match="pip install wandb"):
+        MetricsLogger(tmp_path / "w", wandb=True)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)  # imported afresh
+    with pytest.raises(UserError, match="pip install tensorboard"):
+        MetricsLogger(tmp_path / "t", tensorboard=True)
+    assert not (tmp_path / "w" / "metrics.jsonl").exists() and not (tmp_path / "t" / "tensorboard").exists()
 
-    if importlib.util.find_spec("wandb") is None:
-        with pytest.raises(UserError, match="pip install wandb"):
-            MetricsLogger(tmp_path, wandb=True)
-    if importlib.util.find_spec("tensorboard") is None:
-        with pytest.raises(UserError, match="pip install tensorboard"):
-            MetricsLogger(tmp_path, tensorboard=True)
+
+def test_present_backends_get_every_numeric_metric(tmp_path, monkeypatch):
+    """Stand-ins for wandb and torch.utils.tensorboard record what the logger forwards: the
+    numeric metrics at their step, then finish / close once."""
+    calls = []
+
+    class Run:
+        def log(self, metrics, step):
+            calls.append(("wandb.log", step, metrics))
+
+        def finish(self):
+            calls.append(("wandb.finish",))
+
+    class SummaryWriter:
+        def __init__(self, log_dir):
+            calls.append(("tb", log_dir))
+
+        def add_text(self, tag, text):
+            calls.append(("tb.text", tag))
+
+        def add_scalar(self, k, v, step):
+            calls.append(("tb.scalar", step, k, v))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            calls.append(("tb.close",))
+
+    wandb = types.ModuleType("wandb")
+    wandb.init = lambda project, dir, config: calls.append(("wandb.init", project, config)) or Run()
+    tb = types.ModuleType("torch.utils.tensorboard")
+    tb.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tb)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    m = MetricsLogger(tmp_path, wandb=True, tensorboard=True, config={"lr": 1e-6})
+    m.log(3, {"loss": 0.5, "note": "text"})
+    m.close()
+    m.close()
+    assert calls == [("wandb.init", "simple_grpo", {"lr": 1e-6}), ("tb", str(tmp_path / "tensorboard")),
+                     ("tb.text", "config"), ("wandb.log", 3, {"loss": 0.5}), ("tb.scalar", 3, "loss", 0.5),
+                     ("wandb.finish",), ("tb.close",)]
 
 
 def test_plot_tolerates_missing_keys_and_broken_last_line(tmp_path):

@@ -209,24 +209,35 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_trainer_with_late_and_killed_workers(tiny_model_dir, ref_server, tmp_path):
-    srv = ref_server(queue_size=2)  # workers block on a full queue: backlog stays small
+    """Worker a uploads at most 4 batches and is killed mid-run; once the trainer has trained them
+    all and published (waited for as events, never a sleep), worker b joins. So b starts from
+    the version the trainer then holds, and the trainer has >= 4 of its 8 steps left for b: with
+    staleness <= 2, the batch of step 8 (trained at version 7) is of version >= 5 > 4 >= b's first."""
+    # workers block on a full queue: backlog stays small; the server drops stale batches as the
+    # trainer would, so every batch it hands out is trained (batches_out counts the trainer's steps)
+    srv = ref_server(queue_size=2, max_staleness=2)
+    client = RefClient(srv.url)
     common = [f"--model={tiny_model_dir}", f"--ref_url={srv.url}", "--rewards=overlong"] + \
         [f"--{k}={v}" for k, v in SMALL.items()]
     run = tmp_path / "run"
     trainer = _spawn(common + [f"--run_dir={run}", "--steps=8", "--generate_locally=false",
                                "--eval_every=0", "--save_every=0", "--plot_every=0", "--lr=1e-3",
                                "--warmup_steps=1", "--max_staleness=2"], tmp_path / "trainer.log")
-    a = _spawn(common + ["--mode=generate", "--worker_index=1"], tmp_path / "a.log")
+    a = _spawn(common + ["--mode=generate", "--worker_index=1", "--worker_batches=4"], tmp_path / "a.log")
     procs = [trainer]
     try:
-        _wait_for(lambda: len(_rows(run / "metrics.jsonl")) >= 2, 240, "two trainer steps", [trainer, a])
-        a.send_signal(signal.SIGKILL)  # mid-run, most likely mid-batch
+        # a has filled the queue: it is generating or waiting to upload its next batch
+        _wait_for(lambda: client.stats()["batches_in"] >= 2, 240, "two uploaded batches", [trainer, a])
+        a.send_signal(signal.SIGKILL)
         a.wait()
-        # without producers the trainer drains the (2-batch) queue, then waits
-        _wait_for(lambda: len(_rows(run / "metrics.jsonl")) < 8 and
-                  RefClient(srv.url).stats()["queue_depth"] == 0, 60, "the queue to drain", procs)
-        time.sleep(2.0)
-        published = RefClient(srv.url).weights_version()["version"]
+
+        def idle() -> bool:  # every batch a uploaded trained (or dropped stale), the last step published
+            st, done = client.stats(), len(_rows(run / "metrics.jsonl"))
+            return st["queue_depth"] == st["in_flight"] == 0 and st["batches_out"] == done and \
+                client.weights_version()["version"] == done
+        _wait_for(idle, 240, "the trainer to train and publish the killed worker's batches", procs)
+        published = client.weights_version()["version"]
+        assert 2 <= published <= 4, published
         b = _spawn(common + ["--mode=generate", "--worker_index=2"], tmp_path / "b.log")
         procs.append(b)
         assert trainer.wait(timeout=300) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
@@ -246,8 +257,8 @@ def test_trainer_with_late_and_killed_workers(tiny_model_dir, ref_server, tmp_pa
     assert late and all(t["producer"].startswith("gen-") for t in trained)
     assert {t["producer"] for t in trained} >= {b_id} and len({t["producer"] for t in trained}) == 2
     # the late worker started from the version published when it joined, not from 0 ...
-    assert f"loaded weight version {published}" in blog and published >= 2
-    assert late[0]["weight_version"] >= published
+    assert f"loaded weight version {published}\n" in blog
+    assert late[0]["weight_version"] == published and len(late) == 8 - published
     # ... and followed the trainer's later publishes
     assert late[-1]["weight_version"] > late[0]["weight_version"]
     fresh = [r["logprob_mismatch"] for r in steps if "logprob_mismatch" in r]
