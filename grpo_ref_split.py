@@ -71,7 +71,7 @@ def main(argv: list[str]) -> dict:
                        bf16=models.resolve_dtype(cfg.dtype, dist.device) == torch.bfloat16,
                        offload_optimizer=cfg.offload_optimizer)
     engine = eng.build_engine(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                              warmup_steps=cfg.warmup_steps, config=ds)
+                              warmup_steps=cfg.warmup_steps, config=ds, device=dist.device)
     ref = rollout_source.connect_ref(cfg, dist, d)  # None when beta == 0 (or LoRA) and generating locally
 
     # fresh, or the latest checkpoint (weights, optimizer, data position, RNG) with --resume

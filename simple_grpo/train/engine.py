@@ -16,6 +16,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -78,12 +79,8 @@ def init_distributed(backend: str = "auto") -> Dist:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    gpu = local_rank % torch.cuda.device_count() if cuda else None  # gloo: ranks may share a GPU
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))  # torchrun, deepspeed
-    if cuda and "nccl" in backend and local_ranks > torch.cuda.device_count():
-        raise UserError(f"{local_ranks} ranks on this node but "
-                        f"{torch.cuda.device_count()} GPU(s): NCCL needs a GPU per rank "
-                        f"(--dist_backend=gloo lets ranks share one, slowly)")
+    gpu = pick_gpu(local_rank, local_ranks, torch.cuda.device_count(), backend) if cuda else None
     if cuda:  # before any process group exists: NCCL binds each rank to its current device
         torch.cuda.set_device(gpu)
     if not cuda and hasattr(ds_torch_comm, "build_shm_op"):
@@ -99,6 +96,17 @@ def init_distributed(backend: str = "auto") -> Dist:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # 1 per process on CPU
         device = torch.device("cpu")
     return Dist(rank, world, local_rank, device)
+
+
+def pick_gpu(local_rank: int, local_ranks: int, device_count: int, backend: str) -> int:
+    """The visible GPU of this rank: `local_rank % device_count`, so one-GPU-per-task launches
+    (SLURM: LOCAL_RANK=3, one visible device) get GPU 0 and, with gloo, several ranks share GPUs.
+    NCCL needs a GPU per rank: more local ranks than visible GPUs is one line."""
+    assert device_count > 0, "no visible GPU"
+    if "nccl" in backend and local_ranks > device_count:
+        raise UserError(f"{local_ranks} ranks on this node but {device_count} GPU(s): NCCL needs a GPU "
+                        f"per rank (--dist_backend=gloo lets ranks share one, slowly)")
+    return local_rank % device_count
 
 
 def _destroy_process_group() -> None:
@@ -189,8 +197,12 @@ def cpu_adam(params, *, lr: float, weight_decay: float):
                         f"{CPU_ADAM_HELP}") from None
 
 
-def build_engine(model, *, lr: float, weight_decay: float, warmup_steps: int, config: dict):
+def build_engine(model, *, lr: float, weight_decay: float, warmup_steps: int, config: dict,
+                 device: torch.device | None = None):
     """DeepSpeed engine with AdamW and a linear warm-up (then constant) learning rate.
+
+    `device`: the rank's device (init_distributed's choice). DeepSpeed would otherwise select
+    GPU LOCAL_RANK itself, which does not exist when ranks share a GPU or each task sees one.
 
     torch's fused AdamW updates ZeRO's flat fp32 partition in one pass; the default one allocates
     full-size temporaries for sqrt and division (~0.9 s a step for 135M parameters on one CPU core).
@@ -206,6 +218,7 @@ def build_engine(model, *, lr: float, weight_decay: float, warmup_steps: int, co
                                 fused=True)
     warm = max(1, warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+    args = None if device is None or device.index is None else SimpleNamespace(device_rank=device.index)
+    engine, _, _, _ = deepspeed.initialize(args=args, model=model, optimizer=opt, lr_scheduler=sched,
                                            config=config)
     return engine

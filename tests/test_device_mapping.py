@@ -1,0 +1,43 @@
+"""Each rank's device is chosen once (engine.pick_gpu) and DeepSpeed gets that device, not GPU
+LOCAL_RANK: ranks sharing one GPU (gloo) and one-GPU-per-task launches (SLURM: LOCAL_RANK=3 with
+one visible device) would otherwise ask for a GPU that does not exist."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from simple_grpo.errors import UserError
+from simple_grpo.models import build_tiny_model
+from simple_grpo.train import engine as eng
+
+
+@pytest.mark.parametrize("local_rank, local_ranks, gpus, backend, want", [
+    (0, 4, 4, "nccl", 0),   # one GPU per rank
+    (3, 4, 4, "nccl", 3),
+    (3, 1, 1, "nccl", 0),   # SLURM one-GPU-per-task: LOCAL_RANK 3, one visible device
+    (1, 2, 1, "gloo", 0),   # two ranks sharing one GPU (gloo moves CUDA tensors)
+    (3, 4, 2, "cpu:gloo,cuda:nccl", None),  # NCCL refuses two ranks on one GPU: one line
+    (2, 3, 2, "nccl", None),
+])
+def test_pick_gpu(local_rank, local_ranks, gpus, backend, want):
+    if want is None:
+        with pytest.raises(UserError, match="NCCL needs a GPU per rank"):
+            eng.pick_gpu(local_rank, local_ranks, gpus, backend)
+    else:
+        assert eng.pick_gpu(local_rank, local_ranks, gpus, backend) == want
+
+
+def test_deepspeed_gets_the_chosen_device_not_local_rank(dist_env, monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    calls = []
+    real = acc.set_device
+    monkeypatch.setattr(acc, "set_device", lambda index: (calls.append(index), real(index))[1])
+    monkeypatch.setenv("LOCAL_RANK", "3")  # a rank whose LOCAL_RANK is not a visible device index
+    cfg = eng.ds_config("ds_config.json", micro_batch=1, grad_accum=1, world_size=1, grad_clip=1.0,
+                        bf16=False)
+    engine = eng.build_engine(build_tiny_model(seed=1), lr=1e-3, weight_decay=0.0, warmup_steps=1,
+                              config=cfg, device=torch.device("cpu", 0))
+    assert calls and set(calls) == {0}, f"DeepSpeed selected device(s) {calls}, the trainer chose 0"
+    assert engine.local_rank == 3
