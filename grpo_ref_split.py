@@ -41,11 +41,13 @@ def main(argv: list[str]) -> dict:
         from simple_grpo.train.worker import run_worker
 
         return run_worker(cfg)
-    dist = eng.init_distributed(cfg.dist_backend)
+    dist = eng.init_distributed(cfg.dist_backend, cfg.dist_timeout)
     d = derive(cfg, dist.world_size)
     run_dir = Path(cfg.run_dir or f"runs/{cfg.preset}-{Path(cfg.task).stem}-{cfg.seed}")
     torch.manual_seed(cfg.seed + dist.rank)
 
+    # The reference server first: a named one must answer, an auto-started one loads meanwhile.
+    ref_target = rollout_source.start_ref(cfg, dist)
     # Model, data, rewards: everything fails fast with a readable message before training starts.
     specs = train_loop.reward_specs(cfg)
     fields = dict(question_field=cfg.question_field, answer_field=cfg.answer_field)
@@ -72,7 +74,7 @@ def main(argv: list[str]) -> dict:
                        offload_optimizer=cfg.offload_optimizer)
     engine = eng.build_engine(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                               warmup_steps=cfg.warmup_steps, config=ds, device=dist.device)
-    ref = rollout_source.connect_ref(cfg, dist, d)  # None when beta == 0 (or LoRA) and generating locally
+    ref = rollout_source.connect_ref(cfg, d, ref_target, engine.module)  # same model as ours, or one line
 
     # fresh, or the latest checkpoint (weights, optimizer, data position, RNG) with --resume
     state = checkpoint.resume(engine, run_dir / "checkpoints", cfg.resume, stream, dist.rank)

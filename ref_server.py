@@ -22,7 +22,8 @@ import torch
 from simple_grpo.cli import parse_config
 from simple_grpo.errors import UserError
 from simple_grpo.server.app import ServerState, make_app
-from simple_grpo.server.config import ServerConfig, check_bind
+from simple_grpo.models import pick_device
+from simple_grpo.server.config import ServerConfig, check_bind, port_error
 from simple_grpo.server.wsgi import make_server, url_host
 
 
@@ -31,13 +32,17 @@ def main(argv: list[str]) -> None:
     if not cfg.model:
         raise UserError("--model is required: a HF hub name, a local model folder, or "
                         "smollm2-135m for the bundled offline model")
-    check_bind(cfg)  # before the slow model load
+    check_bind(cfg)  # before the slow model load: token, port, device
+    pick_device(cfg.device)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     print(f"[ref_server] loading {cfg.model} ...", flush=True)
     state = ServerState.from_config(cfg)
-    server = make_server(make_app(state), cfg.host, cfg.port, cfg.threads, cfg.max_body_bytes,
-                         cfg.large_body_paths)
+    try:  # the port may have been taken while the model loaded
+        server = make_server(make_app(state), cfg.host, cfg.port, cfg.threads, cfg.max_body_bytes,
+                             cfg.large_body_paths)
+    except OSError as e:
+        raise UserError(port_error(cfg.host, cfg.port, e)) from None
     print(f"[ref_server] {state.model_name} ({state.dtype}, {state.device}, vocab "
           f"{state.vocab_size}) serving on http://{url_host(cfg.host)}:{server.effective_port} "
           f"(queue {cfg.queue_order}, size {cfg.queue_size or 'unbounded'}, when full "

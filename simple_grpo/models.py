@@ -33,6 +33,57 @@ def attn_implementation(device: str | torch.device) -> str:
     return "sdpa"
 
 
+def pick_device(name: str) -> torch.device:
+    """--device: auto (cuda when available, else cpu) | cpu | cuda | cuda:N; a CUDA device that this
+    torch cannot reach (a CPU build, no GPU visible, an index past the visible ones) is one line,
+    before any model is loaded."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device={name}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
+            raise UserError(f"--device={name}: this torch {torch.__version__} cannot use CUDA ({why}); "
+                            f"install a CUDA build of torch, or use --device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device={name}: only {torch.cuda.device_count()} GPU(s) visible "
+                            f"(CUDA_VISIBLE_DEVICES renumbers them from 0)")
+    return device
+
+
+_ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "intermediate_size")
+
+
+def fingerprint(model) -> dict:
+    """What tells two processes' copies of a model apart, whatever their dtype and device: the
+    architecture's sizes, and 64 weights of the input and output embeddings (8 rows spread over the
+    vocabulary, 4 values each) in float32. A PEFT-wrapped model gives its base model's."""
+    text = model.config.get_text_config()
+    arch = {k: getattr(text, k, None) for k in _ARCH_KEYS}
+    probe = []
+    for emb in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        rows = torch.linspace(0, emb.shape[0] - 1, 8).long().to(emb.device)
+        probe += emb.detach()[rows, :4].float().flatten().cpu().tolist()
+    return {"arch": arch, "probe": probe}
+
+
+def fingerprint_difference(a: dict, b: dict, rtol: float = 1e-2) -> str | None:
+    """None when two fingerprints are the same model (weights equal up to bf16 rounding: `rtol` of
+    the largest probe value), else what differs."""
+    diff = [f"{k} {a['arch'].get(k)} vs {b['arch'].get(k)}" for k in _ARCH_KEYS
+            if a["arch"].get(k) != b["arch"].get(k)]
+    if diff:
+        return ", ".join(diff)
+    pa, pb = torch.tensor(a["probe"]), torch.tensor(b["probe"])
+    if pa.shape != pb.shape or not torch.allclose(pa, pb, rtol=0, atol=rtol * float(pa.abs().max())):
+        return "the same architecture but other weights (embedding values differ)"
+    return None
+
+
 def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     """'auto' is bf16 on CUDA and fp32 on CPU (bf16 matmuls are ~2.7x slower on CPUs without AMX)."""
     if name == "auto":

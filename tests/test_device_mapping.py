@@ -41,3 +41,29 @@ def test_deepspeed_gets_the_chosen_device_not_local_rank(dist_env, monkeypatch):
                               config=cfg, device=torch.device("cpu", 0))
     assert calls and set(calls) == {0}, f"DeepSpeed selected device(s) {calls}, the trainer chose 0"
     assert engine.local_rank == 3
+
+
+@pytest.mark.parametrize("ref_device, local_ranks, gpus, want", [
+    ("auto", 1, 0, "cpu"),          # a CPU run: the server takes a core of its own
+    ("auto", 3, 4, "cuda:3"),       # 3 training ranks on 4 GPUs: the spare one
+    ("auto", 7, 8, "cuda:7"),
+    ("auto", 4, 4, None),           # every GPU trains: one line showing the split launch
+    ("cuda:0", 4, 4, "cuda:0"),     # asked for: shares a training GPU
+    ("cpu", 4, 4, "cpu"),
+])
+def test_auto_started_reference_is_placed_off_the_training_gpus(ref_device, local_ranks, gpus, want):
+    from simple_grpo.train.ref_process import place
+
+    if want is None:
+        with pytest.raises(UserError, match=r"CUDA_VISIBLE_DEVICES=7 python ref_server.py.*--ref_device"):
+            place(ref_device, local_ranks, gpus)
+    else:
+        assert place(ref_device, local_ranks, gpus) == want
+
+
+def test_reachable_host(monkeypatch):
+    from simple_grpo.train.ref_process import reachable_host
+
+    assert reachable_host(False) == "127.0.0.1"  # one node: loopback, no token
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # the rendezvous host is this machine
+    assert reachable_host(True) == "127.0.0.1"

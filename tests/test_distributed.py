@@ -135,3 +135,35 @@ def test_trainer_script_on_two_ranks(tiny_model_dir, tmp_path):
     shards = list((tmp_path / "checkpoints" / "step-000002").glob("*optim_states.pt"))
     assert len(shards) == 2, "ZeRO-2 optimizer state is partitioned over the 2 ranks"
     assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+TIMEOUT_PROGRAM = """
+import sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from simple_grpo.train import engine
+dist = engine.init_distributed("gloo", timeout_min=0.05)  # 3 s
+if dist.rank == 1:
+    time.sleep(8)  # a rank that does not come to the collective (in time)
+t = time.monotonic()
+try:
+    torch.distributed.all_reduce(torch.ones(1))
+except RuntimeError:
+    print(f"rank0 gave up after {time.monotonic() - t:.1f} s", flush=True)
+"""
+
+
+def test_dist_timeout_bounds_a_collective(tmp_path):
+    """--dist_timeout reaches the process group: a collective whose peer never comes fails after
+    it (3 s here; the default is 60 minutes, NCCL's own 10)."""
+    import re
+
+    env = standalone_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    root = Path(__file__).resolve().parents[1]
+    program = tmp_path / "timeout_program.py"
+    program.write_text(TIMEOUT_PROGRAM)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(program), str(root)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    m = re.search(r"rank0 gave up after ([\d.]+) s", r.stdout)
+    assert m, (r.stdout + r.stderr)[-3000:]
+    assert 2.0 <= float(m[1]) < 7.0, m[0]

@@ -41,6 +41,28 @@ def test_cli_help_public_bind_and_missing_model():
         assert re.search(pattern, stderr), stderr
 
 
+def test_launch_mistakes_are_one_line_before_the_model_loads(tiny_model_dir):
+    """A busy port and a CUDA device this torch cannot use: exit 2, one line, and no model load."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = {"busy port": (launch(f"--model={tiny_model_dir}", f"--port={port}"),
+                               rf"port {port} on 127\.0\.0\.1 is already in use"),
+                 "bad device": (launch(f"--model={tiny_model_dir}", "--port=0", "--device=cuda:7"),
+                                r"--device=cuda:7: (this torch .* cannot use CUDA|only \d+ GPU)"),
+                 "not a device": (launch(f"--model={tiny_model_dir}", "--port=0", "--device=gpu0"),
+                                  r"--device=gpu0: not a device")}
+        for name, (proc, pattern) in cases.items():
+            stdout, stderr = proc.communicate(timeout=60)
+            assert proc.returncode == 2, (name, proc.returncode, stderr)
+            assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, (name, stderr)
+            assert re.search(pattern, stderr), (name, stderr)
+            assert "loading" not in stdout, f"{name}: refused only after loading the model"
+
+
 def test_real_server_process(tiny_model_dir, tiny_model):
     proc = launch(f"--model={tiny_model_dir}", "--port=0", "--torch_threads=1",
                   env={"REF_SERVER_QUEUE_ORDER": "lifo"})

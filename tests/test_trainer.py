@@ -122,6 +122,9 @@ def run_cli(*args, timeout=120):
     (["--stepz=3"], "unknown option"),                                       # typo in an option
     (["--sampler=beam"], "--sampler must be loop or generate"),               # unknown sampler
     (["--ref_url=http://127.0.0.1:9", "--ref_timeout=1"], "127.0.0.1:9"),     # unreachable ref server
+    # ... found before any model loads: this model folder does not even exist
+    (["--ref_url=http://127.0.0.1:9", "--ref_timeout=1", "--model=/no/such/model"], "127.0.0.1:9"),
+    (["--dist_timeout=0"], "--dist_timeout must be > 0"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, message, tiny_model_dir, tmp_path):
     base = [f"--model={tiny_model_dir}", f"--run_dir={tmp_path}", "--eval_every=0"]
@@ -129,6 +132,19 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tiny_model_dir, tm
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert message in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_server_with_another_model_is_one_line(tiny_model_dir, ref_server, tmp_path):
+    """Same architecture, other weights (a base model vs its fine-tune): refused at start, not a
+    silently wrong KL."""
+    from simple_grpo.errors import UserError
+    from simple_grpo.models import save_tiny_model
+
+    other = save_tiny_model(tmp_path / "other", seed=1)
+    srv = ref_server()  # serves tiny_model_dir
+    with pytest.raises(UserError, match=r"another model than --model=.*other weights"):
+        grpo_ref_split.main(tiny_args(other, tmp_path / "run", ref_url=srv.url, beta=0.04))
+    grpo_ref_split.main(tiny_args(tiny_model_dir, tmp_path / "same", ref_url=srv.url, beta=0.04, steps=1))
 
 
 def test_help_lists_options():

@@ -45,6 +45,7 @@ import torch
 
 from simple_grpo.algo.logprobs import completion_logprobs
 from simple_grpo.algo.masks import mask_from_lengths
+from simple_grpo.models import fingerprint
 from simple_grpo.server.config import ServerConfig
 from simple_grpo.server.queue import BatchQueue, Busy, QueueFull
 from simple_grpo.server.weight_routes import add_weight_routes
@@ -66,6 +67,7 @@ class ServerState:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.fingerprint = fingerprint(model)  # trainers compare it with theirs (/health)
         self.max_len = cfg.max_len or int(getattr(model.config, "max_position_embeddings", 8192))
         self.queue = BatchQueue(cfg.queue_size, cfg.queue_order, cfg.when_full, cfg.max_staleness)
         self.model_lock = threading.Lock()
@@ -80,11 +82,9 @@ class ServerState:
 
     @classmethod
     def from_config(cls, cfg: ServerConfig) -> "ServerState":
-        from simple_grpo.models import load_model
+        from simple_grpo.models import load_model, pick_device
 
-        device = cfg.device if cfg.device != "auto" else (
-            "cuda" if torch.cuda.is_available() else "cpu")
-        return cls(cfg, load_model(cfg.model, cfg.dtype, device), cfg.model)
+        return cls(cfg, load_model(cfg.model, cfg.dtype, str(pick_device(cfg.device))), cfg.model)
 
     def count(self, key: str, n: float = 1) -> None:
         with self._lock:
@@ -154,7 +154,7 @@ class ServerState:
                 "max_body_bytes": self.cfg.max_body_bytes, "queue_order": self.cfg.queue_order,
                 "when_full": self.cfg.when_full, "max_staleness": self.cfg.max_staleness,
                 "auth": bool(self.cfg.token), "instance": self.instance,
-                "max_weights_bytes": self.cfg.max_weights_bytes}
+                "max_weights_bytes": self.cfg.max_weights_bytes, "fingerprint": self.fingerprint}
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -2,7 +2,9 @@
 bind check that refuses a public address without a token."""
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 from dataclasses import dataclass
 
 from simple_grpo.errors import UserError
@@ -101,7 +103,23 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(cfg: ServerConfig) -> None:
-    """Refuse to expose the server beyond this machine without a token."""
+    """Before the slow model load: refuse to expose the server beyond this machine without a
+    token, and a port that another process already listens on."""
     if not is_loopback(cfg.host) and not cfg.token:
         raise UserError(f"refusing to bind {cfg.host} (not loopback) without a token; pass "
                         f"--token=SECRET or set REF_SERVER_TOKEN, or bind 127.0.0.1")
+    if cfg.port:
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as waitress binds
+                s.bind((cfg.host.strip("[]"), cfg.port))
+        except OSError as e:
+            raise UserError(port_error(cfg.host, cfg.port, e)) from None
+
+
+def port_error(host: str, port: int, e: OSError) -> str:
+    """One line for a failed bind."""
+    if e.errno == errno.EADDRINUSE:
+        return (f"port {port} on {host} is already in use (another ref_server.py?): stop it, or "
+                f"pick another --port (0: a free one)")
+    return f"cannot bind {host}:{port}: {e.strerror or e}"

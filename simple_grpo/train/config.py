@@ -175,6 +175,10 @@ class TrainConfig:
     """Bearer token for the reference server (also --token)."""
     ref_timeout: float = 300.0
     """Seconds to wait for the reference server (start-up and each batch) before giving up."""
+    ref_device: str = "auto"
+    """Where the reference server started without --ref_url runs: auto (CPU runs: cpu; GPUs: a
+    visible GPU that no training rank of rank 0's node uses, else a one-line error showing the
+    split launch) | cpu | cuda:N (may share a training GPU: two models on it)."""
     dtype: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16."""
     ds_config: str = "ds_config.json"
@@ -189,6 +193,10 @@ class TrainConfig:
     dist_backend: str = "auto"
     """Process group backend: auto (nccl on GPUs, gloo on CPUs) | nccl | gloo (ranks may share a
     GPU) | cpu:gloo,cuda:nccl."""
+    dist_timeout: float = 60.0
+    """Minutes a collective may wait for the slowest rank before the run fails (NCCL's default is
+    10): ranks wait while rank 0 writes a checkpoint (a 7B model with its ZeRO-2 optimizer shards
+    is ~100 GB) or uploads weights."""
 
     # --- generation workers (extra boxes that feed the reference server's queue)
     generate_locally: bool = True
@@ -280,6 +288,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (0 < cfg.top_p <= 1, "--top_p must be in (0, 1]"),
         (cfg.sampler in ("loop", "generate"), f"--sampler must be loop or generate, got {cfg.sampler!r}"),
         (cfg.publish_every >= 0, "--publish_every must be >= 0 (0: never publish)"),
+        (cfg.dist_timeout > 0, "--dist_timeout must be > 0 (minutes)"),
         (cfg.publish_dtype in ("auto", "float32", "bfloat16"),
          "--publish_dtype must be auto, float32 or bfloat16"),
         (cfg.tis in ("off", "token", "sequence"), f"--tis must be off, token or sequence, got {cfg.tis!r}"),

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,16 +46,16 @@ def standalone_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
 BACKENDS = ("auto", "nccl", "gloo", "cpu:gloo,cuda:nccl")
 
 
-def init_distributed(backend: str = "auto") -> Dist:
+def init_distributed(backend: str = "auto", timeout_min: float = 60.0) -> Dist:
     """Join (or, for a plain `python` launch, create) the process group.
 
     `backend`: auto (nccl on GPUs, gloo on CPUs) | nccl | gloo (also moves CUDA tensors: two ranks
@@ -86,9 +87,10 @@ def init_distributed(backend: str = "auto") -> Dist:
     if not cuda and hasattr(ds_torch_comm, "build_shm_op"):
         ds_torch_comm.build_shm_op = lambda: None  # no JIT compile on CPU; gloo all-reduce instead
     if not torch.distributed.is_initialized():  # DeepSpeed adopts the group
-        _init_process_group(backend, torch.device("cuda", gpu) if cuda else None)
+        _init_process_group(backend, torch.device("cuda", gpu) if cuda else None, timeout_min)
         atexit.register(_destroy_process_group)  # before the interpreter tears down its threads
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=timedelta(minutes=timeout_min))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if cuda:
         device = torch.device("cuda", gpu)
@@ -114,21 +116,19 @@ def _destroy_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _init_process_group(backend: str, device: torch.device | None) -> None:
+def _init_process_group(backend: str, device: torch.device | None, timeout_min: float) -> None:
     """The default process group from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT.
 
     Under torchrun with restarts (`--max-restarts`), the launcher's key-value store outlives a
     failed attempt, and with its default (static) rendezvous the new ranks would read the dead
     ranks' addresses from it and hang or fail to connect. So every attempt gets its own key prefix
     (TORCHELASTIC_RESTART_COUNT)."""
-    from datetime import timedelta
-
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     kw = {"device_id": device} if device is not None and "nccl" in backend and world > 1 else {}
+    timeout = timedelta(minutes=timeout_min)  # every collective, not only the rendezvous
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        torch.distributed.init_process_group(backend=backend, init_method="env://", **kw)
+        torch.distributed.init_process_group(backend=backend, init_method="env://", timeout=timeout, **kw)
         return
-    timeout = timedelta(minutes=30)
     store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                                        is_master=False, timeout=timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")

@@ -1,16 +1,25 @@
-"""Start `ref_server.py` as a child process on a free loopback port, and stop it at exit.
+"""Start `ref_server.py` as a child process on a free port, and stop it at exit.
 
 Used when beta > 0 and no --ref_url is given, so the default run needs one command. The child
 gets its own process (and so its own CPU core / GPU), which is the point of the split: the
 reference forward pass runs while the trainer works.
+
+Placement (`place`): on CPUs the child takes one core; on GPUs a visible GPU that no training
+rank of its node uses (never silently a training GPU: without a spare one, one line shows the split
+launch), or the device --ref_device names. A run over several nodes reaches it over the network:
+the child binds the address this node uses towards the rendezvous host (MASTER_ADDR), with a
+random token, and every rank is sent the URL and the token.
 """
 from __future__ import annotations
 
 import atexit
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from simple_grpo.errors import UserError
 from simple_grpo.train.engine import free_port, standalone_env
 
 REF_SERVER = Path(__file__).resolve().parents[2] / "ref_server.py"  # the repo root
@@ -31,18 +40,20 @@ def _die_with_parent() -> None:
 class RefProcess:
     """A ref server child process; `url` to reach it, `stop()` (also run at exit) to end it."""
 
-    def __init__(self, model: str, *, dtype: str = "auto", device: str = "auto", extra: list[str] | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, str(REF_SERVER), f"--model={model}", "--host=127.0.0.1",
+    def __init__(self, model: str, *, dtype: str = "auto", device: str = "auto", host: str = "127.0.0.1",
+                 token: str | None = None, extra: list[str] | None = None):
+        self.port = free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.token = token
+        self.cmd = [sys.executable, str(REF_SERVER), f"--model={model}", f"--host={host}",
                     f"--port={self.port}", f"--dtype={dtype}", f"--device={device}", *(extra or [])]
         self.restarts = 0
         self.proc = self._spawn()
         atexit.register(self.stop)
 
     def _spawn(self) -> subprocess.Popen:
-        return subprocess.Popen(self.cmd, env=standalone_env(), stdin=subprocess.DEVNULL,
-                                preexec_fn=_die_with_parent)
+        env = standalone_env(**({"REF_SERVER_TOKEN": self.token} if self.token else {}))  # not in argv (ps)
+        return subprocess.Popen(self.cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
     def restart(self) -> None:
         """Start the server again on the same port (after it died)."""
@@ -61,3 +72,31 @@ class RefProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+SPLIT_LAUNCH = ("CUDA_VISIBLE_DEVICES=7 python ref_server.py --model=MODEL --port=59875 &  then  "
+                "CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6 deepspeed grpo_ref_split.py --model=MODEL "
+                "--ref_url=http://127.0.0.1:59875")
+
+
+def place(ref_device: str, local_ranks: int, gpus: int) -> str:
+    """The auto-started server's --device: `ref_device` when named; auto -> cpu without GPUs, else
+    the first visible GPU no training rank of this node uses (ranks use local_rank % gpus)."""
+    if ref_device != "auto":
+        return ref_device
+    if gpus == 0:
+        return "cpu"
+    if gpus > local_ranks:
+        return f"cuda:{local_ranks}"
+    raise UserError(f"beta > 0 needs a reference model, and all {gpus} visible GPU(s) train: leave one "
+                    f"to the reference server (e.g. {SPLIT_LAUNCH}), or --ref_device=cuda:0 to share a "
+                    f"training GPU, or --ref_device=cpu")
+
+
+def reachable_host(several_nodes: bool) -> str:
+    """127.0.0.1 for a one-node run; else this node's address towards the rendezvous host."""
+    if not several_nodes:
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # no packet is sent
+        s.connect((os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))))
+        return s.getsockname()[0]

@@ -23,6 +23,7 @@ import sys
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -50,7 +51,8 @@ class RefConnection:
         self._outstanding: RolloutBatch | None = None  # our upload, not yet back from the queue
         self._resend: RolloutBatch | None = None  # ... to upload again to a restarted server
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ref-exchange")
-        self.instance = self.client.wait_ready(timeout).get("instance")
+        self.health = self.client.wait_ready(timeout)
+        self.instance = self.health.get("instance")
 
     def _call(self, fn, is_get: bool = False):
         """fn() against the server; through an outage, wait (with messages) for it to return.
@@ -186,24 +188,64 @@ class RefConnection:
             self.process.stop()
 
 
-def connect_ref(cfg, dist, d) -> RefConnection | None:
-    """None when no server is needed (no --ref_url, generating locally, and beta == 0 or LoRA,
-    whose reference is the trainer's own model with the adapter disabled); else a connection,
-    starting a server child process on a free loopback port when none was named."""
+@dataclass
+class RefTarget:
+    """The reference server a run uses, known before any model loads."""
+    url: str
+    token: str | None
+    process: object | None = None  # the RefProcess, on the rank that started it
+
+
+def start_ref(cfg, dist) -> RefTarget | None:
+    """Before the slow work: None when no server is needed (no --ref_url, generating locally, and
+    beta == 0 or LoRA, whose reference is the trainer's own model with the adapter disabled). A
+    named --ref_url must answer /health (waiting up to --ref_timeout, else one line). Otherwise
+    global rank 0 starts a server child process (ref_process: placement, several nodes) while
+    every rank loads its model, and all ranks get its URL and token."""
     if (cfg.beta == 0 or cfg.lora_r > 0) and not cfg.ref_url and cfg.generate_locally:
         return None
-    checks = dict(batch_rows=d.seqs_per_rank, group_size=cfg.num_generations,
-                  max_staleness=cfg.max_staleness, temperature=cfg.temperature)
     if cfg.ref_url:
-        return RefConnection(cfg.ref_url, cfg.ref_token, cfg.ref_timeout, **checks)
-    from simple_grpo.models import resolve_model_path
-    from simple_grpo.train.ref_process import RefProcess
+        from simple_grpo.wire.client import RefClient
 
-    port, process = 0, None
+        RefClient(cfg.ref_url, token=cfg.ref_token).wait_ready(cfg.ref_timeout)
+        return RefTarget(cfg.ref_url, cfg.ref_token)
+    import os
+    import secrets
+
+    from simple_grpo.models import resolve_model_path
+    from simple_grpo.train import ref_process
+
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", dist.world_size)))
+    process, where = None, {}
     if dist.rank == 0:
-        threads = [] if dist.device.type == "cuda" else ["--torch_threads=1"]  # one core each
-        process = RefProcess(resolve_model_path(cfg.model), dtype=cfg.dtype, extra=threads)
-        port = process.port
-        print(f"[trainer] started a reference server at {process.url}", flush=True)
-    port = int(collectives.broadcast([port], dist.device, src=0, dtype=torch.int64)[0])
-    return RefConnection(f"http://127.0.0.1:{port}", None, cfg.ref_timeout, process, **checks)
+        gpus = torch.cuda.device_count() if dist.device.type == "cuda" else 0
+        device = ref_process.place(cfg.ref_device, local_ranks, gpus)
+        host = ref_process.reachable_host(dist.world_size > local_ranks)
+        token = None if host == "127.0.0.1" else secrets.token_urlsafe(24)  # off this machine: auth
+        threads = [] if device.startswith("cuda") else ["--torch_threads=1"]  # one core each
+        process = ref_process.RefProcess(resolve_model_path(cfg.model), dtype=cfg.dtype, device=device,
+                                         host=host, token=token, extra=threads)
+        where = {"url": process.url, "token": token}
+        print(f"[trainer] started a reference server at {process.url} on {device}", flush=True)
+    where = collectives.all_gather_objects(where, dist.device)[0]
+    return RefTarget(where["url"], where["token"], process)
+
+
+def connect_ref(cfg, d, target: RefTarget | None, model) -> RefConnection | None:
+    """The connection to `target` (None: no server), once it serves the same model as `model`
+    (the trainer's, before any checkpoint is loaded): else one line."""
+    if target is None:
+        return None
+    from simple_grpo.models import fingerprint, fingerprint_difference
+
+    conn = RefConnection(target.url, target.token, cfg.ref_timeout, target.process,
+                         batch_rows=d.seqs_per_rank, group_size=cfg.num_generations,
+                         max_staleness=cfg.max_staleness, temperature=cfg.temperature)
+    theirs = conn.health.get("fingerprint")
+    why = theirs and fingerprint_difference(theirs, fingerprint(model))
+    if why:
+        conn.close()
+        raise UserError(f"the reference server at {target.url} serves {conn.health.get('model')!r}, "
+                        f"another model than --model={cfg.model} ({why}): start it with "
+                        f"--model={cfg.model}")
+    return conn

@@ -43,15 +43,6 @@ def default_worker_id() -> str:
     return re.sub(r"[^A-Za-z0-9_.:@-]", "-", f"gen-{socket.gethostname()}-{os.getpid()}")[:128]
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device={name}: no CUDA device here (use --device=cpu)")
-    return device
-
-
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -67,7 +58,7 @@ class Worker:
         index = cfg.worker_index if cfg.worker_index >= 0 else random.SystemRandom().randrange(1 << 30)
         self.seed = cfg.seed + 1009 * (index + 1)  # never the trainer's order (seed + 0)
         torch.manual_seed(self.seed)
-        self.device = pick_device(cfg.device)
+        self.device = models.pick_device(cfg.device)
         self.specs = reward_specs(cfg)
         fields = dict(question_field=cfg.question_field, answer_field=cfg.answer_field)
         examples = data.load_examples(cfg.task, "train", seed=cfg.seed, **fields)
