@@ -17,7 +17,7 @@ case "${1:-}" in
       "${plat[@]}" -d .whl bottle==0.13.4 waitress==3.0.2 hjson pydantic pydantic-core annotated-types \
       typing-inspection typing-extensions math-verify latex2sympy2_extended antlr4-python3-runtime==4.13.2
     # deepspeed is an sdist on the registry: build its pure-Python wheel here
-    python -m pip wheel -q --no-deps -w .whl "$(grep '^deepspeed==' requirements.txt)"
+    python -m pip wheel -q --no-deps -w .whl "$(grep '^deepspeed==' requirements-core.txt)"
     ls -la .whl
     ;;
   run)
