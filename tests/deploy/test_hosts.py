@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import time
 
-from conftest import assert_every_rank_trained_every_step, rows
+from deploy_fixtures import assert_every_rank_trained_every_step, hosts, procs, rows  # noqa: F401 (fixtures)
 from recipes import option, recipe, scale
 
 from simple_grpo.wire.client import RefClient

@@ -1,17 +1,15 @@
-"""Helpers for the recipe tests: a local gsm8k-style jsonl, processes that stop with the test, and
-the checks every recipe shares."""
+"""Fixtures and checks the recipe tests share: a local gsm8k-style jsonl, processes that stop with
+the test, network-namespace hosts. (Not a conftest.py: tests/conftest.py is imported by name.)"""
 from __future__ import annotations
 
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from simple_grpo.train.engine import standalone_env  # noqa: E402
+from simple_grpo.train.engine import standalone_env
 
 ENV = dict(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
 
