@@ -78,6 +78,7 @@ def main(argv: list[str]) -> dict:
 
     # fresh, or the latest checkpoint (weights, optimizer, data position, RNG) with --resume
     state = checkpoint.resume(engine, run_dir / "checkpoints", cfg.resume, stream, dist.rank)
+    rollout_source.begin_run(ref, state["run_id"], dist)  # a new run resets the server's queue/weights
     # a resumed run (or an automatic restart before its first checkpoint) rewrites the logs from there
     out = train_loop.Outputs(run_dir, cfg, dist, resume_step=state["step"],
                              restart=cfg.resume == "auto")

@@ -252,7 +252,8 @@ def test_resume_modes(mode, saved, expect, make_engine, tmp_path, capsys):
     train(a, 2)
     stream_a.next_batch(3)  # the data position a resumed run must continue from
     if saved:
-        state = dict(step=2, weight_version=5, stream=[stream_a.state_dict()], rng=[ck.rng_state()])
+        state = dict(step=2, weight_version=5, run_id="run-a", stream=[stream_a.state_dict()],
+                     rng=[ck.rng_state()])
         ck.save_checkpoint(a, tmp_path, 2, state)
     want_next = [e["question"] for e in stream_a.next_batch(2)]
     want_rand = torch.rand(4)  # the RNG stream right after the save
@@ -268,11 +269,12 @@ def test_resume_modes(mode, saved, expect, make_engine, tmp_path, capsys):
     got = ck.resume(b, tmp_path, mode, stream_b, rank=0)
     out = capsys.readouterr().out
     if expect == "fresh":
-        assert got == {"step": 0, "weight_version": 0} and "resumed" not in out
+        assert {k: got[k] for k in ("step", "weight_version")} == {"step": 0, "weight_version": 0}
+        assert len(got["run_id"]) == 32 and "resumed" not in out, got  # a new run
         assert stream_b.state_dict()["position"] == 0
         assert all(torch.equal(v, fresh_params[k]) for k, v in params(b).items()), "weights untouched"
         return
-    assert got == {"step": 2, "weight_version": 5}
+    assert got == {"step": 2, "weight_version": 5, "run_id": "run-a"}, "the same run, resumed"
     assert f"resumed from {tmp_path / 'step-000002'} at step 2" in out, out
     assert [e["question"] for e in stream_b.next_batch(2)] == want_next, "the data position"
     assert torch.equal(torch.rand(4), want_rand), "the RNG state"

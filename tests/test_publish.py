@@ -65,3 +65,29 @@ def test_publish_bytes_counts_tied_tensors_once_in_the_publish_dtype(tiny_model)
     fp32 = sum(t.numel() * 4 for t in unique.values())
     assert publish_bytes(state, None) == fp32
     assert publish_bytes(state, torch.bfloat16) == fp32 // 2
+
+
+def test_a_new_run_resets_the_server_and_a_resumed_run_keeps_it(tiny_model_dir, ref_server, tmp_path,
+                                                                  capsys):
+    """Tweak and rerun against the same server: the new run (another run id) drops the old run's
+    weights and queue instead of being refused for its 'newer' weight version; a resume of a run
+    (its run id comes back from the checkpoint) keeps what the server holds."""
+    srv = ref_server()
+    client = RefClient(srv.url)
+    client.weights_version("gen-0", 0)  # a worker exists: runs publish
+
+    def run(run_dir, steps, **kw):
+        grpo_ref_split.main([f"--model={tiny_model_dir}", f"--ref_url={srv.url}", f"--run_dir={run_dir}",
+                             f"--steps={steps}", "--prompts_per_step=2", "--num_generations=4",
+                             "--micro_batch_size=4", "--max_new_tokens=6", "--eval_every=0", "--save_every=2",
+                             "--plot_every=0", "--rewards=overlong", "--publish_every=1",
+                             *[f"--{k}={v}" for k, v in kw.items()]])
+        return capsys.readouterr().out
+
+    out = run(tmp_path / "a", 2)
+    assert client.weights_version()["version"] == 2 and "new run" not in out
+    out = run(tmp_path / "a", 3, resume="true")  # the same run, resumed
+    assert "new run" not in out and client.weights_version()["version"] == 3, out[-2000:]
+    out = run(tmp_path / "b", 1)  # another run: was refused ("holds weight version 3, newer than 0")
+    assert "new run" in out and "dropped the previous run's weights" in out
+    assert client.weights_version()["version"] == 1, "run b's own weights"

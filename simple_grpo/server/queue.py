@@ -138,6 +138,16 @@ class BatchQueue:
                 self._cond.notify()
             return entry
 
+    def reset(self) -> int:
+        """A new training run: drop the ready batches (counted in dropped_run) and forget the
+        versions seen, which counted the previous run's steps -> batches dropped."""
+        with self._cond:
+            dropped = len(self._ready)
+            self._ready.clear()
+            self.counters["dropped_run"] = self.counters.get("dropped_run", 0) + dropped
+            self.newest_version = self.consumer_version = 0
+            return dropped
+
     # ------------------------------------------------------------------ consumer side
     def get(self, wait_s: float = 0.0, consumer_version: int | None = None) -> Entry | None:
         """The next ready batch in queue order, waiting up to `wait_s` seconds; None if none."""

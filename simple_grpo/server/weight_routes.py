@@ -10,6 +10,11 @@ generation workers poll the version and download the file.
                               Range: bytes=START- (or START-END) -> 206 to resume (If-Range with
                               the ETag: a newer version answers 200 with the whole new file);
                               404 when nothing is published, 416 for an unsatisfiable range
+    POST /run?id=RUN          a trainer starts (or resumes) run RUN -> 200 {"run_id", "reset",
+                              "dropped"}: another run than the last one drops the queue's batches
+                              and the published weights (their versions counted the old run's
+                              steps); the same run (a resume), or the first run a server sees,
+                              keeps both
 """
 from __future__ import annotations
 
@@ -72,6 +77,22 @@ def add_weight_routes(app: bottle.Bottle, state, handler, store: WeightStore) ->
             writer.abort()
             raise
         return json_response(writer.commit())
+
+    run = {"id": None}
+
+    @app.post("/run")
+    @handler
+    def start_run():
+        rid = bottle.request.query.get("id", "")
+        if not _WORKER_ID.fullmatch(rid):
+            raise ApiError(400, "POST /run needs ?id=RUN ([A-Za-z0-9_.:@-]{1,128})")
+        reset = run["id"] is not None and rid != run["id"]  # a fresh server keeps what --weights_dir had
+        dropped = 0
+        if reset:
+            dropped = state.queue.reset()
+            store.reset()
+        run["id"] = rid
+        return json_response({"run_id": rid, "reset": reset, "dropped": dropped})
 
     @app.get("/weights/version")
     @handler

@@ -125,6 +125,14 @@ class WeightStore:
             raise
         return writer.commit()
 
+    def reset(self) -> None:
+        """A new training run: forget the published weights (their versions were another run's)."""
+        with self._lock:
+            if self._meta is not None and self._folder is not None:
+                (self._folder / META_FILE).unlink(missing_ok=True)
+                (self._folder / WEIGHTS_FILE).unlink(missing_ok=True)  # open readers keep their copy
+            self._meta = None
+
     def open(self) -> tuple[dict[str, Any], IO[bytes]] | None:
         """The current metadata and an open handle on exactly that version, or None."""
         with self._lock:

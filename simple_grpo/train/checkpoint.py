@@ -28,6 +28,7 @@ import re
 import resource
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -279,27 +280,30 @@ RESUME_MODES = ("false", "true", "auto")
 
 
 def resume(engine, ckpt_root: Path, mode: str, stream, rank: int) -> dict:
-    """Where the run starts -> {"step", "weight_version"}. Call on every rank.
+    """Where the run starts -> {"step", "weight_version", "run_id"}. Call on every rank.
 
     mode "false": a fresh run (step 0), whatever `ckpt_root` holds. "true": the latest checkpoint,
     a UserError when there is none. "auto": the latest checkpoint when there is one, else fresh
     (what a launcher's automatic restart needs). Resuming loads the checkpoint into `engine`
     (weights, optimizer, scheduler) and restores this rank's data position (`stream`) and RNG
-    states, so the run continues as if it had never stopped."""
+    states, so the run continues as if it had never stopped. `run_id` names the run for the
+    reference server (a new one drops an earlier run's queue and weights): new when fresh, the
+    checkpoint's when resumed; rank 0's is the one used and saved."""
     assert mode in RESUME_MODES, f"resume must be one of {RESUME_MODES}, got {mode!r}"
     client = None if mode == "false" else load_latest(engine, ckpt_root)
     if client is None and mode == "true":
         raise UserError(f"--resume: no checkpoint in {ckpt_root} (--resume=auto starts fresh when "
                         f"there is none)")
     if client is None:
-        return {"step": 0, "weight_version": 0}
+        return {"step": 0, "weight_version": 0, "run_id": uuid.uuid4().hex}
     stream.load_state_dict(client["stream"][rank])
     set_rng_state(client["rng"][rank])
     if rank == 0:
         print(f"[trainer] resumed from {latest_checkpoint(ckpt_root)} at step {client['step']} "
               f"(data epoch {client['stream'][0]['epoch']}, position {client['stream'][0]['position']})",
               flush=True)
-    return {"step": client["step"], "weight_version": client["weight_version"]}
+    return {"step": client["step"], "weight_version": client["weight_version"],
+            "run_id": client.get("run_id") or uuid.uuid4().hex}
 
 
 # ----------------------------------------------------------------------------- HF export

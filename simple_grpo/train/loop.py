@@ -147,12 +147,16 @@ def gather(obj: dict, dist) -> list[dict]:
 
 
 def evaluate(ctx: StepContext, examples: list[dict]) -> float:
-    """Held-out accuracy on rank 0 (greedy), shared with the other ranks."""
-    acc = 0.0
-    if ctx.dist.rank == 0:
-        acc = rollout.evaluate(ctx.engine.module, ctx.tokenizer, examples, ctx.render, ctx.eos_ids,
-                               ctx.cfg.max_new_tokens, ctx.cfg.eval_reward)
-    return float(collectives.broadcast([acc], ctx.dist.device, src=0)[0])
+    """Held-out accuracy (greedy): every rank evaluates its share (examples[rank::world]), the
+    correct answers are summed over ranks. No GPU idles and no rank waits alone on a collective."""
+    share = examples[ctx.dist.rank::ctx.dist.world_size]
+    acc = rollout.evaluate(ctx.engine.module, ctx.tokenizer, share, ctx.render, ctx.eos_ids,
+                           ctx.cfg.max_new_tokens, ctx.cfg.eval_reward) if share else 0.0
+    correct, seen = collectives.all_reduce([round(acc * len(share)), len(share)], ctx.dist.device).tolist()
+    assert seen == len(examples), f"evaluated {seen} of {len(examples)} held-out examples"
+    if ctx.dist.world_size > 1:
+        print(f"[rank{ctx.dist.rank}] evaluated {len(share)} held-out prompts", flush=True)
+    return correct / max(seen, 1)
 
 
 class Outputs:

@@ -249,3 +249,16 @@ def connect_ref(cfg, d, target: RefTarget | None, model) -> RefConnection | None
                         f"another model than --model={cfg.model} ({why}): start it with "
                         f"--model={cfg.model}")
     return conn
+
+
+def begin_run(ref: RefConnection | None, run_id: str, dist) -> None:
+    """Tell the server which run this is (rank 0), before any rank uses its queue: a new run
+    drops an earlier run's queued batches and published weights, a resumed one keeps them."""
+    if ref is None:
+        return
+    if dist.rank == 0:
+        got = ref.client.start_run(run_id)
+        if got.get("reset"):
+            print(f"[trainer] new run {run_id}: the reference server dropped the previous run's "
+                  f"weights and {got.get('dropped', 0)} queued batch(es)", flush=True)
+    collectives.barrier(dist.device)

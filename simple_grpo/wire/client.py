@@ -208,6 +208,11 @@ class RefClient:
             raise self._error(r)
         return r.json()
 
+    def start_run(self, run_id: str) -> dict[str, Any]:
+        """POST /run?id=RUN -> {"run_id", "reset", "dropped"}: another run than the server's last
+        one drops that run's queued batches and published weights."""
+        return self._request("POST", "/run", params={"id": run_id}).json()
+
     def weights_version(self, worker_id: str | None = None,
                         running_version: int | None = None) -> dict[str, Any]:
         """GET /weights/version -> {"version": N or None, "bytes", "sha256"}; a worker_id also
