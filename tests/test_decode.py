@@ -119,3 +119,28 @@ def test_both_samplers_are_seeded_and_greedy_agrees(tiny_model, tok):
     greedy = [sample(tiny_model, tok, ["x", "yy"], SampleSettings(2, 6, sampler=sm), eos, greedy=True)[2]
               for sm in ("loop", "generate")]
     assert torch.equal(greedy[0], greedy[1])
+
+
+def test_host_reads_every_k_tokens_give_the_same_tokens():
+    """The end-of-batch check reads the device only every `sync_every` tokens (16 on GPUs): the
+    steps after every row ended are cut off, so tokens and log-probs are the same as checking every
+    token, and the width is where the last row ended."""
+    from test_eos_rollout import eos_prone_model
+
+    tok, model = eos_prone_model(0.4)
+    enc = tok(["A prompt", "Another, longer prompt here"], return_tensors="pt", padding=True,
+              padding_side="left")
+    runs = {}
+    for k in (1, 3, 16):
+        torch.manual_seed(0)
+        runs[k] = decode(model, enc.input_ids, enc.attention_mask, repeat=4, max_new_tokens=24,
+                         min_new_tokens=0, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id,
+                         record_logprobs=True, sync_every=k)
+    ids_NC = runs[1].completion_ids_NC
+    ended = (ids_NC == tok.eos_token_id).any(1)
+    assert ended.all() and ids_NC.shape[1] < 24, "every row ended before the limit"
+    last_eos = max(row.tolist().index(tok.eos_token_id) for row in ids_NC)
+    assert ids_NC.shape[1] == last_eos + 1, "cut right after the last row's EOS"
+    for k in (3, 16):
+        assert torch.equal(runs[k].completion_ids_NC, ids_NC), k
+        assert torch.equal(runs[k].logprobs_NC, runs[1].logprobs_NC), k
