@@ -55,7 +55,7 @@ def main(argv: list[str]) -> dict:
     test_examples = data.load_examples(cfg.task, "test", seed=cfg.seed, **fields)[:cfg.eval_prompts] \
         if cfg.eval_every > 0 else []
     tokenizer = models.load_tokenizer(cfg.model)
-    model = models.load_model(cfg.model, cfg.dtype, str(dist.device))
+    model = models.load_model(cfg.model, cfg.dtype, str(dist.device), cfg.attn_implementation)
     if cfg.lora_r > 0:  # only the adapters train; the same adapter on every rank (and worker)
         from simple_grpo.train import lora
 

@@ -127,8 +127,9 @@ def build_model(c: MemoryConfig, device):
               tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=models.resolve_dtype("auto", device),
-                                                 attn_implementation=models.attn_implementation(device))
+        dtype = models.resolve_dtype("auto", device)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype,
+                                                 attn_implementation=models.attn_implementation(device, dtype))
     return model, "random weights"
 
 

@@ -26,11 +26,25 @@ _CHATML = (
 )
 
 
-def attn_implementation(device: str | torch.device) -> str:
-    """flash_attention_2 on CUDA when flash-attn is installed, else PyTorch's sdpa."""
-    if str(device).startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+
+
+def attn_implementation(device: str | torch.device, dtype: torch.dtype = torch.bfloat16,
+                        requested: str = "auto") -> str:
+    """--attn_implementation: auto -> flash_attention_2 on CUDA in half precision when flash-attn
+    is installed (it has no fp32 kernels), else PyTorch's sdpa; a named one is checked the same way
+    (one line when it cannot run here)."""
+    if requested not in ATTN_IMPLEMENTATIONS:
+        raise UserError(f"--attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                        f"got {requested!r}")
+    flash_ok = (str(device).startswith("cuda") and dtype in (torch.bfloat16, torch.float16)
+                and importlib.util.find_spec("flash_attn") is not None)
+    if requested == "auto":
+        return "flash_attention_2" if flash_ok else "sdpa"
+    if requested == "flash_attention_2" and not flash_ok:
+        raise UserError(f"--attn_implementation=flash_attention_2 needs a CUDA device, bfloat16 or "
+                        f"float16 and the flash-attn package (here: {device}, {dtype}); use sdpa")
+    return requested
 
 
 def pick_device(name: str) -> torch.device:
@@ -153,14 +167,16 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu"):
-    """A causal LM ready for training or inference (caller picks train()/eval())."""
+def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu", attn: str = "auto"):
+    """A causal LM ready for training or inference (caller picks train()/eval()); `attn`: see
+    attn_implementation."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
+    torch_dtype = resolve_dtype(dtype, device)
+    impl = attn_implementation(device, torch_dtype, attn)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(dtype, device), attn_implementation=attn_implementation(device))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=impl)
     except OSError as e:
         raise UserError(f"cannot load model {name_or_path!r}: {e}") from None
     return model.to(device)

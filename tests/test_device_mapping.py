@@ -67,3 +67,28 @@ def test_reachable_host(monkeypatch):
     assert reachable_host(False) == "127.0.0.1"  # one node: loopback, no token
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # the rendezvous host is this machine
     assert reachable_host(True) == "127.0.0.1"
+
+
+@pytest.mark.parametrize("device, dtype, requested, flash_installed, want", [
+    ("cuda:0", torch.bfloat16, "auto", True, "flash_attention_2"),   # GPU, half precision
+    ("cuda:0", torch.float32, "auto", True, "sdpa"),                 # flash-attn has no fp32 kernels
+    ("cuda:0", torch.bfloat16, "auto", False, "sdpa"),               # not installed
+    ("cpu", torch.float32, "auto", True, "sdpa"),
+    ("cpu", torch.float32, "eager", False, "eager"),                 # asked for
+    ("cuda:0", torch.float32, "flash_attention_2", True, None),      # asked for, cannot run: one line
+    ("cpu", torch.float32, "flash", False, None),                    # not a choice
+])
+def test_attn_implementation(device, dtype, requested, flash_installed, want, monkeypatch):
+    import importlib.util
+
+    from simple_grpo import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if flash_installed else None) if name == "flash_attn"
+                        else real(name, *a))
+    if want is None:
+        with pytest.raises(UserError, match="--attn_implementation"):
+            models.attn_implementation(device, dtype, requested)
+    else:
+        assert models.attn_implementation(device, dtype, requested) == want

@@ -125,6 +125,8 @@ def run_cli(*args, timeout=120):
     # ... found before any model loads: this model folder does not even exist
     (["--ref_url=http://127.0.0.1:9", "--ref_timeout=1", "--model=/no/such/model"], "127.0.0.1:9"),
     (["--dist_timeout=0"], "--dist_timeout must be > 0"),
+    (["--dtype=float16"], "float16 training needs loss scaling"),                  # no fp16 training
+    (["--attn_implementation=flash_attention_2"], "--attn_implementation=flash_attention_2 needs"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, message, tiny_model_dir, tmp_path):
     base = [f"--model={tiny_model_dir}", f"--run_dir={tmp_path}", "--eval_every=0"]

@@ -84,7 +84,8 @@ class ServerState:
     def from_config(cls, cfg: ServerConfig) -> "ServerState":
         from simple_grpo.models import load_model, pick_device
 
-        return cls(cfg, load_model(cfg.model, cfg.dtype, str(pick_device(cfg.device))), cfg.model)
+        model = load_model(cfg.model, cfg.dtype, str(pick_device(cfg.device)), cfg.attn_implementation)
+        return cls(cfg, model, cfg.model)
 
     def count(self, key: str, n: float = 1) -> None:
         with self._lock:

@@ -24,6 +24,9 @@ class ServerConfig:
     """Model dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
+    attn_implementation: str = "auto"
+    """auto (flash_attention_2 on GPUs in half precision when flash-attn is installed, else sdpa) |
+    sdpa | flash_attention_2 | eager."""
     token: str = ""
     """Shared secret: every request must carry Authorization: Bearer <token>. Prefer the
     REF_SERVER_TOKEN environment variable to the command line."""

@@ -180,7 +180,11 @@ class TrainConfig:
     visible GPU that no training rank of rank 0's node uses, else a one-line error showing the
     split launch) | cpu | cuda:N (may share a training GPU: two models on it)."""
     dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16."""
+    """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 (float16: workers only; training in
+    fp16 would need loss scaling, which bf16 does not)."""
+    attn_implementation: str = "auto"
+    """auto (flash_attention_2 on GPUs in bf16 when flash-attn is installed, else sdpa) | sdpa |
+    flash_attention_2 | eager."""
     ds_config: str = "ds_config.json"
     """DeepSpeed config; 'auto' values are filled from this config."""
     offload_optimizer: bool = False
@@ -289,6 +293,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (cfg.sampler in ("loop", "generate"), f"--sampler must be loop or generate, got {cfg.sampler!r}"),
         (cfg.publish_every >= 0, "--publish_every must be >= 0 (0: never publish)"),
         (cfg.dist_timeout > 0, "--dist_timeout must be > 0 (minutes)"),
+        (cfg.dtype in ("auto", "float32", "bfloat16") or (cfg.mode == "generate" and cfg.dtype == "float16"),
+         f"--dtype={cfg.dtype}: train in bfloat16 or float32 (float16 training needs loss scaling; "
+         f"float16 is for --mode=generate workers)"),
         (cfg.publish_dtype in ("auto", "float32", "bfloat16"),
          "--publish_dtype must be auto, float32 or bfloat16"),
         (cfg.tis in ("off", "token", "sequence"), f"--tis must be off, token or sequence, got {cfg.tis!r}"),

@@ -64,7 +64,7 @@ class Worker:
         examples = data.load_examples(cfg.task, "train", seed=cfg.seed, **fields)
         self.stream = data.PromptStream(examples, seed=self.seed)
         self.tokenizer = models.load_tokenizer(cfg.model)
-        self.model = models.load_model(cfg.model, cfg.dtype, str(self.device)).eval()
+        self.model = models.load_model(cfg.model, cfg.dtype, str(self.device), cfg.attn_implementation).eval()
         if cfg.lora_r > 0:  # the trainer's adapter (the same seed): published adapters fill it
             self.model = lora.wrap(self.model, cfg, seed=cfg.seed).eval()
         self.render = data.prompt_renderer(self.tokenizer, cfg.system_prompt)
