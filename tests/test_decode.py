@@ -97,9 +97,13 @@ def test_top_p_keeps_the_same_tokens_as_hf(top_p):
     assert ours.sum(1).min() >= 1
 
 
-@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
-def test_recorded_logprobs_are_the_trainers(tiny_model, tok, temperature, top_p):
-    s = SampleSettings(num_generations=3, max_new_tokens=8, temperature=temperature, top_p=top_p)
+@pytest.mark.parametrize("sampler", ["loop", "generate"])
+@pytest.mark.parametrize("temperature, top_p, min_new", [(1.0, 1.0, 0), (0.7, 1.0, 3), (1.3, 0.8, 0)])
+def test_recorded_logprobs_are_the_trainers(tiny_model, tok, temperature, top_p, min_new, sampler):
+    """Whole-vocabulary log_softmax(logits / T) of each sampled token, whatever top-p or
+    min_new_tokens did to the sampling (generate: recorded one step at a time, no logits kept)."""
+    s = SampleSettings(num_generations=3, max_new_tokens=8, temperature=temperature, top_p=top_p,
+                       min_new_tokens=min_new, sampler=sampler)
     torch.manual_seed(2)
     p_ids, p_lens, c_ids, c_lens, logp = sample(tiny_model, tok, ["hello", "a b c"], s,
                                                 eos_token_ids(tok, tiny_model), record_logprobs=True)

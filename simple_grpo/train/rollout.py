@@ -14,7 +14,6 @@ import torch
 
 from simple_grpo.algo.advantages import group_advantages, zero_variance_groups
 from simple_grpo.algo.decode import decode, prefill
-from simple_grpo.algo.logprobs import token_logprobs
 from simple_grpo.algo.masks import lengths_from_eos, mask_from_lengths
 from simple_grpo.errors import UserError
 from simple_grpo.hf_compat import cache_kwargs
@@ -88,29 +87,62 @@ def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: lis
     return (*result, torch.where(mask_NC, logp_NC.float().cpu(), 0.0))
 
 
+class _RecordLogprobs:
+    """A logits processor that sees each step's raw logits first and keeps one step's
+    log_softmax(logits / T) [N, V]: at the next step (or `finish`) it takes the log-prob of the
+    token sampled from it. Memory: one step's logits, not every step's (`output_logits`)."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.prev_NV, self.logps = temperature, None, []
+
+    def _take(self, tok_N: torch.Tensor) -> None:
+        if self.prev_NV is not None:
+            self.logps.append(self.prev_NV.gather(1, tok_N[:, None])[:, 0])
+
+    def __call__(self, input_ids, scores):
+        if self.prev_NV is not None:
+            self._take(input_ids[:, -1])
+        self.prev_NV = torch.log_softmax(scores.float() / self.temperature, -1)
+        return scores
+
+    def finish(self, completion_ids_NC: torch.Tensor) -> torch.Tensor:
+        """-> [N, C] sampling log-probs of the generated tokens."""
+        self._take(completion_ids_NC[:, -1])
+        self.prev_NV = None
+        return torch.stack(self.logps, 1)
+
+
 def _hf_generate(model, tokenizer, ids_nP, attn_nP, G, s: SampleSettings, eos_ids, greedy, share_prefill,
                  record_logprobs, temperature):
-    """`model.generate` -> (completion ids [n*G, C], sampling log-probs [n*G, C] or None)."""
+    """`model.generate` -> (completion ids [n*G, C], sampling log-probs [n*G, C] or None).
+
+    The processors are ours, in this order: record the raw logits' log-probs, hold EOS back
+    for min_new_tokens, then temperature and top-p (generate's own ones stay off), so the
+    recorded log-probs are the trainer's: log_softmax(logits / T) of the whole vocabulary."""
+    from transformers import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor, TemperatureLogitsWarper,
+                              TopPLogitsWarper)
+
     prompt_ids_NP, attn_NP = ids_nP.repeat_interleave(G, 0), attn_nP.repeat_interleave(G, 0)
-    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=s.temperature,
-                                                     top_p=s.top_p, top_k=0)
+    recorder = _RecordLogprobs(temperature) if record_logprobs else None
+    procs = LogitsProcessorList([recorder] if recorder else [])
+    if s.min_new_tokens:
+        procs.append(MinNewTokensLengthLogitsProcessor(prompt_ids_NP.shape[1], s.min_new_tokens, eos_ids,
+                                                       device=str(ids_nP.device)))
+    kw = dict(do_sample=False)
+    if not greedy:
+        kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+        procs.append(TemperatureLogitsWarper(s.temperature))
+        if s.top_p < 1.0:
+            procs.append(TopPLogitsWarper(s.top_p))
     if G > 1 and share_prefill and ids_nP.shape[1] > 1:
         # every prompt token but the last, once per prompt; generate() runs the last one per row
         cache, _ = prefill(model, ids_nP[:, :-1], attn_nP[:, :-1], G, in_place=False)
         kw.update(cache_kwargs(cache))
-    if record_logprobs:
-        kw.update(return_dict_in_generate=True, output_logits=True)
-    out = model.generate(input_ids=prompt_ids_NP, attention_mask=attn_NP,
-                         max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
-                         eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                         use_cache=True, **kw)
-    out_NT = out.sequences if record_logprobs else out
+    out_NT = model.generate(input_ids=prompt_ids_NP, attention_mask=attn_NP, logits_processor=procs,
+                            max_new_tokens=s.max_new_tokens, eos_token_id=eos_ids,
+                            pad_token_id=tokenizer.pad_token_id, use_cache=True, **kw)
     completion_ids_NC = out_NT[:, prompt_ids_NP.shape[1]:]
-    if not record_logprobs:
-        return completion_ids_NC, None
-    logp_NC = torch.stack([token_logprobs(logits_NV[:, None], completion_ids_NC[:, t:t + 1], temperature)[:, 0]
-                           for t, logits_NV in enumerate(out.logits)], 1)  # raw logits per position
-    return completion_ids_NC, logp_NC
+    return completion_ids_NC, recorder.finish(completion_ids_NC) if recorder else None
 
 
 def decode_completions(tokenizer, completion_ids_NC: torch.Tensor, lens_N: torch.Tensor) -> list[str]:
