@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -61,6 +62,12 @@ class CheckConfig:
     """Folder for the model, run dirs, logs, gpu_check.md and gpu_check.json."""
     part_timeout_s: float = 240.0
     """Each part's time limit."""
+    deadline_s: float = 480.0
+    """The whole check's time limit (inside a 10-minute call): a part gets what is left, parts
+    that would start after it are reported as skipped."""
+    report_dir: str = ""
+    """Where gpu_check.md, gpu_check.json and the parts' logs are written after each part ("":
+    --out). Models stay in --out."""
 
 
 def child_env(c: CheckConfig) -> dict:
@@ -128,12 +135,23 @@ def numerics(c: CheckConfig) -> list[dict]:
     return rows
 
 
+DEADLINE = [float("inf")]  # time.monotonic() by which the whole check must end (main sets it)
+
+
+def time_left(c: CheckConfig) -> float:
+    """Seconds a part may take: its own limit or what is left of the overall deadline."""
+    return max(0.0, min(c.part_timeout_s, DEADLINE[0] - time.monotonic()))
+
+
 def run(cmd: list[str], log: Path, c: CheckConfig) -> tuple[bool, str]:
     """A child process with its output in `log` -> (exit 0, the last lines when it failed)."""
     with open(log, "w") as f:
+        if time_left(c) < 5:
+            f.write("skipped: the overall --deadline_s had passed\n")
+            return False, "skipped: the overall --deadline_s had passed"
         try:
             r = subprocess.run(cmd, cwd=ROOT, env=child_env(c), stdout=f, stderr=subprocess.STDOUT,
-                               timeout=c.part_timeout_s)
+                               timeout=time_left(c))
             ok = r.returncode == 0
         except subprocess.TimeoutExpired:
             ok = False
@@ -156,14 +174,17 @@ def trainer_args(c: CheckConfig, model: Path, run_dir: Path, url: str, steps: in
 
 
 def summarize(run_dir: Path, skip: int) -> dict:
+    """Means over the steps after the `skip` warm-up ones; the KL of step 1 itself."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "step_seconds" in r][skip:] or rows[-1:]
+    steps = [r for r in rows if "step_seconds" in r]
+    kl_step1 = next((r.get("kl") for r in steps if r.get("step") == 1), None)
+    rows = steps[skip:] or rows[-1:]
 
     def mean(k):
         return sum(r.get(k, 0.0) for r in rows) / len(rows)
 
     return {"s_per_step": mean("step_seconds"), "generate_s": mean("gen_seconds"), "ref_wait_s": mean("ref_seconds"),
-            "train_s": mean("train_seconds"), "gen_tok_s": mean("tokens_per_s"), "kl_step1": rows[0].get("kl"),
+            "train_s": mean("train_seconds"), "gen_tok_s": mean("tokens_per_s"), "kl_step1": kl_step1,
             "gpu_mem_gb": max(r.get("gpu_mem_gb_max", 0.0) for r in rows)}
 
 
@@ -200,20 +221,27 @@ def main(argv: list[str]) -> int:
     from simple_grpo.train.engine import free_port
 
     c = parse_config(CheckConfig, argv, prog="benchmarks/gpu_check.py")
+    DEADLINE[0] = time.monotonic() + c.deadline_s
     out = Path(c.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    report_dir = Path(c.report_dir).resolve() if c.report_dir else out
+    report_dir.mkdir(parents=True, exist_ok=True)
     shape = "tiny" if c.tiny else c.shape
     report: dict = {"config": dataclasses.asdict(c), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "completion_tokens": completion_len(c)}
     report["device_name"] = _device_name(c)
     report["numerics"] = numerics(c)
+    save(report, out, report_dir)
     model = build_model(c, shape, out / f"model-{shape}")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = None
     try:
+        if time_left(c) < 5:
+            raise TimeoutError("skipped: the overall --deadline_s had passed")
         server = start_server(c, model, port, out / "ref_server.log")
         report["train"] = [training(c, model, out, False, url, c.steps)]
+        save(report, out, report_dir)
         stats = requests.get(f"{url}/stats", timeout=10).json()
         report["server"] = {"compute_s_per_call": stats.get("compute_ms_mean", 0.0) / 1000,
                             "gpu_mem_gb": stats.get("gpu_mem_gb_max", 0.0)}
@@ -223,19 +251,30 @@ def main(argv: list[str]) -> int:
             server.wait(timeout=60)
             server = start_server(c, small, port, out / "ref_server_small.log")
         report["train"].append(training(c, small, out, True, url, c.two_rank_steps))
+    except TimeoutError as e:
+        report.setdefault("train", []).append({"part": "training", "ok": False, "error": str(e)})
     except Exception as e:  # noqa: BLE001 - report what failed, with the table of what ran
         report.setdefault("train", []).append({"part": "setup", "ok": False, "error": f"{type(e).__name__}: {e}"})
     finally:
         if server is not None:
             server.terminate()
             server.wait(timeout=60)
-    table = render(report)
-    print(table)
-    (out / "gpu_check.md").write_text(table + "\n")
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    report["seconds"] = round(time.monotonic() - DEADLINE[0] + c.deadline_s, 1)
+    print(save(report, out, report_dir))
     ok = all(r["ok"] for r in report["numerics"]) and all(r["ok"] for r in report["train"])
     print("gpu_check:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
+
+
+def save(report: dict, out: Path, report_dir: Path) -> str:
+    """Write the table, the JSON and the parts' logs so far to `report_dir` -> the table."""
+    table = render(report)
+    (report_dir / "gpu_check.md").write_text(table + "\n")
+    (report_dir / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    if report_dir != out:
+        for log in out.glob("*.log"):
+            shutil.copyfile(log, report_dir / log.name)
+    return table
 
 
 def _device_name(c: CheckConfig) -> str:
@@ -251,7 +290,7 @@ def start_server(c: CheckConfig, model: Path, port: int, log: Path) -> subproces
         proc = subprocess.Popen(cmd + (["--torch_threads=1"] if c.device == "cpu" else []), cwd=ROOT,
                                 env=child_env(c), stdout=f, stderr=subprocess.STDOUT)
     try:
-        _wait_health(f"http://127.0.0.1:{port}", proc, c.part_timeout_s)
+        _wait_health(f"http://127.0.0.1:{port}", proc, max(time_left(c), 5.0))
     except RuntimeError:
         proc.kill()
         raise

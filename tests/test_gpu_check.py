@@ -34,6 +34,8 @@ def test_gpu_check_cpu_mode_passes_and_reports_every_part(tmp_path):
         assert run["ok"] and run["s_per_step"] > 0 and run["gen_tok_s"] > 0 and run["train_tok_s"] > 0
         assert run["kl_step1"] < 1e-6, "fp32 on the CPU: policy == reference at step 1"
     assert two["collectives"]["collectives.all_reduce"] > 0, "the guard saw the trainer's collectives"
+    metrics = [json.loads(line) for line in (tmp_path / "train_1rank" / "metrics.jsonl").read_text().splitlines()]
+    assert one["kl_step1"] == next(r["kl"] for r in metrics if r.get("step") == 1), "step 1's KL, not step 2's"
     assert report["server"]["compute_s_per_call"] > 0
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| train_1rank | yes |" in table and "| train_2ranks | yes |" in table
@@ -96,3 +98,18 @@ def test_each_numerics_check_fails_on_a_planted_error(numerics, monkeypatch, che
     monkeypatch.setattr(mod, target, plant(getattr(mod, target)))
     row = getattr(mod, check)(*args)
     assert row["ok"] is False, row
+
+
+def test_deadline_reports_what_ran_and_skips_the_rest(tmp_path):
+    """One overall deadline: the parts after it are reported as skipped (exit 1), and the report
+    is already in --report_dir (each part's log joins it as the part finishes)."""
+    report_dir = tmp_path / "report"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device=cpu", "--tiny",
+                        f"--out={tmp_path / 'out'}", f"--report_dir={report_dir}", "--steps=2", "--deadline_s=1"],
+                       cwd=ROOT, env=standalone_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 1 and "gpu_check: FAIL" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    report = json.loads((report_dir / "gpu_check.json").read_text())
+    assert len(report["numerics"]) == 4, "what ran before the deadline is reported"
+    assert all("skipped" in run["error"] for run in report["train"]), report["train"]
+    assert "skipped: the overall --deadline_s had passed" in (report_dir / "gpu_check.md").read_text()
