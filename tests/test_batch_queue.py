@@ -137,3 +137,24 @@ def test_concurrent_producers_and_consumer_exactly_once_in_order():
         assert [e.item[1] for e in got if e.item[0] == p] == list(range(n_each))
     s = q.stats()
     assert s["batches_in"] == s["batches_out"] == n_prod * n_each and balanced(q)
+
+
+def test_a_rank_gets_its_own_batch_back():
+    """Two trainer ranks upload; each asks for its own id and gets it (not the other's, which FIFO
+    would hand out first); a preferred batch still being computed is waited for; one that is gone
+    (taken, dropped) falls back to queue order."""
+    import threading
+
+    q = BatchQueue()
+    for bid in ("rank1", "rank0"):
+        assert q.reserve(bid, 0) == "ok"
+        q.put(bid, bid, 0)
+    assert q.get(prefer="rank0").batch_id == "rank0"
+    assert q.get(prefer="rank1").batch_id == "rank1"
+    assert q.reserve("late", 0) == "ok"  # uploaded, still being scored by the server
+    q.reserve("worker", 0)
+    q.put("worker", "worker", 0)
+    threading.Timer(0.3, lambda: q.put("late", "late", 0)).start()
+    assert q.get(wait_s=0.05, prefer="late") is None, "not the worker's batch while ours computes"
+    assert q.get(wait_s=5.0, prefer="late").batch_id == "late"
+    assert q.get(wait_s=0.0, prefer="late").batch_id == "worker", "ours is gone: queue order"

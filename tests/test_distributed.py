@@ -133,6 +133,9 @@ def test_trainer_script_on_two_ranks(tiny_model_dir, tmp_path):
     assert rows[1]["kl"] == 0.0 and "eval_accuracy" in rows[2]
     evaluated = re.findall(r"\[rank(\d)\] evaluated (\d+) held-out", r.stdout + r.stderr)
     assert sorted(evaluated) == [("0", "2"), ("0", "2"), ("1", "2"), ("1", "2")], evaluated  # 4 split in 2
+    trained = [json.loads(line) for line in (tmp_path / "batches.jsonl").read_text().splitlines()]
+    assert [t["producer"] for t in trained] == [f"trainer-{t['rank']}" for t in trained], \
+        "each rank trains its own batch back from the queue (its prefetched passes are kept)"
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert ckpts == ["step-000001", "step-000002"]
     shards = list((tmp_path / "checkpoints" / "step-000002").glob("*optim_states.pt"))

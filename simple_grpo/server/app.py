@@ -10,7 +10,8 @@ JSON object {"error": "..."} with a 4xx/5xx status):
                     429 queue full (policy block, Retry-After), 503 busy (Retry-After)
     GET  /get       ?wait=SECONDS&weight_version=N -> 200 codec RolloutBatch with ref_logprobs and
                     batch_id (headers X-Batch-Id, X-Batch-Seq, X-Queue-Depth), 204 when none ready;
-                    &request_id=ID makes it idempotent: a repeat gets the same answer (last 16)
+                    &request_id=ID makes it idempotent: a repeat gets the same answer (last 16);
+                    &prefer=BATCH_ID: that batch (a trainer rank's own), waiting while it computes
     POST /logprobs  codec LogprobRequest -> 200 codec LogprobResponse (stateless)
     GET  /stats     200 counters (see ServerState.stats)
     POST /weights, GET /weights/version, GET /weights: policy weights (simple_grpo.server.weight_routes)
@@ -155,7 +156,8 @@ class ServerState:
                 "max_body_bytes": self.cfg.max_body_bytes, "queue_order": self.cfg.queue_order,
                 "when_full": self.cfg.when_full, "max_staleness": self.cfg.max_staleness,
                 "auth": bool(self.cfg.token), "instance": self.instance,
-                "max_weights_bytes": self.cfg.max_weights_bytes, "fingerprint": self.fingerprint}
+                "max_weights_bytes": self.cfg.max_weights_bytes, "fingerprint": self.fingerprint,
+                "max_inflight": self.cfg.max_inflight}
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -291,7 +293,10 @@ def make_app(state: ServerState) -> bottle.Bottle:
         if replay is not None:
             state.count("get_replays")
             return bottle.HTTPResponse(replay[0], status=200, headers=replay[1])
-        entry = state.queue.get(wait_s, version)
+        prefer = q.get("prefer")
+        if prefer is not None and not _BATCH_ID.fullmatch(prefer):
+            raise ApiError(400, "prefer must be a batch id ([A-Za-z0-9_.:-]{1,128})")
+        entry = state.queue.get(wait_s, version, prefer)
         if entry is None:
             return bottle.HTTPResponse(status=204, headers={"X-Queue-Depth": "0",
                                                             "X-Instance": state.instance})

@@ -149,19 +149,36 @@ class BatchQueue:
             return dropped
 
     # ------------------------------------------------------------------ consumer side
-    def get(self, wait_s: float = 0.0, consumer_version: int | None = None) -> Entry | None:
-        """The next ready batch in queue order, waiting up to `wait_s` seconds; None if none."""
+    def _take(self, prefer: str | None) -> Entry | None:
+        """The `prefer`red batch when it is ready; None while it is still being computed; else (no
+        preference, or it is gone: stale, dropped, taken) the next one in queue order, if any."""
+        if prefer is not None:
+            for i, e in enumerate(self._ready):
+                if e.batch_id == prefer:
+                    del self._ready[i]
+                    return e
+            if prefer in self._pending:
+                return None
+        if not self._ready:
+            return None
+        return self._ready.popleft() if self.order == "fifo" else self._ready.pop()
+
+    def get(self, wait_s: float = 0.0, consumer_version: int | None = None,
+            prefer: str | None = None) -> Entry | None:
+        """The next ready batch in queue order, waiting up to `wait_s` seconds; None if none.
+        `prefer`: a trainer rank's own batch id. It gets that batch back (waiting while it is
+        computed) instead of another rank's, so its forward passes done meanwhile are not wasted;
+        workers' batches go to whoever asks without a preference."""
         deadline = time.monotonic() + max(0.0, wait_s)
         with self._cond:
             if consumer_version is not None and consumer_version > self.consumer_version:
                 self.consumer_version = consumer_version
                 self._purge_stale()
-            while not self._ready:
+            while (entry := self._take(prefer)) is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
                 self._cond.wait(left)
-            entry = self._ready.popleft() if self.order == "fifo" else self._ready.pop()
             self.counters["batches_out"] += 1
             self._wait_s_total += time.monotonic() - entry.enqueued_at
             return entry

@@ -19,6 +19,7 @@ the lost queue (`counts["rollouts_resent"]`; `counts["server_restarts"]`); worke
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import OrderedDict
@@ -136,7 +137,9 @@ class RefConnection:
         """The next usable ready batch (ours or a worker's), reporting our version to the server."""
         deadline = time.monotonic() + self.timeout
         while True:
-            got = self._call(lambda: self.client.get(wait_s=1.0, weight_version=weight_version), True)
+            mine = self._outstanding.batch_id if self._outstanding is not None else None
+            got = self._call(lambda: self.client.get(wait_s=1.0, weight_version=weight_version,
+                                                     prefer=mine), True)
             if got is not None:
                 if self._outstanding is not None and got.batch_id == self._outstanding.batch_id:
                     self._outstanding = None
@@ -209,7 +212,6 @@ def start_ref(cfg, dist) -> RefTarget | None:
 
         RefClient(cfg.ref_url, token=cfg.ref_token).wait_ready(cfg.ref_timeout)
         return RefTarget(cfg.ref_url, cfg.ref_token)
-    import os
     import secrets
 
     from simple_grpo.models import resolve_model_path
@@ -223,6 +225,8 @@ def start_ref(cfg, dist) -> RefTarget | None:
         host = ref_process.reachable_host(dist.world_size > local_ranks)
         token = None if host == "127.0.0.1" else secrets.token_urlsafe(24)  # off this machine: auth
         threads = [] if device.startswith("cuda") else ["--torch_threads=1"]  # one core each
+        inflight = max(8, dist.world_size + 2)  # every rank may upload at once (else 503 + retry)
+        threads += [f"--max_inflight={inflight}", f"--threads={inflight + 8}"]
         process = ref_process.RefProcess(resolve_model_path(cfg.model), dtype=cfg.dtype, device=device,
                                          host=host, token=token, extra=threads)
         where = {"url": process.url, "token": token}
@@ -241,6 +245,11 @@ def connect_ref(cfg, d, target: RefTarget | None, model) -> RefConnection | None
     conn = RefConnection(target.url, target.token, cfg.ref_timeout, target.process,
                          batch_rows=d.seqs_per_rank, group_size=cfg.num_generations,
                          max_staleness=cfg.max_staleness, temperature=cfg.temperature)
+    inflight = conn.health.get("max_inflight")
+    if inflight is not None and inflight < d.world_size and os.environ.get("RANK", "0") == "0":
+        print(f"[trainer] the reference server admits {inflight} uploads at once, fewer than the "
+              f"{d.world_size} ranks: restart it with --max_inflight={d.world_size + 2} "
+              f"--threads={d.world_size + 10} (else ranks wait on 503 retries)", file=sys.stderr, flush=True)
     theirs = conn.health.get("fingerprint")
     why = theirs and fingerprint_difference(theirs, fingerprint(model))
     if why:

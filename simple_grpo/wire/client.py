@@ -168,12 +168,16 @@ class RefClient:
         self.last_upload = r.json()
         return self.last_upload["batch_id"]
 
-    def get(self, wait_s: float = 0.0, weight_version: int | None = None) -> codec.RolloutBatch | None:
+    def get(self, wait_s: float = 0.0, weight_version: int | None = None,
+            prefer: str | None = None) -> codec.RolloutBatch | None:
         """GET /get -> the next ready batch (with ref_logprobs), or None when none is ready
-        within wait_s. weight_version reports the consumer's version (for max_staleness)."""
+        within wait_s. weight_version reports the consumer's version (for max_staleness);
+        `prefer`: our own batch's id, handed back to us rather than to another rank."""
         params: dict[str, Any] = {"wait": wait_s, "request_id": uuid.uuid4().hex}  # same on retries
         if weight_version is not None:
             params["weight_version"] = weight_version
+        if prefer is not None:
+            params["prefer"] = prefer
         r = self._request("GET", "/get", params=params, timeout=self.timeout + wait_s)
         self.last_instance = r.headers.get("X-Instance")  # changes when the server restarted
         if r.status_code == 204:
