@@ -70,6 +70,10 @@ class MemoryConfig:
     """Prompt length."""
     micro_batch_size: int = 0
     """Sequences per forward/backward; 0: all G at once."""
+    ref_in_flight: bool = True
+    """Measure the step as the trainer runs it with a reference server: while the server scores
+    the batch, the forward passes of up to 2 micro-batches run ahead and keep their graphs (the
+    server here answers only after them, the worst case); false: no server, no prefetch."""
     variants: str = "full,full+gc,lora,full+offload"
     """Comma-separated variants: full | lora, each with optional +gc and +offload."""
     lora_r: int = 16
@@ -149,6 +153,21 @@ def synthetic_batch(c: MemoryConfig, vocab: int):
                         ref_logprobs=-torch.rand(B, C, generator=g) * 5)
 
 
+class SlowReference:
+    """The reference server's answer as train_on_batch waits for it (a Future): not done until
+    asked for, then the batch itself (with its reference log-probs), as the trainer's own upload
+    comes back."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def done(self) -> bool:
+        return False
+
+    def result(self):
+        return self.batch
+
+
 def peak_rss_gib() -> float:
     import resource
 
@@ -160,22 +179,38 @@ def rss_gib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
+class _Held:
+    """A saved activation while autograd holds it; its release (the graph freed) is counted."""
+    __slots__ = ("t", "n", "owner")
+
+    def __init__(self, t, owner):
+        self.t, self.n, self.owner = t, t.numel() * t.element_size(), owner
+        owner.alive += self.n
+        owner.bytes = max(owner.bytes, owner.alive)
+
+    def __del__(self):
+        self.owner.alive -= self.n
+
+
 class SavedForBackward:
-    """`with torch.autograd.graph.saved_tensors_hooks(*counter.hooks()):` counts in `.bytes` the
-    tensors autograd keeps for backward that are not `module`'s parameters (its activations).
-    Tensors saved inside a checkpointed layer go to the checkpoint's own hooks and are not kept."""
+    """`with torch.autograd.graph.saved_tensors_hooks(*counter.hooks()):` records in `.bytes` the
+    peak of the tensors autograd keeps alive for backward at once, `module`'s parameters excluded
+    (activations; two micro-batches' graphs while the reference is in flight). Tensors saved
+    inside a checkpointed layer go to the checkpoint's own hooks and are not kept."""
 
     def __init__(self, module):
         self.params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-        self.bytes = 0
+        self.bytes = self.alive = 0
 
     def pack(self, t):
-        if t.untyped_storage().data_ptr() not in self.params:
-            self.bytes += t.numel() * t.element_size()
-        return t
+        return t if t.untyped_storage().data_ptr() in self.params else _Held(t, self)
+
+    @staticmethod
+    def unpack(x):
+        return x.t if isinstance(x, _Held) else x
 
     def hooks(self):
-        return self.pack, lambda t: t
+        return self.pack, self.unpack
 
 
 def is_oom(e: BaseException) -> bool:
@@ -237,8 +272,10 @@ def run_child(c: MemoryConfig, variant: str) -> dict:
         before = torch.cuda.memory_allocated(dist.device) / 2**30 if cuda else rss_gib()
         t0 = time.perf_counter()
         eos = getattr(model.config, "eos_token_id", None)
+        batch = synthetic_batch(c, vocab)
         with torch.autograd.graph.saved_tensors_hooks(*saved.hooks()):
-            train_on_batch(engine, synthetic_batch(c, vocab), micro_batch=cfg.micro_batch_size,
+            train_on_batch(engine, batch, micro_batch=cfg.micro_batch_size,
+                           ref_pending=SlowReference(batch) if c.ref_in_flight else None,
                            num_iterations=cfg.num_iterations, loss_kw=loss_kwargs(cfg),
                            eos_ids=list(eos) if isinstance(eos, (list, tuple)) else [eos],
                            overlong_filter=cfg.overlong_filter, temperature=cfg.temperature,

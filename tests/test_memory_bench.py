@@ -78,3 +78,16 @@ def test_a_variant_the_trainer_lacks_is_na_not_a_crash(monkeypatch):
     oom = {"status": "OOM", "reason": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}
     table = mem.render(c, {"lora": got, "full+offload": oom})
     assert "| lora | n/a (not available) |" in table and "| full+offload | OOM |" in table
+
+
+def test_the_reference_in_flight_keeps_two_micro_batch_graphs(tmp_path):
+    """The real path: while the server scores the batch, the forward passes of 2 micro-batches run
+    ahead and their graphs stay alive; without a server one at a time."""
+    peaks = {}
+    for flight in ("true", "false"):
+        r = run_bench("--device=cpu", "--shape=tiny", "--G=8", "--micro_batch_size=2", "--completion_tokens=8",
+                      "--prompt_tokens=8", "--variants=full", f"--ref_in_flight={flight}",
+                      f"--out={tmp_path / flight}")
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        peaks[flight] = json.loads((tmp_path / f"{flight}.json").read_text())["results"]["full"]["saved_for_backward_mib"]
+    assert 1.8 < peaks["true"] / peaks["false"] < 2.2, peaks
