@@ -47,7 +47,11 @@ def test_own_batch_lost_in_the_queue_is_resent(tiny_model_dir, tmp_path):
     try:
         conn = RefConnection(f"http://127.0.0.1:{port}", None, timeout=60, batch_rows=4, group_size=2)
         RefClient(conn.url).upload(batch("worker-1"))  # ahead of ours in the FIFO queue
-        assert conn.exchange(batch("ours"), weight_version=0).batch_id == "worker-1"
+        # a rank gets its own batch back first (/get?prefer); take the worker's before ours returns
+        ours = batch("ours")
+        conn._outstanding = ours
+        conn.client.upload(ours)
+        assert RefClient(conn.url).get(wait_s=5).batch_id == "worker-1"
         kill(server)  # "ours" dies in the server's queue
         server = start_server(tiny_model_dir, port, tmp_path / "server.log")
         got = conn.next_batch(weight_version=0)
