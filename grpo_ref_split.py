@@ -74,7 +74,7 @@ def main(argv: list[str]) -> dict:
                        offload_optimizer=cfg.offload_optimizer)
     engine = eng.build_engine(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                               warmup_steps=cfg.warmup_steps, config=ds, device=dist.device)
-    ref = rollout_source.connect_ref(cfg, d, ref_target, engine.module)  # same model as ours, or one line
+    ref = rollout_source.connect_ref(cfg, dist, d, ref_target, engine.module)  # same model as ours, or one line
 
     # fresh, or the latest checkpoint (weights, optimizer, data position, RNG) with --resume
     state = checkpoint.resume(engine, run_dir / "checkpoints", cfg.resume, stream, dist.rank)

@@ -66,7 +66,7 @@ class BatchQueue:
         self.newest_version = 0  # newest weight_version of any upload
         self.consumer_version = 0  # newest version reported by a consumer
         self.counters = {"batches_in": 0, "batches_out": 0, "dropped_full": 0,
-                         "dropped_stale": 0, "duplicates": 0, "refused_full": 0}
+                         "dropped_stale": 0, "duplicates": 0, "refused_full": 0, "dropped_run": 0}
         self._wait_s_total = 0.0
 
     # ------------------------------------------------------------------ producer side
@@ -144,7 +144,7 @@ class BatchQueue:
         with self._cond:
             dropped = len(self._ready)
             self._ready.clear()
-            self.counters["dropped_run"] = self.counters.get("dropped_run", 0) + dropped
+            self.counters["dropped_run"] += dropped
             self.newest_version = self.consumer_version = 0
             return dropped
 

@@ -33,6 +33,7 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1  # ranks on this node (torchrun LOCAL_WORLD_SIZE, deepspeed LOCAL_SIZE)
 
 
 DIST_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -97,7 +98,7 @@ def init_distributed(backend: str = "auto", timeout_min: float = 60.0) -> Dist:
     else:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # 1 per process on CPU
         device = torch.device("cpu")
-    return Dist(rank, world, local_rank, device)
+    return Dist(rank, world, local_rank, device, local_ranks)
 
 
 def pick_gpu(local_rank: int, local_ranks: int, device_count: int, backend: str) -> int:

@@ -150,9 +150,9 @@ def evaluate(ctx: StepContext, examples: list[dict]) -> float:
     """Held-out accuracy (greedy): every rank evaluates its share (examples[rank::world]), the
     correct answers are summed over ranks. No GPU idles and no rank waits alone on a collective."""
     share = examples[ctx.dist.rank::ctx.dist.world_size]
-    acc = rollout.evaluate(ctx.engine.module, ctx.tokenizer, share, ctx.render, ctx.eos_ids,
-                           ctx.cfg.max_new_tokens, ctx.cfg.eval_reward) if share else 0.0
-    correct, seen = collectives.all_reduce([round(acc * len(share)), len(share)], ctx.dist.device).tolist()
+    mine = rollout.evaluate(ctx.engine.module, ctx.tokenizer, share, ctx.render, ctx.eos_ids,
+                            ctx.cfg.max_new_tokens, ctx.cfg.eval_reward)
+    correct, seen = collectives.all_reduce([mine, len(share)], ctx.dist.device).tolist()
     assert seen == len(examples), f"evaluated {seen} of {len(examples)} held-out examples"
     if ctx.dist.world_size > 1:
         print(f"[rank{ctx.dist.rank}] evaluated {len(share)} held-out prompts", flush=True)

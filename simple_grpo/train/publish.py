@@ -36,14 +36,18 @@ from simple_grpo.wire.client import RefClient, RefServerError, RefServerUnavaila
 from simple_grpo.wire.weights import iter_state_dict_safetensors
 
 
+def published_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a publish sends: the state dict, or a LoRA model's (PEFT) adapter tensors only."""
+    return lora.adapter_state_dict(module) if lora.is_peft(module) else module.state_dict()
+
+
 def cpu_snapshot(module: torch.nn.Module, dtype: torch.dtype | None):
     """-> (a detached CPU copy of the state dict in `dtype` for floats, aliases): a tensor that
     shares storage with an earlier one (tied embeddings) is not copied or sent again; aliases maps
     its name to the name that holds it. A LoRA model (PEFT): its adapter's tensors only."""
     seen: dict[tuple, str] = {}
     out, aliases = {}, {}
-    state = lora.adapter_state_dict(module) if lora.is_peft(module) else module.state_dict()
-    for name, t in state.items():
+    for name, t in published_state(module).items():
         key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
         if key in seen:
             aliases[name] = seen[key]
@@ -111,8 +115,7 @@ class WeightPublisher:
         """Whether the weights, in the publish dtype, fit the server's --max_weights_mb; if not,
         say so in one line and publish nothing from now on."""
         limit = self.client.health().get("max_weights_bytes")
-        state = lora.adapter_state_dict(module) if lora.is_peft(module) else module.state_dict()
-        size = publish_bytes(state, self.dtype)
+        size = publish_bytes(published_state(module), self.dtype)
         if limit is None or size <= limit:
             return True
         self.disabled = (f"the policy's weights are {size / 2**20:,.0f} MB in the publish dtype, more "

@@ -248,15 +248,15 @@ def json_breakdown(breakdown: dict[str, list[float]]) -> dict[str, list[float]]:
 
 
 def evaluate(model, tokenizer, examples: list[dict], system_render, eos_ids: list[int],
-             max_new_tokens: int, reward: str, batch_size: int = 32) -> float:
-    """Held-out accuracy: greedy completions scored by `reward` (1.0 = correct), as a fraction."""
+             max_new_tokens: int, reward: str, batch_size: int = 32) -> int:
+    """Held-out correct answers: greedy completions scored by `reward` (1.0 = correct), counted."""
     s = SampleSettings(num_generations=1, max_new_tokens=max_new_tokens)
-    correct = 0.0
+    correct = 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         _, _, c_ids, c_lens = sample(model, tokenizer, [system_render(e) for e in chunk], s,
                                      eos_ids, greedy=True, repeat=1)
         texts = decode_completions(tokenizer, c_ids, c_lens)
         _, breakdown, _ = score(texts, chunk, c_lens, [RewardSpec(reward)], s, 0.0)
-        correct += sum(1.0 for v in breakdown[reward] if v >= 1.0)
-    return correct / max(len(examples), 1)
+        correct += sum(1 for v in breakdown[reward] if v >= 1.0)
+    return correct

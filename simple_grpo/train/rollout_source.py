@@ -19,7 +19,6 @@ the lost queue (`counts["rollouts_resent"]`; `counts["server_restarts"]`); worke
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import OrderedDict
@@ -217,12 +216,11 @@ def start_ref(cfg, dist) -> RefTarget | None:
     from simple_grpo.models import resolve_model_path
     from simple_grpo.train import ref_process
 
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", dist.world_size)))
     process, where = None, {}
     if dist.rank == 0:
         gpus = torch.cuda.device_count() if dist.device.type == "cuda" else 0
-        device = ref_process.place(cfg.ref_device, local_ranks, gpus)
-        host = ref_process.reachable_host(dist.world_size > local_ranks)
+        device = ref_process.place(cfg.ref_device, dist.local_world_size, gpus)
+        host = ref_process.reachable_host(dist.world_size > dist.local_world_size)
         token = None if host == "127.0.0.1" else secrets.token_urlsafe(24)  # off this machine: auth
         threads = [] if device.startswith("cuda") else ["--torch_threads=1"]  # one core each
         inflight = max(8, dist.world_size + 2)  # every rank may upload at once (else 503 + retry)
@@ -235,7 +233,7 @@ def start_ref(cfg, dist) -> RefTarget | None:
     return RefTarget(where["url"], where["token"], process)
 
 
-def connect_ref(cfg, d, target: RefTarget | None, model) -> RefConnection | None:
+def connect_ref(cfg, dist, d, target: RefTarget | None, model) -> RefConnection | None:
     """The connection to `target` (None: no server), once it serves the same model as `model`
     (the trainer's, before any checkpoint is loaded): else one line."""
     if target is None:
@@ -246,7 +244,7 @@ def connect_ref(cfg, d, target: RefTarget | None, model) -> RefConnection | None
                          batch_rows=d.seqs_per_rank, group_size=cfg.num_generations,
                          max_staleness=cfg.max_staleness, temperature=cfg.temperature)
     inflight = conn.health.get("max_inflight")
-    if inflight is not None and inflight < d.world_size and os.environ.get("RANK", "0") == "0":
+    if inflight is not None and inflight < d.world_size and dist.rank == 0:
         print(f"[trainer] the reference server admits {inflight} uploads at once, fewer than the "
               f"{d.world_size} ranks: restart it with --max_inflight={d.world_size + 2} "
               f"--threads={d.world_size + 10} (else ranks wait on 503 retries)", file=sys.stderr, flush=True)
