@@ -1,14 +1,15 @@
 """The decode loop (simple_grpo/algo/decode.py) against HF `generate` and against the distribution it
 must sample from: greedy outputs are bit-identical to generate's, sampled tokens follow
 softmax(logits / T) after top-p, EOS is held back until min_new_tokens, rows stop at their first
-EOS, and the recorded log-probs are the trainer's."""
+EOS, and the recorded log-probs are those of the distribution each token was drawn from (the
+trainer's unless top-p or the EOS mask changed it)."""
 import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from simple_grpo.algo.decode import decode, inverse_cdf_sample, top_p_filter
 from simple_grpo.algo.logprobs import completion_logprobs
-from simple_grpo.algo.masks import lengths_from_eos
+from simple_grpo.algo.masks import lengths_from_eos, mask_from_lengths
 from simple_grpo.train.rollout import SampleSettings, eos_token_ids, sample
 
 
@@ -97,18 +98,82 @@ def test_top_p_keeps_the_same_tokens_as_hf(top_p):
     assert ours.sum(1).min() >= 1
 
 
+@pytest.fixture(scope="module")
+def eos_tok_model():
+    """The tiny model emitting EOS with probability about 0.3 at every step: rows end early, and
+    holding EOS back for min_new_tokens moves a lot of probability mass."""
+    from test_eos_rollout import eos_prone_model
+
+    return eos_prone_model(0.3)
+
+
+def sampled_distribution_logprobs(model, p_ids_NP, p_lens_N, c_ids_NC, c_lens_N, eos, temperature, top_p,
+                                  min_new):
+    """Independently of the samplers: each row's unpadded prompt + completion in one plain forward,
+    logits / T, EOS at -inf before step `min_new`, HF's TopPLogitsWarper, log_softmax, taken at the
+    sampled token -> (log-probs [N, C], nucleus mass of softmax(logits / T) [N, C]), 0 and 1 past
+    each length."""
+    N, C = c_ids_NC.shape
+    logp_NC, mass_NC = torch.zeros(N, C), torch.ones(N, C)
+    for i in range(N):
+        p, c = int(p_lens_N[i]), int(c_lens_N[i])
+        ids_1T = torch.cat([p_ids_NP[i, p_ids_NP.shape[1] - p:], c_ids_NC[i, :c]])[None]
+        with torch.no_grad():
+            scores_cV = model(input_ids=ids_1T).logits[0, p - 1:p + c - 1].float() / temperature
+        full_cV = scores_cV.clone()
+        scores_cV[:min_new, eos] = float("-inf")
+        if top_p < 1.0:
+            scores_cV = TopPLogitsWarper(top_p)(None, scores_cV)
+        logp_NC[i, :c] = scores_cV.log_softmax(-1).gather(1, c_ids_NC[i, :c, None])[:, 0]
+        mass_NC[i, :c] = full_cV.softmax(-1).where(torch.isfinite(scores_cV), 0.0).sum(-1)
+    return logp_NC, mass_NC
+
+
 @pytest.mark.parametrize("sampler", ["loop", "generate"])
-@pytest.mark.parametrize("temperature, top_p, min_new", [(1.0, 1.0, 0), (0.7, 1.0, 3), (1.3, 0.8, 0)])
-def test_recorded_logprobs_are_the_trainers(tiny_model, tok, temperature, top_p, min_new, sampler):
-    """Whole-vocabulary log_softmax(logits / T) of each sampled token, whatever top-p or
-    min_new_tokens did to the sampling (generate: recorded one step at a time, no logits kept)."""
-    s = SampleSettings(num_generations=3, max_new_tokens=8, temperature=temperature, top_p=top_p,
+@pytest.mark.parametrize("temperature, top_p, min_new", [
+    (1.0, 1.0, 0),  # plain sampling: the whole vocabulary, also the trainer's log-probs
+    (1.3, 1.0, 0),  # a temperature only: still the trainer's log-probs (logits / T)
+    (0.7, 1.0, 3),  # EOS held back 3 steps: renormalised without EOS there, exactly after
+    (1.3, 0.7, 0),  # nucleus only: renormalised over the kept tokens
+    (0.7, 0.7, 3),  # EOS mask and nucleus together: the mask comes first, then top-p
+    (1.0, 0.7, 3),  # the same at T = 1 (the loop skips the division)
+])
+def test_recorded_logprobs_are_the_sampled_distributions(eos_tok_model, temperature, top_p, min_new, sampler):
+    """Each recorded log-prob is that of the distribution the token was drawn from (logits / T,
+    EOS mask before min_new_tokens, top-p renormalised), whichever sampler drew it (generate:
+    recorded one step at a time, no logits kept); with neither top-p nor the EOS mask it is the
+    trainer's."""
+    tok, model = eos_tok_model
+    eos = eos_token_ids(tok, model)
+    s = SampleSettings(num_generations=4, max_new_tokens=8, temperature=temperature, top_p=top_p,
                        min_new_tokens=min_new, sampler=sampler)
     torch.manual_seed(2)
-    p_ids, p_lens, c_ids, c_lens, logp = sample(tiny_model, tok, ["hello", "a b c"], s,
-                                                eos_token_ids(tok, tiny_model), record_logprobs=True)
-    want = completion_logprobs(tiny_model, p_ids, p_lens, c_ids, c_lens, temperature=temperature)
-    assert torch.allclose(logp, want, atol=1e-4)
+    p_ids, p_lens, c_ids, c_lens, logp = sample(model, tok, ["hello", "a b c"], s, eos, record_logprobs=True)
+    assert (c_lens >= min(min_new + 1, c_ids.shape[1])).all(), "no EOS before min_new_tokens"
+    want, _ = sampled_distribution_logprobs(model, p_ids, p_lens, c_ids, c_lens, eos, temperature, top_p,
+                                            min_new)
+    assert torch.isfinite(logp).all(), "sampled tokens lie in the distribution they were drawn from"
+    assert torch.allclose(logp, want, atol=1e-5), (logp - want).abs().max()
+    if top_p == 1.0 and min_new == 0:
+        trainer = completion_logprobs(model, p_ids, p_lens, c_ids, c_lens, temperature=temperature)
+        assert torch.allclose(logp, trainer, atol=1e-5), (logp - trainer).abs().max()
+
+
+@pytest.mark.parametrize("sampler", ["loop", "generate"])
+def test_top_p_recorded_minus_trainer_is_minus_log_nucleus_mass(eos_tok_model, sampler):
+    """With top_p < 1 the sampler renormalises over the nucleus of mass Z, so recorded - trainer =
+    -log Z at every token: the gap importance weights pi_trainer / pi_sampler must see."""
+    tok, model = eos_tok_model
+    eos = eos_token_ids(tok, model)
+    s = SampleSettings(num_generations=4, max_new_tokens=8, temperature=0.8, top_p=0.6, sampler=sampler)
+    torch.manual_seed(3)
+    p_ids, p_lens, c_ids, c_lens, logp = sample(model, tok, ["hello", "a b c"], s, eos, record_logprobs=True)
+    trainer = completion_logprobs(model, p_ids, p_lens, c_ids, c_lens, temperature=0.8)
+    _, mass = sampled_distribution_logprobs(model, p_ids, p_lens, c_ids, c_lens, eos, 0.8, 0.6, 0)
+    m = mask_from_lengths(c_lens, c_ids.shape[1])
+    assert (mass[m] < 0.99).all() and (mass[m] >= 0.6).all(), "a real nucleus, at least top_p of the mass"
+    assert torch.allclose((logp - trainer)[m], -mass[m].log(), atol=1e-5), (logp - trainer - (-mass.log()))[m]
+    assert ((logp - trainer)[m] > 0.01).all(), "the nucleus log-prob is the larger one"
 
 
 def test_both_samplers_are_seeded_and_greedy_agrees(tiny_model, tok):
@@ -145,6 +210,8 @@ def test_host_reads_every_k_tokens_give_the_same_tokens():
     assert ended.all() and ids_NC.shape[1] < 24, "every row ended before the limit"
     last_eos = max(row.tolist().index(tok.eos_token_id) for row in ids_NC)
     assert ids_NC.shape[1] == last_eos + 1, "cut right after the last row's EOS"
+    past_end_NC = ~mask_from_lengths(lengths_from_eos(ids_NC, [tok.eos_token_id]), ids_NC.shape[1])
+    assert past_end_NC.any() and (runs[1].logprobs_NC[past_end_NC] == 0).all(), "0 after a row's end"
     for k in (3, 16):
         assert torch.equal(runs[k].completion_ids_NC, ids_NC), k
         assert torch.equal(runs[k].logprobs_NC, runs[1].logprobs_NC), k

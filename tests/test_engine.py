@@ -37,6 +37,33 @@ def test_ds_config_errors_are_one_line(tmp_path):
                       grad_clip=0, bf16=False)
 
 
+@pytest.mark.parametrize("stage, refused", [
+    (3, True),      # ZeRO-3: ranks' unequal forward counts would hang its parameter gathering
+    ("3", True),    # the same written as a string
+    (0, False),     # plain data parallel
+    (1, False),     # optimizer states sharded
+    (2, False),     # + gradients sharded: the default
+    (None, False),  # no stage given: the trainer's default 2
+])
+def test_ds_config_refuses_zero_stage_3(tmp_path, stage, refused):
+    import json
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {} if stage is None else {"stage": stage}}))
+    build = lambda: eng.ds_config(path, micro_batch=1, grad_accum=1, world_size=1,  # noqa: E731
+                                  grad_clip=0, bf16=False)
+    if not refused:
+        assert build()["zero_optimization"]["stage"] == (2 if stage is None else stage)
+        return
+    with pytest.raises(UserError) as e:
+        build()
+    msg = str(e.value)
+    assert "\n" not in msg, "one line"
+    assert str(path) in msg and "stage 3" in msg, "names the file and the setting"
+    assert "different numbers of forward passes" in msg, "says why"
+    assert "use stage 2" in msg and "--offload_optimizer" in msg and "LoRA" in msg, "says what instead"
+
+
 def test_ds_config_default_is_found_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a run started outside the repo still finds the repo's ds_config.json
     cfg = eng.ds_config("ds_config.json", micro_batch=1, grad_accum=2, world_size=1, grad_clip=1.0,

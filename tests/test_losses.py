@@ -53,6 +53,7 @@ def test_aggregation_modes(agg, kw, expected):
     assert m["clip_high_frac"] == pytest.approx(1 / 5)  # only r=1.5 with A>0
     assert m["clip_low_frac"] == pytest.approx(1 / 5)   # only r=0.5 with A<0
     assert m["ratio_mean"] == pytest.approx((1.1 + 1.5 + 0.7 + 0.9 + 0.5) / 5)  # 0.94
+    assert m["ratio_max"] == pytest.approx(1.5)  # the largest valid ratio (padding's garbage ignored)
     assert m["tokens"] == 5
 
 

@@ -15,7 +15,7 @@ from simple_grpo.algo.logprobs import completion_logprobs
 from simple_grpo.algo.tis import TISSettings, tis_sums, tis_weights
 from simple_grpo.models import build_tiny_model
 from simple_grpo.train import engine as eng
-from simple_grpo.train.offpolicy import finish_ratios, sampling_is_old
+from simple_grpo.train.offpolicy import correction, finish_ratios
 from simple_grpo.train.policy_step import train_on_batch
 from simple_grpo.wire.codec import RolloutBatch
 
@@ -94,17 +94,47 @@ def _stub(producer: str, version: int, gen: bool = True) -> RolloutBatch:
                         meta={"producer": producer})
 
 
-@pytest.mark.parametrize("producer, version, gen, trainer_version, tis, want", [
-    ("trainer-0", 3, False, 4, "off", False),   # nothing recorded: on-policy is all there is
-    ("trainer-0", 4, True, 4, "off", False),    # our fresh batch: on-policy (today's path)
-    ("trainer-0", 3, True, 4, "off", True),     # ours, back one version late: sampling log-probs
-    ("gen-1", 4, True, 4, "off", True),         # a worker's fresh batch, tis off: its log-probs
-    ("gen-1", 4, True, 4, "token", False),      # ... tis on: the trainer's own, TIS weights
-    ("gen-1", 2, True, 4, "token", True),       # a worker's late batch: its log-probs
-    ("gen-1", 2, True, None, "off", True),      # no trainer version (tests, benchmarks)
+OFF, TOK, MASK_TIS = TISSettings(), TISSettings("token"), TISSettings("token", "mask")
+
+
+@pytest.mark.parametrize("producer, version, gen, trainer_version, tis, kw, want", [
+    # nothing recorded: on-policy is all there is (no TIS, no dual clip)
+    ("trainer-0", 3, False, 4, OFF, {}, ("trainer", False, False, None)),
+    # our fresh batch, tis off: on-policy, pi_old = pi detached
+    ("trainer-0", 4, True, 4, OFF, {}, ("trainer", False, False, None)),
+    # ours, back one version late, tis off: bypass (sampling log-probs), dual clip 3
+    ("trainer-0", 3, True, 4, OFF, {}, ("sampling", False, False, 3.0)),
+    # a worker's fresh batch, tis off: bypass, dual clip
+    ("gen-1", 4, True, 4, OFF, {}, ("sampling", False, False, 3.0)),
+    # ... tis on: decoupled, the trainer's own pi_old and the TIS weight
+    ("gen-1", 4, True, 4, TOK, {}, ("trainer", False, True, None)),
+    # a worker's LATE batch, tis on: decoupled as well (it used to skip TIS)
+    ("gen-1", 2, True, 4, TOK, {}, ("trainer", False, True, None)),
+    # our late batch, tis on: the same rule
+    ("trainer-0", 2, True, 4, TOK, {}, ("trainer", False, True, None)),
+    # tis mask mode: pi_old is recomputed first (rejected tokens leave the counts)
+    ("gen-1", 2, True, 4, MASK_TIS, {}, ("trainer", True, True, None)),
+    # two passes: pi_old recorded before the first update
+    ("gen-1", 2, True, 4, TOK, {"num_iterations": 2}, ("trainer", True, True, None)),
+    # dropout in the training forward: pi_old from a pass without it
+    ("trainer-0", 4, True, 4, OFF, {"dropout": True}, ("trainer", True, False, None)),
+    # bypass with dropout: the fresh batch's mismatch is still measured without dropout
+    ("gen-1", 4, True, 4, OFF, {"dropout": True}, ("sampling", True, False, 3.0)),
+    # ... a late bypass batch has no use for the trainer's log-probs
+    ("gen-1", 3, True, 4, OFF, {"dropout": True}, ("sampling", False, False, 3.0)),
+    # the preset's own dual clip wins, on every batch
+    ("trainer-0", 4, True, 4, OFF, {"clip_ratio_c": 5.0}, ("trainer", False, False, 5.0)),
+    ("gen-1", 2, True, 4, OFF, {"clip_ratio_c": 5.0}, ("sampling", False, False, 5.0)),
+    # --offpolicy_clip_c=0: no dual clip for bypass batches
+    ("gen-1", 2, True, 4, OFF, {"offpolicy_clip_c": 0.0}, ("sampling", False, False, None)),
+    # cispo / sapo are bounded by themselves: no dual clip
+    ("gen-1", 2, True, 4, OFF, {"pg_loss": "cispo"}, ("sampling", False, False, None)),
+    # no trainer version (tests, benchmarks): bypass when sampling log-probs are present
+    ("gen-1", 2, True, None, OFF, {}, ("sampling", False, False, 3.0)),
 ])
-def test_which_logprobs_are_the_old_policy(producer, version, gen, trainer_version, tis, want):
-    assert sampling_is_old(_stub(producer, version, gen), trainer_version, tis) is want
+def test_one_rule_for_every_batch(producer, version, gen, trainer_version, tis, kw, want):
+    c = correction(_stub(producer, version, gen), trainer_version, tis=tis, **kw)
+    assert (c.old, c.recompute, c.tis, c.clip_ratio_c) == want
 
 
 def test_tis_options_are_checked():
@@ -173,7 +203,7 @@ RATIOS = [[r] * C for r in (1.5, 0.9, 0.5, 1.15)]
 def test_late_trainer_batch_uses_its_sampling_logprobs(dist_env):
     m, late = _train(_batch("trainer-0", ADV, RATIOS, version=0), weight_version=1)
     # token-weighted ratio: (4 * 1.5 + 3 * 0.9 + 4 * 0.5 + 4 * 1.15) / 15 = 15.3 / 15 = 1.02
-    assert m["ratio_mean"] == pytest.approx(1.02, abs=1e-5)
+    assert m["ratio_mean"] == pytest.approx(1.02, abs=1e-5) and m["ratio_max"] == pytest.approx(1.5, rel=1e-5)
     assert m["clip_high_frac"] == pytest.approx(4 / 15) and m["clip_low_frac"] == pytest.approx(4 / 15)
     assert finish_ratios(dict(m))["offpolicy_token_frac"] == 1.0  # all 15 tokens from version 0
     assert "logprob_mismatch" not in finish_ratios(dict(m))  # only fresh batches are compared
@@ -204,14 +234,16 @@ def test_fresh_trainer_batch_is_trained_as_before(dist_env, iterations):
     assert r["logprob_mismatch"] == pytest.approx(want, abs=1e-5)
 
 
-@pytest.mark.parametrize("mode, loss, weight_mean", [
+@pytest.mark.parametrize("mode, loss, weight_mean, clipped, masked", [
     # weights [[0.6, 1.5, 2.0], [0.8, 2.0]] (3.0 and 4.0 truncated at 2); ratio 1, so pg = -A w:
     # seq 0 (A=+1): -(0.6 + 1.5 + 2.0) = -4.1; seq 1 (A=-2): 2 (0.8 + 2.0) = 5.6; token-mean 1.5 / 5
-    ("truncate", 0.30, 1.38),
-    # weights [[0.6, 1.5, 0], [0.8, 0]] (3.0 and 4.0 outside [0.5, 2] dropped): (-2.1 + 1.6) / 5
-    ("mask", -0.10, 0.58),
+    ("truncate", 0.30, 1.38, 0.4, 0.0),
+    # 3.0 and 4.0 outside [0.5, 2] leave the loss AND its denominator: (-2.1 + 1.6) / 3 kept tokens;
+    # the weight mean is over the kept tokens: (0.6 + 1.5 + 0.8) / 3; 2 of 5 tokens masked
+    ("mask", -0.5 / 3, 2.9 / 3, 0.0, 0.4),
 ])
-def test_tis_token_weights_the_loss_of_a_fresh_worker_batch(dist_env, mode, loss, weight_mean):
+def test_tis_token_weights_the_loss_of_a_fresh_worker_batch(dist_env, mode, loss, weight_mean, clipped,
+                                                            masked):
     batch = _batch("gen-7", [1.0, -2.0], [[0.6, 1.5, 3.0, 1.0], [0.8, 4.0, 1.0, 1.0]], version=2,
                    lens=[3, 2])
     m, _ = _train(batch, weight_version=2, tis=TISSettings("token", mode, 2.0), agg="token-mean")
@@ -219,4 +251,6 @@ def test_tis_token_weights_the_loss_of_a_fresh_worker_batch(dist_env, mode, loss
     assert m["ratio_mean"] == 1.0  # the old policy is the trainer's own (current weights, detached)
     r = finish_ratios(dict(m))
     assert r["tis_weight_mean"] == pytest.approx(weight_mean, abs=1e-5)
-    assert r["tis_clipped_frac"] == pytest.approx(0.4) and r["offpolicy_token_frac"] == 0.0
+    assert r["tis_clipped_frac"] == pytest.approx(clipped) and r["tis_masked_frac"] == pytest.approx(masked)
+    assert r["offpolicy_token_frac"] == 0.0
+    assert m["tis_ratio_max"] == pytest.approx(4.0, rel=1e-5)  # the largest pi_old / pi_sampler, uncapped

@@ -12,6 +12,11 @@ The semantics follow `generate(do_sample=..., temperature, top_p, top_k=0, min_n
 max_new_tokens, eos_token_id, pad_token_id)`: EOS is forbidden before `min_new_tokens`; a row stops
 at its first EOS and is padded with `pad_id` after it; decoding stops when every row has stopped.
 Greedy decoding is bit-identical to `generate(do_sample=False)` (tests/test_decode.py).
+With `record_logprobs` each sampled token's log-prob is taken under the distribution it was drawn
+from: log_softmax of logits / T, EOS at -inf before `min_new_tokens`, top-p applied (the
+renormalised nucleus). That is the behaviour policy pi_sampler of importance weights
+pi_trainer / pi_sampler (truncated IS, off-policy ratios); with top_p < 1 it exceeds the trainer's
+whole-vocabulary log-prob by -log Z per token (Z: the nucleus mass), and the weights must see that.
 `model.generate` stays available as `--sampler=generate` for models whose forward the loop does
 not fit (e.g. caches other than HF's DynamicCache).
 """
@@ -29,7 +34,8 @@ from simple_grpo.hf_compat import cache_kwargs, output_cache
 @dataclass
 class Decoded:
     completion_ids_NC: torch.Tensor  # [N, C] C <= max_new_tokens, pad after each row's first EOS
-    logprobs_NC: torch.Tensor | None  # [N, C] log_softmax(logits / temperature) of each sampled token
+    logprobs_NC: torch.Tensor | None  # [N, C] log-prob of each sampled token under the distribution it
+    #                                   was drawn from (logits / T, EOS mask, top-p); 0 after a row's end
 
 
 class _InPlaceLayer(DynamicLayer):
@@ -125,14 +131,17 @@ def decode(model, prompt_ids_nP: torch.Tensor, attn_nP: torch.Tensor, *, repeat:
     ended_at = torch.full((), max_new_tokens, dtype=torch.long, device=device)  # first step all done
     sync_every = sync_every or (16 if device.type == "cuda" else 1)
     for t in range(max_new_tokens):
-        scores_NV = raw_NV = logits_NV if greedy or temperature == 1.0 else logits_NV / temperature
+        scores_NV = logits_NV if greedy or temperature == 1.0 else logits_NV / temperature
         if t < min_new_tokens and len(eos_ids):
             scores_NV = scores_NV.index_fill(1, eos_E, float("-inf"))
-        tok_N = scores_NV.argmax(-1) if greedy else inverse_cdf_sample(top_p_filter(scores_NV, top_p))
+        if not greedy:
+            scores_NV = top_p_filter(scores_NV, top_p)  # the distribution sampled and recorded
+        tok_N = scores_NV.argmax(-1) if greedy else inverse_cdf_sample(scores_NV)
         tok_N = torch.where(done_N, torch.full_like(tok_N, pad_id), tok_N)
         tokens.append(tok_N)
-        if record_logprobs:
-            logps.append(token_logprobs(raw_NV[:, None], tok_N[:, None])[:, 0])
+        if record_logprobs:  # pad after a row's end may lie outside the nucleus: 0, not -inf
+            logp_N = token_logprobs(scores_NV[:, None], tok_N[:, None])[:, 0]
+            logps.append(logp_N.masked_fill(done_N, 0.0))
         done_N |= torch.isin(tok_N, eos_E)
         ended_at = torch.where(done_N.all() & (ended_at == max_new_tokens), t + 1, ended_at)
         if t + 1 == max_new_tokens or ((t + 1) % sync_every == 0 and int(ended_at) < max_new_tokens):

@@ -195,6 +195,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: tor
             "clip_low_frac": 0.0, "clip_high_frac": 0.0,  # sapo has no hard clip
             **{k: float((v * mask_BT).sum() / n) for k, v in token_stats.items()},
             "ratio_mean": float((ratio_BT * mask_BT).sum() / n),
+            "ratio_max": float(ratio_BT[mask_BT].max()) if mask_BT.any() else 0.0,
             "pg_loss": float(aggregate(pg_BT.detach(), mask_BT, agg, max_tokens=max_tokens,
                                        num_tokens=num_tokens, num_seqs=num_seqs)),
             "tokens": float(mask_BT.sum()),

@@ -118,7 +118,11 @@ class TrainConfig:
     lora_alpha: float = 16.0
     """LoRA scaling numerator: the adapter's update is scaled by lora_alpha / lora_r."""
     lora_dropout: float = 0.0
-    """Dropout on the adapters' input during training."""
+    """Dropout on the adapters' input in the training forward only (sampling, pi_old and the
+    reference run without it)."""
+    disable_dropout: bool = True
+    """Set the base model's own dropout to 0 (as TRL's disable_dropout): the policy trained is
+    then the one that sampled. --lora_dropout is not affected."""
     lora_target_modules: str = "all-linear"
     """Layers that get adapters: 'all-linear' (every linear layer of attention and MLP, not the
     output layer: q,k,v,o,gate,up,down_proj on Llama/Qwen) or comma-separated names."""
@@ -127,11 +131,16 @@ class TrainConfig:
     max_new_tokens: int = 48
     """Completion length limit in tokens (L_max for the overlong punishment)."""
     min_new_tokens: int = 0
-    """Force at least this many new tokens (set = max_new_tokens for fixed-length benchmarks)."""
+    """Force at least this many new tokens (set = max_new_tokens for fixed-length benchmarks). EOS
+    is masked out before then, and the recorded sampling log-probs (gen_logprobs) are taken under
+    that masked distribution, the one the tokens were drawn from."""
     temperature: float = 1.0
     """Sampling temperature (also used for the policy's log-probs)."""
     top_p: float = 1.0
-    """Nucleus sampling."""
+    """Nucleus sampling. The recorded sampling log-probs (gen_logprobs, the behaviour policy of
+    --tis and off-policy ratios) are those of the renormalised nucleus: below 1 they exceed the
+    trainer's whole-vocabulary log-probs by -log(nucleus mass) per token, and the importance
+    weights see that gap."""
     sampler: str = "loop"
     """`loop`: our KV-cached decode loop (simple_grpo/algo/decode.py, faster on CPU); `generate`: HF
     model.generate (for models whose cache the loop does not handle)."""
@@ -218,16 +227,21 @@ class TrainConfig:
     """Trainer: drop (and count) a queued batch generated more than this many weight versions
     (optimizer steps) ago; -1 keeps every batch."""
     tis: str = "off"
-    """Trainer: truncated importance sampling for the sampler/trainer mismatch of a batch trained at
-    the version that sampled it (simple_grpo/algo/tis.py): off | token (w_t = exp(trainer - sampler
-    log-prob)) | sequence (w = exp of the sum over the sequence's tokens); w weights the
-    policy-gradient term. A batch that comes back late uses its sampling log-probs as the old
-    policy instead."""
+    """Trainer: truncated importance sampling (simple_grpo/algo/tis.py, decoupled mode): off | token
+    (w_t = pi_old / pi_sampler of each token) | sequence (w = the product over the sequence). On:
+    every batch, fresh or late, is trained with pi_old = the trainer's log-probs at the start of
+    the update and w (capped) on its policy-gradient term. Off: a late batch (or a worker's) uses
+    its sampling log-probs as pi_old (bypass), bounded by --offpolicy_clip_c."""
     tis_mode: str = "truncate"
     """TIS: truncate (w = min(w, tis_cap)) | mask (w = 0 for tokens or sequences whose w is outside
     [1 / tis_cap, tis_cap])."""
     tis_cap: float = 2.0
     """TIS: the cap C (>= 1) of truncate and mask."""
+    offpolicy_clip_c: float = 3.0
+    """Dual clip c (> 1; 0: none) for batches trained against their sampling log-probs (--tis=off:
+    late batches, a worker's batches): a negative-advantage token's loss r * |A| is capped at
+    c * |A|, so a ratio that grew over several weight versions cannot dominate the step. 3 is
+    verl's clip_ratio_c default; a preset's --clip_ratio_c, when set, applies to every batch."""
     trainer_ranks: int = 1
     """Worker: the trainer's number of ranks; each upload holds prompts_per_step / trainer_ranks
     prompts, one rank's share of a step (the trainer drops batches of another size)."""
@@ -301,6 +315,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (cfg.tis in ("off", "token", "sequence"), f"--tis must be off, token or sequence, got {cfg.tis!r}"),
         (cfg.tis_mode in ("truncate", "mask"), f"--tis_mode must be truncate or mask, got {cfg.tis_mode!r}"),
         (cfg.tis_cap >= 1, "--tis_cap must be >= 1"),
+        (cfg.offpolicy_clip_c == 0 or cfg.offpolicy_clip_c > 1, "--offpolicy_clip_c must be > 1 (0: none)"),
         (cfg.trainer_ranks >= 1 and cfg.prompts_per_step % cfg.trainer_ranks == 0,
          "--trainer_ranks must be >= 1 and divide --prompts_per_step"),
         (cfg.mode == "train" or cfg.ref_url, "--mode=generate needs --ref_url=http://HOST:PORT "

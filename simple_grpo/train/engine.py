@@ -141,7 +141,8 @@ def _init_process_group(backend: str, device: torch.device | None, timeout_min: 
 def ds_config(path: str | Path, *, micro_batch: int, grad_accum: int, world_size: int,
               grad_clip: float, bf16: bool, offload_optimizer: bool = False) -> dict:
     """The DeepSpeed JSON with its "auto" values filled from the trainer config
-    (`offload_optimizer`: ZeRO-2's optimizer states and update on the CPU)."""
+    (`offload_optimizer`: ZeRO-2's optimizer states and update on the CPU). ZeRO stage 3 is refused
+    with a UserError: the ranks run different numbers of forward passes, which hangs its gathering."""
     p = Path(path)
     if not p.exists() and not p.is_absolute():  # the repo's own ds_config.json from any cwd
         p = Path(__file__).resolve().parents[2] / p  # simple_grpo/train/engine.py -> repo
@@ -161,6 +162,12 @@ def ds_config(path: str | Path, *, micro_batch: int, grad_accum: int, world_size
         cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     cfg["zero_allow_untested_optimizer"] = True  # a torch AdamW object, see the module docstring
     cfg.setdefault("zero_optimization", {}).setdefault("stage", 2)
+    if str(cfg["zero_optimization"]["stage"]) == "3":  # ranks' forward counts differ: ZeRO-3 hangs
+        raise UserError(f"DeepSpeed config {p} sets zero_optimization.stage 3, which the trainer refuses: "
+                        f"its ranks run different numbers of forward passes (prefetching while the "
+                        f"reference server works, evaluation and sampling outside the engine), so "
+                        f"ZeRO-3's parameter gathering hangs; use stage 2, and --offload_optimizer or "
+                        f"LoRA (--lora_r) for memory")
     if offload_optimizer:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return cfg

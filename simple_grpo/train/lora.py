@@ -130,9 +130,11 @@ def reference_logprobs(engine, batch, *, micro_batch: int, temperature: float, d
     """Reference log-probs [B, C] (CPU) of `batch`: the policy's base model, adapter disabled."""
     from simple_grpo.algo.logprobs import completion_logprobs
 
+    from simple_grpo.train.dropout import eval_mode
+
     module = getattr(engine, "module", engine)
     out = []
-    with module.disable_adapter():
+    with module.disable_adapter(), eval_mode(module):  # the base model, without dropout
         for s in range(0, batch.batch_size, micro_batch):
             sl = slice(s, s + micro_batch)
             out.append(completion_logprobs(  # no gradients: the module itself, not the engine

@@ -17,8 +17,8 @@ import torch
 from simple_grpo.algo.logprobs import completion_logprobs
 from simple_grpo.algo.losses import policy_loss
 from simple_grpo.algo.masks import mask_from_lengths, truncated
-from simple_grpo.algo.tis import TISSettings, tis_sums, tis_weights
-from simple_grpo.train import collectives, offpolicy
+from simple_grpo.algo.tis import TISSettings, ratio_max, tis_sums, tis_weights
+from simple_grpo.train import collectives, dropout, offpolicy
 from simple_grpo.wire.codec import RolloutBatch
 
 
@@ -48,7 +48,8 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
                    loss_kw: dict, eos_ids: list[int], overlong_filter: bool, temperature: float,
                    world_size: int, device, ref_pending: Future | None = None,
                    max_prefetch: int = 2, weight_version: int | None = None,
-                   tis: TISSettings | None = None, max_logits_bytes: int = 1 << 30):
+                   tis: TISSettings | None = None, offpolicy_clip_c: float = 3.0,
+                   max_logits_bytes: int = 1 << 30):
     """Run `num_iterations` optimizer steps over `batch` -> (metrics, the batch trained on).
 
     `ref_pending`: a future of the batch coming back from the reference server (ours with its
@@ -58,14 +59,12 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
     ours, those forward passes are dropped and the returned batch is trained instead. `batch`
     None: train on whatever `ref_pending` returns (a trainer that does not generate).
 
-    The old policy is the one that sampled the batch (simple_grpo/train/offpolicy.py): a batch generated
-    with older weights than `weight_version` uses its `gen_logprobs` (sampling log-probs); a fresh
-    one the trainer's own (a worker's fresh batch with tis off: its gen_logprobs). For a fresh batch
-    with gen_logprobs the mean |gen_logprobs - trainer log-probs| over its tokens is returned as
-    mismatch_sum / mismatch_tokens (sampling-vs-training numerics: bf16 weights, another kernel or
-    device), and `tis` (level != off) weights its policy-gradient terms (simple_grpo/algo/tis.py; sums
-    tis_weight_sum / tis_clipped / tis_tokens). offpolicy_tokens / trained_tokens: this rank's
-    tokens of a late batch trained against its sampling log-probs / all its loss tokens.
+    Which old policy and which importance weight the batch gets is decided once by
+    offpolicy.correction (bypass with the dual clip `offpolicy_clip_c`, or decoupled TIS with
+    `tis`). Metrics sums (divided in offpolicy.finish_ratios): mismatch_sum / mismatch_tokens (a
+    fresh batch's mean |pi_old - pi_sampler|: sampling-vs-training numerics), tis_* (every batch
+    TIS weighted), offpolicy_tokens / trained_tokens (tokens of late batches, corrected); ratio_max (the
+    largest r = pi / pi_old) and tis_ratio_max (the largest pi_old / pi_sampler before the cap).
     """
     tis = tis or TISSettings()
     lp_kw = dict(temperature=temperature, max_logits_bytes=max_logits_bytes)  # completion_logprobs
@@ -74,8 +73,7 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
     prefetched: dict[int, torch.Tensor] = {}  # micro-batch start -> policy log-probs with graph
     ref_wait = 0.0
     if ref_pending is not None:
-        if batch is not None and num_iterations == 1 and \
-                not offpolicy.sampling_is_old(batch, weight_version, tis.level):
+        if batch is not None and num_iterations == 1:
             for s in range(0, min(batch.batch_size, max_prefetch * micro_batch), micro_batch):
                 if s and ref_pending.done():
                     break
@@ -90,63 +88,80 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
     B = batch.batch_size
     assert B % micro_batch == 0, f"batch of {B} does not split into micro-batches of {micro_batch}"
     assert batch.ref_logprobs is not None or loss_kw["beta"] == 0, "beta > 0 needs ref log-probs"
+    module = getattr(engine, "module", engine)  # the model under the DeepSpeed engine
+    plan = offpolicy.correction(batch, weight_version, tis=tis, num_iterations=num_iterations,
+                                dropout=dropout.active(module), pg_loss=loss_kw.get("pg_loss", "clip"),
+                                clip_ratio_c=loss_kw.get("clip_ratio_c"), offpolicy_clip_c=offpolicy_clip_c)
+    step_kw = {**loss_kw, "clip_ratio_c": plan.clip_ratio_c}
     truncated_B = truncated(batch.completion_ids, batch.completion_lens, eos_ids)  # [B] no EOS in time
-    mask_BC = loss_mask(batch, truncated_B, overlong_filter)
+    valid_BC = loss_mask(batch, truncated_B, overlong_filter)
+    slices = [slice(s, s + micro_batch) for s in range(0, B, micro_batch)]
+    trainer_BC = None  # [B, C] the trainer's pi_old: no grad, no dropout, before the first update
+    if plan.recompute:
+        with torch.no_grad(), dropout.eval_mode(module):
+            trainer_BC = torch.cat([completion_logprobs(engine, *_micro(batch, sl, device), **lp_kw).cpu()
+                                    for sl in slices])
+    old_BC = batch.gen_logprobs if plan.old == "sampling" else trainer_BC  # None: pi detached
+    gen_BC = batch.gen_logprobs
+    sums: dict[str, float] = {"mismatch_sum": 0.0, "mismatch_tokens": 0.0, "offpolicy_tokens": 0.0,
+                              "trained_tokens": 0.0}
+    maxes: dict[str, float] = {"ratio_max": 0.0}
+    if tis.level != "off":
+        sums.update(tis_weight_sum=0.0, tis_clipped=0.0, tis_tokens=0.0, tis_seen=0.0, tis_masked=0.0)
+        maxes["tis_ratio_max"] = 0.0
+    mask_BC = valid_BC
+    if plan.tis and tis.mode == "mask":  # rejected tokens / sequences leave the loss and its counts
+        _, rejected_BC = tis_weights(trainer_BC, gen_BC, valid_BC, level=tis.level, mode="mask", cap=tis.cap)
+        sums["tis_masked"] = sums["tis_seen"] = float(rejected_BC.sum())
+        mask_BC = valid_BC & ~rejected_BC
     num_tokens, num_seqs = global_counts(mask_BC, device)
     if loss_kw["agg"] == "seq-mean-token-sum-norm":
         num_tokens = num_seqs * loss_kw["max_tokens"]  # Dr.GRPO's constant normaliser
-    slices = [slice(s, s + micro_batch) for s in range(0, B, micro_batch)]
-
-    # the old policy: the sampling log-probs (late batches, ...) or the trainer's own (offpolicy.py)
-    old_BC = batch.gen_logprobs if offpolicy.sampling_is_old(batch, weight_version, tis.level) else None
-    if old_BC is None and num_iterations > 1:  # record the old policy before the first update
-        with torch.no_grad():
-            old_BC = torch.cat([completion_logprobs(engine, *_micro(batch, sl, device),
-                                                    **lp_kw).cpu() for sl in slices])
-    fresh = batch.gen_logprobs is not None and weight_version is not None \
-        and batch.weight_version == weight_version
-    use_tis = fresh and tis.level != "off"
-    late = offpolicy.is_late(batch, weight_version) and batch.gen_logprobs is not None  # old = sampling
-    sums: dict[str, float] = {"mismatch_sum": 0.0, "mismatch_tokens": 0.0,
-                              "offpolicy_tokens": float(mask_BC.sum()) if late else 0.0,
-                              "trained_tokens": float(mask_BC.sum()),
-                              **({"tis_weight_sum": 0.0, "tis_clipped": 0.0, "tis_tokens": 0.0}
-                                 if tis.level != "off" else {})}
+    sums["trained_tokens"] = float(mask_BC.sum())
+    corrected = plan.old == "sampling" or plan.tis  # a late batch without sampling log-probs is not
+    sums["offpolicy_tokens"] = sums["trained_tokens"] if plan.late and corrected else 0.0
     for it in range(num_iterations):
         for sl in slices:
             if sl.start in prefetched:
                 logp_bC = prefetched.pop(sl.start)
             else:
                 logp_bC = completion_logprobs(engine, *_micro(batch, sl, device), **lp_kw)
+            pi_old_bC = logp_bC.detach() if trainer_BC is None else trainer_BC[sl].to(device)
             old = None if old_BC is None else old_BC[sl].to(device)
             m_bC, weight_bC = mask_BC[sl].to(device), None
-            if fresh and it == 0:
-                gen_bC = batch.gen_logprobs[sl].to(device)
-                sums["mismatch_sum"] += float(((logp_bC.detach() - gen_bC).abs() * m_bC).sum())
-                sums["mismatch_tokens"] += float(m_bC.sum())
-            if use_tis:  # trainer's old log-probs (current weights, detached) vs the sampler's
-                weight_bC, clipped_bC = tis_weights(logp_bC.detach() if old is None else old,
-                                                    batch.gen_logprobs[sl].to(device), m_bC,
-                                                    level=tis.level, mode=tis.mode, cap=tis.cap)
+            if plan.fresh and it == 0:  # over every valid token, before any TIS rejection
+                v_bC, gen_bC = valid_BC[sl].to(device), gen_BC[sl].to(device)
+                sums["mismatch_sum"] += float(((pi_old_bC - gen_bC).abs() * v_bC).sum())
+                sums["mismatch_tokens"] += float(v_bC.sum())
+            if plan.tis:  # the trainer's pi_old vs the sampler's
+                gen_bC = gen_BC[sl].to(device)
+                weight_bC, clipped_bC = tis_weights(pi_old_bC, gen_bC, m_bC, level=tis.level, mode=tis.mode,
+                                                    cap=tis.cap)
                 if it == 0:
                     for k, v in tis_sums(weight_bC, clipped_bC, m_bC).items():
                         sums[k] += v
+                    maxes["tis_ratio_max"] = max(maxes["tis_ratio_max"], ratio_max(
+                        pi_old_bC, gen_bC, valid_BC[sl].to(device), tis.level))
             ref = None if batch.ref_logprobs is None else batch.ref_logprobs[sl].to(device)
             loss, m = policy_loss(logp_bC, old, ref, batch.advantages[sl].to(device),
-                                  m_bC, num_tokens=num_tokens, num_seqs=num_seqs,
-                                  **loss_kw, **({"token_weight": weight_bC} if use_tis else {}))
+                                  m_bC, num_tokens=num_tokens, num_seqs=num_seqs, token_weight=weight_bC,
+                                  **step_kw)
             engine.backward(loss * world_size, scale_wrt_gas=False)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-            w = m["tokens"]
+            w = m.pop("tokens")
             for k, v in m.items():
-                if k != "tokens" and not k.startswith("mismatch_"):
+                if k.endswith("_max"):
+                    maxes[k] = max(maxes.get(k, 0.0), v)
+                else:
                     sums[k] = sums.get(k, 0.0) + (v if k in ("loss", "pg_loss") else v * w)
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             sums["tokens"] = sums.get("tokens", 0.0) + w
     tok = max(sums.pop("tokens", 0.0), 1.0)
     pairs = {k: sums.pop(k) for k in offpolicy.SUM_KEYS if k in sums}  # divided in offpolicy.finish_ratios
     out = {k: (v / num_iterations if k in ("loss", "pg_loss") else v / tok) for k, v in sums.items()}
-    out.update(pairs)
+    out.update(pairs, **maxes)
+    if step_kw.get("pg_loss", "clip") == "clip":
+        out.setdefault("dual_clip_frac", 0.0)  # on every step: ranks and steps log the same keys
     out["truncated_frac"] = float(truncated_B.float().mean())  # of the batch trained (ours or not)
     out["train_seconds"] = time.perf_counter() - t0 - ref_wait
     out["ref_seconds"] = ref_wait
