@@ -14,6 +14,10 @@ Launch:
 With beta > 0 and no --ref_url, a reference server is started on a free loopback port and
 stopped at exit (with LoRA, --lora_r > 0, the reference is the trainer's own model with its
 adapter disabled: no server). With beta = 0 no reference model is needed at all.
+
+Overlap (--overlap=true, or auto: when that server has a device of its own): a sampler process
+beside the server generates and scores batch k+1 with the weights of step k-1 while step k trains
+(simple_grpo/train/sampler.py); each batch is then one step stale, corrected by TIS.
 """
 from __future__ import annotations
 
@@ -31,8 +35,8 @@ def main(argv: list[str]) -> dict:
 
     from simple_grpo import models
     from simple_grpo.cli import parse_config
-    from simple_grpo.train import checkpoint, data, engine as eng, loop as train_loop, publish, rollout, \
-        rollout_source
+    from simple_grpo.train import batch_contract, checkpoint, data, dropout, engine as eng, \
+        loop as train_loop, publish, rollout, rollout_source, sampler
     from simple_grpo.train.config import TrainConfig, derive, dynamic_filter_metric, loss_kwargs, resolve, \
         sample_settings
 
@@ -42,20 +46,26 @@ def main(argv: list[str]) -> dict:
 
         return run_worker(cfg)
     dist = eng.init_distributed(cfg.dist_backend, cfg.dist_timeout)
+    cfg = sampler.finalize(cfg, dist)  # --overlap decided (a device to spare?), --tis=auto resolved
     d = derive(cfg, dist.world_size)
     run_dir = Path(cfg.run_dir or f"runs/{cfg.preset}-{Path(cfg.task).stem}-{cfg.seed}")
     torch.manual_seed(cfg.seed + dist.rank)
 
     # The reference server first: a named one must answer, an auto-started one loads meanwhile.
-    ref_target = rollout_source.start_ref(cfg, dist)
+    ref_target = rollout_source.start_ref(cfg, dist, overlap=cfg.overlap == "true")
     # Model, data, rewards: everything fails fast with a readable message before training starts.
     specs = train_loop.reward_specs(cfg)
     fields = dict(question_field=cfg.question_field, answer_field=cfg.answer_field)
     train_examples = data.load_examples(cfg.task, "train", seed=cfg.seed, **fields)
-    test_examples = data.load_examples(cfg.task, "test", seed=cfg.seed, **fields)[:cfg.eval_prompts] \
-        if cfg.eval_every > 0 else []
-    tokenizer = models.load_tokenizer(cfg.model)
-    model = models.load_model(cfg.model, cfg.dtype, str(dist.device), cfg.attn_implementation)
+    test_examples = data.load_eval_examples(cfg.task, cfg.eval_task, cfg.eval_split, seed=cfg.seed,
+                                            **fields)[:cfg.eval_prompts] if cfg.eval_every > 0 else []
+    tokenizer = models.load_tokenizer(cfg.model, **models.hub_options(cfg))
+    model = models.load_model(cfg.model, cfg.dtype, str(dist.device), cfg.attn_implementation,
+                              **models.hub_options(cfg))
+    # what every batch we train must have been made with (workers' too): settings and base model
+    contract = batch_contract.expected_contract(cfg, specs, batch_contract.model_id(model))
+    if cfg.disable_dropout:  # the policy trained is the one that sampled (--lora_dropout stays)
+        dropout.disable(model)
     if cfg.lora_r > 0:  # only the adapters train; the same adapter on every rank (and worker)
         from simple_grpo.train import lora
 
@@ -65,16 +75,17 @@ def main(argv: list[str]) -> dict:
 
         grad_ckpt.enable(model)
     stream = data.PromptStream(train_examples, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
-    render = data.prompt_renderer(tokenizer, cfg.system_prompt)
+    render = data.prompt_renderer(tokenizer, cfg.system_prompt, cfg.chat_template_kwargs)
     eos_ids = rollout.eos_token_ids(tokenizer, model)
 
     ds = eng.ds_config(cfg.ds_config, micro_batch=cfg.micro_batch_size, grad_accum=d.grad_accum,
                        world_size=dist.world_size, grad_clip=cfg.grad_clip,
                        bf16=models.resolve_dtype(cfg.dtype, dist.device) == torch.bfloat16,
                        offload_optimizer=cfg.offload_optimizer)
-    engine = eng.build_engine(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                              warmup_steps=cfg.warmup_steps, config=ds, device=dist.device)
-    ref = rollout_source.connect_ref(cfg, dist, d, ref_target, engine.module)  # same model as ours, or one line
+    engine = eng.build_engine(model, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                              config=ds, device=dist.device, lr_scheduler=cfg.lr_scheduler,
+                              total_steps=cfg.steps * cfg.num_iterations, betas=cfg.adam_betas)
+    ref = rollout_source.connect_ref(cfg, dist, d, ref_target, engine.module, contract)  # same model, or one line
 
     # fresh, or the latest checkpoint (weights, optimizer, data position, RNG) with --resume
     state = checkpoint.resume(engine, run_dir / "checkpoints", cfg.resume, stream, dist.rank)
@@ -85,7 +96,9 @@ def main(argv: list[str]) -> dict:
     ctx = train_loop.StepContext(cfg=cfg, d=d, dist=dist, engine=engine, tokenizer=tokenizer,
                                  stream=stream, render=render, eos_ids=eos_ids, specs=specs,
                                  loss_kw=loss_kwargs(cfg), ref=ref, settings=sample_settings(cfg),
-                                 filter_metric=dynamic_filter_metric(cfg, specs))
+                                 filter_metric=dynamic_filter_metric(cfg, specs), contract=contract,
+                                 overlap=sampler.start_overlap(cfg, dist, ref_target, engine.module,
+                                                               state["weight_version"]))  # --overlap
     publisher = publish.publisher_for(cfg, dist, ref, state["weight_version"])  # rank 0, if workers
     if publisher is not None:  # workers already polling start from this run's current weights
         publisher.step_end(engine.module, state["weight_version"], state["step"], cfg.publish_every,
@@ -97,8 +110,13 @@ def main(argv: list[str]) -> dict:
     for step in range(state["step"] + 1, cfg.steps + 1):
         exit_if_terminated()  # a SIGTERM whose exit was swallowed (simple_grpo/errors.py)
         t0 = time.perf_counter()
+        if ctx.overlap is not None:  # is the sampler still there? (else: generate here again)
+            ctx.overlap.begin_step(step)
         metrics, roll, trained = train_loop.step(ctx, state["weight_version"])
         state.update(step=step, weight_version=state["weight_version"] + cfg.num_iterations)
+        if ctx.overlap is not None:  # the sampler's next batch uses these weights
+            ctx.overlap.publish(engine.module, state["weight_version"])
+            metrics.update(ctx.overlap.metrics())
         if publisher is not None:  # a background upload, when a generation worker is there
             publisher.step_end(engine.module, state["weight_version"], step, cfg.publish_every)
         metrics.update(weight_version=state["weight_version"],
@@ -114,6 +132,8 @@ def main(argv: list[str]) -> dict:
             checkpoint.save_checkpoint(engine, run_dir / "checkpoints", step, client_state,
                                        keep_last=cfg.keep_last, min_free_gb=cfg.min_free_gb,
                                        on_error=cfg.on_save_error)
+    if ctx.overlap is not None:
+        ctx.overlap.stop()
     out.finish(engine.module, tokenizer)
     if publisher is not None:
         publisher.close()

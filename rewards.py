@@ -3,6 +3,9 @@
 A reward is a plain function ``(completion: str, example: dict) -> float`` registered under a
 name with ``@register("name")``; pick rewards on the command line with
 ``--rewards format:0.5,correct:1.0,overlong`` (``name[:weight]``, weight 1.0 if left out).
+Rewards of your own can also live in a file of their own, registered the same way and loaded
+beside these with ``--rewards_file my_rewards.py`` (its ``DEFAULT_REWARDS``, if any, is then the
+default).
 
 ``example`` is the dataset row (``example["answer"]`` is the gold answer string, e.g. ``"42"``,
 ``"\\frac{1}{2}"``, ``"$x^2$"``) plus a few keys the trainer adds (see

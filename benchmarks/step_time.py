@@ -8,12 +8,18 @@ are excluded.
 
     python benchmarks/step_time.py [--steps=6] [--warmup=1] [--skip_trl] [--model=smollm2-135m]
                                    [--ranks=2]  (the trainer as 2 data-parallel processes, torchrun)
+                                   [--modes=sync,overlap]  (--overlap=false / true, side by side)
+
+Each row is the median over the timed steps; "peak RSS" is the largest resident memory of the
+whole process tree (trainer, reference server, sampler), sampled every 0.2 s from /proc.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +35,28 @@ from simple_grpo.train.engine import free_port  # noqa: E402  (after the environ
 PHASES = ("gen_seconds", "ref_seconds", "train_seconds", "step_seconds")
 
 
-def run_ours(a, run_dir: Path) -> list[dict]:
+def tree_rss(pid: int) -> int:
+    """Resident bytes of `pid` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(d.name))
+            rss[int(d.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo += children.get(p, [])
+    return total
+
+
+def run_ours(a, run_dir: Path, mode: str) -> tuple[list[dict], int]:
     launch = [sys.executable] if a.ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.ranks}",
          f"--master_port={free_port()}"]
@@ -37,10 +64,16 @@ def run_ours(a, run_dir: Path) -> list[dict]:
            f"--prompts_per_step={a.prompts}", f"--num_generations={a.G}", f"--micro_batch_size={a.micro}",
            f"--max_new_tokens={a.tokens}", f"--min_new_tokens={a.tokens}", f"--beta={a.beta}",
            "--eval_every=0", "--save_every=0", "--plot_every=0", "--samples_every=0",
-           "--rewards=correct_lenient", f"--run_dir={run_dir}"]
+           "--rewards=correct_lenient", f"--run_dir={run_dir}",
+           f"--overlap={'true' if mode == 'overlap' else 'false'}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, tree_rss(proc.pid))
+        time.sleep(0.2)
+    assert proc.returncode == 0, f"{mode} run failed (exit {proc.returncode})"
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()], peak
 
 
 def run_trl(a, out_dir: Path) -> list[float]:
@@ -97,26 +130,30 @@ def main() -> None:
     p.add_argument("--skip_trl", action="store_true")
     p.add_argument("--ranks", type=int, default=1,
                    help="trainer processes (torchrun, data parallel); 1 = plain python")
+    p.add_argument("--modes", default="sync,overlap", help="simple_grpo runs: sync (--overlap=false), overlap")
     a = p.parse_args()
     a.micro = a.micro or a.prompts * a.G // a.ranks
+    ours, trl = {}, None
     with tempfile.TemporaryDirectory() as tmp:
-        rows = run_ours(a, Path(tmp) / "ours")[a.warmup:]
-        rows = [r for r in rows if "step_seconds" in r]
-        ours = {k: sum(r[k] for r in rows) / len(rows) for k in PHASES}
-        trl = None
+        for mode in a.modes.split(","):
+            rows, peak = run_ours(a, Path(tmp) / mode, mode)
+            rows = [r for r in rows[a.warmup:] if "step_seconds" in r]
+            ours[mode] = ({k: statistics.median(r.get(k, 0.0) for r in rows) for k in PHASES}, peak, len(rows))
         if not a.skip_trl:
-            t = run_trl(a, Path(tmp) / "trl")[a.warmup:]
-            trl = sum(t) / len(t)
+            t = run_trl(a, Path(tmp) / "trl")[a.warmup:]  # in this process: its peak RSS (Linux: KiB)
+            trl = (statistics.median(t), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, len(t))
     print(f"\n{a.prompts} prompts x G={a.G} x {a.tokens} new tokens (fixed), beta {a.beta}, "
-          f"model {a.model}, {len(rows)} timed steps each")
-    print("| trainer | s/step | generate | ref | train | steps/hour |")
-    print("|---|---|---|---|---|---|")
-    name = "simple_grpo" if a.ranks == 1 else f"simple_grpo, {a.ranks} ranks"
-    print(f"| {name} | {ours['step_seconds']:.1f} | {ours['gen_seconds']:.1f} | "
-          f"{ours['ref_seconds']:.1f} | {ours['train_seconds']:.1f} | {3600 / ours['step_seconds']:.0f} |")
+          f"model {a.model}; medians of the timed steps")
+    print("| trainer | steps | s/step | generate | ref | train | steps/hour | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for mode, (m, peak, n) in ours.items():
+        name = f"simple_grpo {mode}" + ("" if a.ranks == 1 else f", {a.ranks} ranks")
+        print(f"| {name} | {n} | {m['step_seconds']:.1f} | {m['gen_seconds']:.1f} | {m['ref_seconds']:.1f} | "
+              f"{m['train_seconds']:.1f} | {3600 / m['step_seconds']:.0f} | {peak / 2**30:.2f} |")
     if trl is not None:
-        print(f"| TRL GRPOTrainer | {trl:.1f} | | | | {3600 / trl:.0f} |")
-        print(f"\nratio (steps/hour, simple_grpo / TRL): {trl / ours['step_seconds']:.2f}x")
+        print(f"| TRL GRPOTrainer | {trl[2]} | {trl[0]:.1f} | | | | {3600 / trl[0]:.0f} | {trl[1] / 2**30:.2f} |")
+        for mode, (m, _, _) in ours.items():
+            print(f"ratio (steps/hour, simple_grpo {mode} / TRL): {trl[0] / m['step_seconds']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -153,32 +153,53 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path  # a hub name: transformers downloads it (users have the hub)
 
 
-def load_tokenizer(name_or_path: str):
+def _remote_code_error(name_or_path: str, e: ValueError):
+    """Re-raise from_pretrained's ValueError; one line when the model needs --trust_remote_code."""
+    if "trust_remote_code" not in str(e):
+        raise e
+    raise UserError(f"model {name_or_path!r} comes with its own code: pass --trust_remote_code if you "
+                    f"trust it") from None
+
+
+def hub_options(cfg) -> dict:
+    """from_pretrained's trust_remote_code and revision, from a config with those two fields."""
+    return {"trust_remote_code": bool(cfg.trust_remote_code), "revision": cfg.revision or None}
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None):
+    """The tokenizer of a model (`revision`: of a hub name; `trust_remote_code`: allow its own code),
+    left-padded, with pad = EOS when it has no pad token."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except OSError as e:
         raise UserError(f"cannot load tokenizer for {name_or_path!r}: {e}") from None
+    except ValueError as e:
+        _remote_code_error(name_or_path, e)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok
 
 
-def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu", attn: str = "auto"):
+def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu", attn: str = "auto", *,
+               trust_remote_code: bool = False, revision: str | None = None):
     """A causal LM ready for training or inference (caller picks train()/eval()); `attn`: see
-    attn_implementation."""
+    attn_implementation; `revision` and `trust_remote_code` go to from_pretrained."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
     torch_dtype = resolve_dtype(dtype, device)
     impl = attn_implementation(device, torch_dtype, attn)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=impl)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=impl,
+                                                     trust_remote_code=trust_remote_code, revision=revision)
     except OSError as e:
         raise UserError(f"cannot load model {name_or_path!r}: {e}") from None
+    except ValueError as e:
+        _remote_code_error(name_or_path, e)
     return model.to(device)
 
 

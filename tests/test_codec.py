@@ -1,7 +1,9 @@
-"""The wire codec: exact round trips for every optional-field combination, and a CodecError with a
-one-line message (never another exception) for anything that is not a valid message."""
+"""The wire codec: exact round trips for every optional-field combination (the batch contract and
+loss_rows too), and a CodecError with a one-line message (never another exception) for anything
+that is not a valid message."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -14,6 +16,7 @@ from safetensors.torch import save as st_save
 
 from simple_grpo.wire import codec
 from simple_grpo.wire.codec import CodecError, LogprobRequest, LogprobResponse, RolloutBatch
+from simple_grpo.wire.contract import BatchContract
 
 
 def make_batch(B: int = 3, P: int = 5, C: int = 4, gen: bool = True, ref: bool = True,
@@ -108,7 +111,7 @@ def test_temperature_round_trips_in_the_header(temperature):
     assert codec.encode(codec.decode(data)) == data  # byte-stable
     n = int.from_bytes(data[:8], "little")
     header = json.loads(json.loads(data[8:8 + n])["__metadata__"]["simple_grpo"])
-    assert header["schema_version"] == 2 and header["temperature"] == temperature
+    assert header["schema_version"] == 3 and header["temperature"] == temperature
     req = LogprobRequest(b.prompt_ids, b.prompt_lens, b.completion_ids, b.completion_lens,
                          temperature=temperature)
     assert_same(req, codec.decode(codec.encode(req), LogprobRequest))
@@ -161,8 +164,9 @@ def test_schema_1_body_is_refused_naming_both_versions_and_the_temperature():
     req = LogprobRequest(b.prompt_ids, b.prompt_lens, b.completion_ids, b.completion_lens)
     for obj in (b, req):
         with pytest.raises(CodecError, match=r"schema version 1 is not supported \(this side "
-                                             r"speaks 2; schema 2 carries the sampling temperature"):
+                                             r"speaks 3; schema 2 carries the sampling temperature") as e:
             codec.decode(schema1_body(obj), type(obj))
+        assert "schema 3 carries the batch contract" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_wrong_kind_is_refused():
@@ -208,8 +212,8 @@ def _tensors(b: RolloutBatch) -> dict[str, torch.Tensor]:
     (lambda t: t.update(completion_lens=t["completion_lens"][:2]), {}, "mismatched shapes"),
     (lambda t: t.pop("advantages"), {}, "advantages is missing"),
     (lambda t: t.update(extra=torch.zeros(2)), {}, "unexpected tensor"),
-    (lambda t: None, {"schema_version": 3}, r"schema version 3 is not supported \(this side speaks 2\)$"),
-    (lambda t: None, {"schema_version": 2.0}, "schema version 2.0 is not supported"),
+    (lambda t: None, {"schema_version": 4}, r"schema version 4 is not supported \(this side speaks 3\)$"),
+    (lambda t: None, {"schema_version": 3.0}, "schema version 3.0 is not supported"),
     (lambda t: None, {"kind": "weights"}, "unknown message kind"),
     (lambda t: None, {"weight_version": "3"}, "weight_version"),
     (lambda t: None, {"meta": "x"}, "meta must be a dict"),
@@ -270,3 +274,95 @@ def test_corrupted_bytes_decode_or_raise_codec_error(edits):
     except CodecError:
         return
     codec.validate(out)  # whatever decodes is a valid batch
+
+
+# --- schema 3: the batch contract and loss_rows
+
+CONTRACT = BatchContract(scale="std", rewards="correct_lenient:1.0,overlong:1.0", dynamic_sampling=True,
+                         filter_metric="correct_lenient", max_new_tokens=48, min_new_tokens=0, top_p=1.0,
+                         temperature=0.7, group_size=8, overlong_cache=10, model="0123456789abcdef")
+
+
+@pytest.mark.parametrize("contract,loss_rows", list(itertools.product(
+    [None, CONTRACT], [None, torch.tensor([True, False, True]), torch.zeros(3, dtype=torch.bool)])))
+def test_contract_and_loss_rows_round_trip(contract, loss_rows):
+    b = make_batch(temperature=0.7, contract=contract, loss_rows=loss_rows, batch_id="c")
+    data = codec.encode(b)
+    out = codec.decode(data)
+    assert_same(b, out)
+    assert codec.encode(out) == data  # byte-stable
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(json.loads(data[8:8 + n])["__metadata__"]["simple_grpo"])
+    assert header["contract"] == (None if contract is None else dataclasses.asdict(CONTRACT))
+    if loss_rows is not None:
+        assert out.loss_rows.dtype == torch.bool and out.loss_rows.tolist() == loss_rows.tolist()
+
+
+def test_schema_2_body_is_refused_saying_what_schema_3_adds():
+    """A schema-2 sender (before the contract and loss_rows) gets a one-line 400 saying so."""
+    body = with_header(codec.encode(make_batch()), drop=("contract",), schema_version=2)
+    with pytest.raises(CodecError) as e:
+        codec.decode(body)
+    assert str(e.value) == (
+        "schema version 2 is not supported (this side speaks 3; schema 3 carries the batch contract "
+        "(the sampling, reward and advantage settings and the model a batch was made with, which the "
+        "trainer checks) and loss_rows (rows outside the loss): upgrade simple_grpo on the sending side)")
+
+
+def test_a_header_without_the_contract_key_decodes_as_none():
+    """Never a guessed contract: None, which a trainer with a contract refuses (rollout_source)."""
+    body = with_header(codec.encode(make_batch(contract=CONTRACT, temperature=0.7)), drop=("contract",))
+    assert codec.decode(body).contract is None
+
+
+BAD_CONTRACTS = [  # (header value of "contract", the one-line error)
+    # not an object
+    ("std", "contract must be a JSON object or null, got str"),
+    ([1], "contract must be a JSON object or null, got list"),
+    # a field left out / one this side does not know (a newer sender)
+    ({k: v for k, v in dataclasses.asdict(CONTRACT).items() if k != "top_p"},
+     r"contract lacks field\(s\) top_p"),
+    ({**dataclasses.asdict(CONTRACT), "seed": 1}, r"contract has unknown field\(s\) seed"),
+    # each type: str, bool, int (not bool, >= 0), float (finite, not bool)
+    ({**dataclasses.asdict(CONTRACT), "scale": 1}, "contract field scale must be str, got int"),
+    ({**dataclasses.asdict(CONTRACT), "rewards": None}, "contract field rewards must be str, got NoneType"),
+    ({**dataclasses.asdict(CONTRACT), "model": "x" * 1001}, "contract field model is longer than 1000"),
+    ({**dataclasses.asdict(CONTRACT), "dynamic_sampling": 1}, "contract field dynamic_sampling must be bool"),
+    ({**dataclasses.asdict(CONTRACT), "max_new_tokens": 48.0},
+     "contract field max_new_tokens must be int, got float"),
+    ({**dataclasses.asdict(CONTRACT), "group_size": True}, "contract field group_size must be int, got bool"),
+    ({**dataclasses.asdict(CONTRACT), "overlong_cache": -1}, "contract field overlong_cache must be >= 0"),
+    ({**dataclasses.asdict(CONTRACT), "top_p": "1.0"}, "contract field top_p must be int or float, got str"),
+    ({**dataclasses.asdict(CONTRACT), "top_p": 1e400}, "not valid JSON|contract field top_p must be finite"),
+    # consistent with the batch: the contract's temperature is the one the batch is scored at
+    ({**dataclasses.asdict(CONTRACT), "temperature": 1.0}, "contract temperature 1.0 is not the batch's"),
+]
+
+
+@pytest.mark.parametrize("value,message", BAD_CONTRACTS, ids=[m[:40] for _, m in BAD_CONTRACTS])
+def test_bad_contracts_are_refused_in_one_line(value, message):
+    body = with_header(codec.encode(make_batch(temperature=0.7)), contract=value)
+    with pytest.raises(CodecError, match=message) as e:
+        codec.decode(body)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change,match", [
+    # a contract field of the wrong type set in Python: refused before anything is sent
+    (dict(contract=dataclasses.replace(CONTRACT, group_size="8")), "contract field group_size must be int"),
+    (dict(contract={"scale": "std"}), "contract must be a BatchContract or None, got dict"),
+    # loss_rows: bool, one per row
+    (dict(loss_rows=torch.ones(3)), "loss_rows has dtype float32, expected bool"),
+    (dict(loss_rows=torch.ones(4, dtype=torch.bool)), "mismatched shapes"),
+    (dict(loss_rows=torch.ones(3, 1, dtype=torch.bool)), r"loss_rows has shape \[3, 1\], expected \[B\]"),
+])
+def test_encode_validates_contract_and_loss_rows(change, match):
+    b = make_batch(temperature=0.7, **change)
+    with pytest.raises(CodecError, match=match):
+        codec.encode(b)
+
+
+def test_decode_refuses_loss_rows_of_another_dtype():
+    t = {**_tensors(make_batch()), "loss_rows": torch.ones(3, dtype=torch.uint8)}
+    with pytest.raises(CodecError, match="loss_rows has dtype uint8, expected bool"):
+        codec.decode(raw(t))

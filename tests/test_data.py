@@ -253,3 +253,76 @@ def test_reasoning_gym_missing_is_a_user_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_rg)
     with pytest.raises(UserError, match="pip install reasoning-gym"):
         data.load_examples("rg:basic_arithmetic")
+
+
+# ----------------------------------------------------------------- chats, held-out tasks, templates
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first?"},
+        {"role": "assistant", "content": "1"}, {"role": "user", "content": "What is 2 + 3?"}]
+
+
+@pytest.mark.parametrize("row, kwargs, question, system", [
+    # OpenAI/TRL `messages`: the last user turn is the question, the system turn the system prompt
+    ({"messages": CHAT, "answer": "5"}, {}, "What is 2 + 3?", "Be brief."),
+    # no system turn: none of its own (the --system_prompt then applies)
+    ({"messages": CHAT[1:], "answer": "5"}, {}, "What is 2 + 3?", None),
+    # the turns under another field, named by --question_field (TRL's conversational `prompt`)
+    ({"prompt": CHAT[3:], "sol": "#### 5"}, {"question_field": "prompt", "answer_field": "sol"},
+     "What is 2 + 3?", None),
+    # content given as a list of parts: its text parts
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": t} for t in "ab"]}],
+      "answer": 5}, {}, "ab", None),
+    # a plain `question` wins over a `messages` column
+    ({"question": "plain", "messages": CHAT, "answer": "5"}, {}, "plain", None),
+])
+def test_conversational_rows(tmp_path, row, kwargs, question, system):
+    _write(tmp_path / "chat.jsonl", [row], "jsonl")
+    (ex,) = load_examples(str(tmp_path / "chat.jsonl"), **kwargs)
+    assert (ex["question"], ex.get("_system_prompt"), ex["answer"]) == (question, system, "5")
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"messages": [{"role": "assistant", "content": "x"}], "answer": "1"}, "no user turn"),  # nothing to ask
+    ({"messages": ["hi"], "answer": "1"}, "list of .*role"),                                 # not turns
+    ({"messages": CHAT}, r"no field 'answer'.*--answer_field"),                              # no gold answer
+])
+def test_conversational_row_errors(tmp_path, row, match):
+    _write(tmp_path / "chat.jsonl", [row], "jsonl")
+    with pytest.raises(UserError, match=match):
+        load_examples(str(tmp_path / "chat.jsonl"))
+
+
+def test_a_rows_system_turn_wins_and_template_kwargs_reach_the_template():
+    tok = build_tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}:{{ m['content'] }}]{% endfor %}"
+                         "{% if enable_thinking is defined and not enable_thinking %}[no-think]{% endif %}")
+    render = data.prompt_renderer(tok, "global", {"enable_thinking": False})
+    assert render({"question": "q"}) == "[system:global][user:q][no-think]"
+    assert render({"question": "q", "_system_prompt": "own"}) == "[system:own][user:q][no-think]"
+    assert data.prompt_renderer(tok, "")({"question": "q"}) == "[user:q]", "empty: no system turn"
+
+
+@pytest.mark.parametrize("files, task, eval_task, split, want", [
+    # no --eval_task: the task's sibling .test file (the fallback rule)
+    ({"d.jsonl": "t", "d.test.jsonl": "s"}, "d.jsonl", None, "test", "s"),
+    # --eval_task a file: read whole, no sibling needed for the task
+    ({"d.jsonl": "t", "held.jsonl": "h"}, "d.jsonl", "held.jsonl", "test", "h"),
+    # --eval_task with {split}: formatted with --eval_split
+    ({"d.jsonl": "t", "e-dev.jsonl": "v"}, "d.jsonl", "e-{split}.jsonl", "dev", "v"),
+    # a {split} task without --eval_task: --eval_split picks its file
+    ({"train.jsonl": "t", "dev.jsonl": "v"}, "{split}.jsonl", None, "dev", "v"),
+    # a built-in task as --eval_task: its test split
+    ({"d.jsonl": "t"}, "d.jsonl", "arithmetic", "test", "What is"),
+])
+def test_eval_examples(tmp_path, monkeypatch, files, task, eval_task, split, want):
+    monkeypatch.chdir(tmp_path)
+    for name, q in files.items():
+        _write(tmp_path / name, [{"question": q, "answer": "1"}], "jsonl")
+    got = data.load_eval_examples(task, eval_task, split)
+    assert got and all(e["question"].startswith(want) for e in got)
+
+
+def test_eval_examples_without_a_held_out_split_say_how(tmp_path):
+    _write(tmp_path / "d.jsonl", [{"question": "q", "answer": "1"}], "jsonl")
+    with pytest.raises(UserError, match=r"no test split.*d\.test\.jsonl.*--eval_task"):
+        data.load_eval_examples(str(tmp_path / "d.jsonl"))

@@ -1,9 +1,12 @@
 """Rollouts on a tiny model: dynamic sampling refills to a full batch of informative groups (and
-counts what it did), the overlong filter masks exactly the truncated completions."""
+counts what it did), topped-up groups stay outside the loss (the real train_on_batch: the same
+gradient as without them), the overlong filter masks exactly the truncated completions."""
 import pytest
 import torch
 
+from simple_grpo.algo.advantages import group_advantages
 from simple_grpo.algo.masks import truncated
+from simple_grpo.models import build_tiny_model
 from simple_grpo.train.policy_step import loss_mask
 from simple_grpo.train.reward_registry import RewardSpec, register
 from simple_grpo.train.rollout import SampleSettings, eos_token_ids, make_rollout, sample
@@ -64,6 +67,8 @@ def test_dynamic_sampling_refills_to_a_full_batch(tok_model, flags, n_prompts, r
     assert [e["question"] for e in r.examples] == questions
     assert r.stats["refill_rounds"] == refills
     assert r.stats["topped_up_groups"] == topped
+    assert r.stats["topped_up_frac"] == topped / n_prompts  # of the rows
+    assert (r.batch.loss_rows is None) == (topped == 0)  # None: every row is in the loss
     adv = r.batch.advantages.view(n_prompts, G)
     informative = (adv != 0).any(1).sum().item()
     assert informative == n_prompts - topped, "only topped-up groups have zero advantages"
@@ -244,3 +249,111 @@ def test_overlong_filtered_rows_do_not_count_as_sequences(monkeypatch, agg, expe
     assert sum(engine.losses) == pytest.approx(expected, abs=1e-7)
     assert out["loss"] == pytest.approx(expected, abs=1e-7)
     assert out["truncated_frac"] == 0.5  # rows 1 and 3 ran into the limit: the trained batch's share
+
+
+# --- DAPO's top-ups: flat in correctness, what differs is the length penalty alone
+
+G8 = 8
+_topup = {"acc": 0, "len": 0}
+
+
+@register("test_topup_correct")
+def topup_correct(completion: str, example: dict) -> float:
+    """A fake correctness reward: 0.0 for every completion of a 'flat' example, else 0/1 by row."""
+    _topup["acc"] += 1
+    return 0.0 if example["flat"] else float(_topup["acc"] % 2)
+
+
+@register("test_topup_overlong")
+def topup_overlong(completion: str, example: dict) -> float:
+    """A fake soft overlong punishment: -0.005 for the last of every G8 completions, else 0."""
+    _topup["len"] += 1
+    return -0.005 if _topup["len"] % G8 == 0 else 0.0
+
+
+def test_topped_up_rows_get_zero_advantage_and_leave_the_loss(tok_model):
+    """Filtered on correctness with no refill round left, q1 (every completion wrong, the last one
+    just inside the overlong zone) tops the batch up. Its rewards [0]*7 + [-0.005] would give the
+    advantages [0.353]*7 + [-2.473] (the length penalty alone, over its std): noise. Its rows get
+    advantage 0 and loss_rows False: no loss token, no sequence in any count."""
+    tok, model = tok_model
+    _topup.update(acc=0, len=0)
+    examples = [{"question": f"q{i}", "answer": "0", "flat": flat} for i, flat in enumerate([False, True])]
+    torch.manual_seed(0)
+    r = make_rollout(model, tok, InOrder(examples), 2, SampleSettings(num_generations=G8, max_new_tokens=4),
+                     [RewardSpec("test_topup_correct"), RewardSpec("test_topup_overlong")],
+                     system_render=lambda e: e["question"], eos_ids=eos_token_ids(tok, model),
+                     dynamic_sampling=True, max_refill_rounds=0, filter_metric="test_topup_correct")
+    b = r.batch
+    assert [e["question"] for e in r.examples] == ["q0", "q1"]
+    assert r.stats["topped_up_groups"] == 1 and r.stats["topped_up_frac"] == 0.5
+    assert b.rewards[G8:].tolist() == pytest.approx([0.0] * 7 + [-0.005])
+    noise = group_advantages(b.rewards[G8:].view(1, G8).double()).view(-1)  # what they would get
+    assert noise.tolist() == pytest.approx([0.3534] * 7 + [-2.4735], abs=1e-4)
+    assert b.advantages[G8:].tolist() == [0.0] * G8  # exactly
+    kept = group_advantages(b.rewards[:G8].view(1, G8).double()).float().view(-1)
+    assert torch.equal(b.advantages[:G8], kept) and (kept != 0).all()  # q0 keeps its advantages
+    assert b.loss_rows.tolist() == [True] * G8 + [False] * G8
+    mask = loss_mask(b, truncated(b.completion_ids, b.completion_lens, eos_token_ids(tok, model)), False)
+    assert mask.sum(1).tolist() == b.completion_lens[:G8].tolist() + [0] * G8
+
+
+# the real train_on_batch in a DeepSpeed engine on the tiny model, plain SGD (lr 1, no clipping):
+# the update is -gradient, so equal parameters after the step mean equal gradients
+P, C = 3, 4
+
+
+def _rows(n: int, seed: int, adv: list[float]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return dict(prompt_ids=torch.randint(3, 300, (n, P), generator=g), prompt_lens=torch.full((n,), P),
+                completion_ids=torch.randint(3, 300, (n, C), generator=g),
+                completion_lens=torch.randint(1, C + 1, (n,), generator=g), rewards=torch.zeros(n),
+                advantages=torch.tensor(adv), ref_logprobs=-torch.rand(n, C, generator=g) - 5.0)
+
+
+def _sgd_step(batch: RolloutBatch, agg: str) -> dict[str, torch.Tensor]:
+    """Parameters after one train_on_batch (micro-batches of 4 rows, beta 0.04) from fixed weights."""
+    import deepspeed
+
+    from simple_grpo.train import engine as eng
+    from simple_grpo.train.policy_step import train_on_batch
+
+    model = build_tiny_model(seed=1)
+    cfg = eng.ds_config("ds_config.json", micro_batch=4, grad_accum=batch.batch_size // 4, world_size=1,
+                        grad_clip=0.0, bf16=False)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                      config=cfg)
+    loss_kw = dict(eps_low=0.2, eps_high=0.2, beta=0.04, kl="k3", agg=agg, max_tokens=C, ratio_level="token")
+    train_on_batch(engine, batch, micro_batch=4, num_iterations=1, loss_kw=loss_kw, eos_ids=[2],
+                   overlong_filter=False, temperature=1.0, world_size=1, device=torch.device("cpu"))
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_topped_up_rows_change_no_gradient(dist_env, agg):
+    """4 informative rows, then 4 topped-up rows (advantage 0, loss_rows False; their micro-batch
+    still runs forward and backward): the same SGD update, bit for bit, as the 4 rows alone. Counted
+    in the denominators (token-mean: 4 rows' tokens more; seq-mean: 4 sequences more) or in the KL
+    term, they would shrink or shift it."""
+    real = _rows(4, seed=0, adv=[1.0, -0.5, 0.25, -0.75])
+    extra = _rows(4, seed=1, adv=[0.0] * 4)
+    both = RolloutBatch(**{k: torch.cat([real[k], extra[k]]) for k in real},
+                        loss_rows=torch.tensor([True] * 4 + [False] * 4))
+    alone = _sgd_step(RolloutBatch(**real), agg)
+    topped = _sgd_step(both, agg)
+    start = build_tiny_model(seed=1).state_dict()
+    assert sum(not torch.equal(alone[k], start[k]) for k in start) >= 10, "the step moved no weight"
+    for k in alone:
+        assert torch.equal(topped[k], alone[k]), f"{k}: the topped-up rows changed the gradient"
+
+
+@pytest.mark.parametrize("loss_rows, frac", [
+    (None, 0.0),  # nothing topped up: every row in the loss
+    (torch.tensor([True, True, True, False]), 0.25),  # one of 4 rows outside the loss
+    (torch.tensor([False] * 4), 1.0),  # a batch of top-ups only
+])
+def test_batch_stats_log_the_topped_up_fraction_of_the_trained_batch(loss_rows, frac):
+    from simple_grpo.train.loop import batch_stats
+
+    batch = RolloutBatch(**_rows(4, seed=0, adv=[0.0] * 4), loss_rows=loss_rows)
+    assert batch_stats(batch, weight_version=0, eval_reward="correct")["topped_up_frac"] == frac

@@ -4,6 +4,7 @@ exactly, an interrupted weight download keeps the old weights, and the whole sys
 trainer + late / killed worker processes) trains every batch at most once."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import signal
@@ -24,6 +25,7 @@ from simple_grpo.train.rollout_source import RefConnection
 from simple_grpo.train.worker import Worker
 from simple_grpo.wire.client import RefClient
 from simple_grpo.wire.codec import RolloutBatch
+from simple_grpo.wire.contract import BatchContract
 from simple_grpo.wire.weights import load_safetensors_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +150,12 @@ def test_worker_takes_the_version_sent_when_publishes_land_mid_sync(tiny_model_d
     pub.close()
 
 
+# the contract of the batches below (G = 4, temperature 1.0 unless a test says otherwise)
+CONTRACT = BatchContract(scale="std", rewards="overlong:1.0", dynamic_sampling=False, filter_metric="off",
+                         max_new_tokens=8, min_new_tokens=0, top_p=1.0, temperature=1.0, group_size=4,
+                         overlong_cache=2, model="tiny")
+
+
 def _batch(version: int, rows: int = 8, G: int = 4, producer: str = "test",
            temperature: float = 1.0) -> RolloutBatch:
     C = 3
@@ -155,12 +163,13 @@ def _batch(version: int, rows: int = 8, G: int = 4, producer: str = "test",
                         completion_ids=torch.full((rows, C), 7), completion_lens=torch.full((rows,), C),
                         rewards=torch.zeros(rows), advantages=torch.zeros(rows),
                         weight_version=version, meta={"group_size": G, "producer": producer},
-                        temperature=temperature)
+                        temperature=temperature,
+                        contract=dataclasses.replace(CONTRACT, group_size=G, temperature=temperature))
 
 
 def test_stale_and_misshapen_batches_are_dropped_and_counted(ref_server):
     srv = ref_server()
-    conn = RefConnection(srv.url, None, timeout=10, batch_rows=8, group_size=4, max_staleness=2)
+    conn = RefConnection(srv.url, None, timeout=10, batch_rows=8, max_staleness=2, contract=CONTRACT)
     client = RefClient(srv.url)
     sent = [(3, 8, 4), (8, 8, 4), (10, 8, 4), (7, 8, 4), (10, 4, 4), (9, 8, 2), (9, 8, 4)]
     for v, rows, G in sent:  # versions 3 and 7 are older than 10 - 2; two have the wrong shape
@@ -174,7 +183,8 @@ def test_stale_and_misshapen_batches_are_dropped_and_counted(ref_server):
 
 def test_batches_sampled_at_another_temperature_are_dropped_and_counted(ref_server, capsys):
     srv = ref_server()
-    conn = RefConnection(srv.url, None, timeout=10, batch_rows=8, group_size=4, temperature=0.7)
+    conn = RefConnection(srv.url, None, timeout=10, batch_rows=8,
+                         contract=dataclasses.replace(CONTRACT, temperature=0.7))
     client = RefClient(srv.url)
     for i, t in enumerate([1.0, 1.0, 0.7]):  # a worker started without --temperature=0.7, twice
         client.upload(_batch(i, producer="w-default" if t == 1.0 else "w-0.7", temperature=t))
@@ -182,8 +192,8 @@ def test_batches_sampled_at_another_temperature_are_dropped_and_counted(ref_serv
     assert got.meta["producer"] == "w-0.7" and got.temperature == 0.7
     assert conn.counts["rejected_batches"] == 2 and conn.counts["stale_dropped"] == 0
     warnings = [x for x in capsys.readouterr().err.splitlines() if "dropping a batch" in x]
-    assert warnings == ["[trainer] dropping a batch from w-default: sampled at temperature 1.0, this "
-                        "trainer trains at 0.7 (start workers with the trainer's --temperature)"]
+    assert warnings == ["[trainer] dropping a batch from w-default: its temperature is 1.0, this "
+                        "trainer's is 0.7 (start workers with the trainer's --temperature)"]
     conn.close()
 
 
@@ -302,7 +312,7 @@ def test_full_queue_never_blocks_the_trainer(ref_server, tiny_model):
     client = RefClient(srv.url)
     for i in range(2):
         client.upload(_batch(0, producer=f"w{i}"))
-    conn = RefConnection(srv.url, None, timeout=10, batch_rows=8, group_size=4)
+    conn = RefConnection(srv.url, None, timeout=10, batch_rows=8, contract=CONTRACT)
     ours = _batch(0, producer="trainer-0", temperature=0.7)
     ours.batch_id = "ours"
     got = conn.exchange(ours, weight_version=0)

@@ -39,6 +39,7 @@ class TISSettings:
 
     @classmethod
     def from_config(cls, cfg) -> "TISSettings":
+        assert cfg.tis != "auto", "--tis=auto is resolved at start-up (simple_grpo/train/sampler.py finalize)"
         return cls(cfg.tis, cfg.tis_mode, cfg.tis_cap)
 
 

@@ -14,7 +14,8 @@ JSON object {"error": "..."} with a 4xx/5xx status):
                     &prefer=BATCH_ID: that batch (a trainer rank's own), waiting while it computes
     POST /logprobs  codec LogprobRequest -> 200 codec LogprobResponse (stateless)
     GET  /stats     200 counters (see ServerState.stats)
-    POST /weights, GET /weights/version, GET /weights: policy weights (simple_grpo.server.weight_routes)
+    POST /weights[/delta], GET /weights/version, GET /weights[/delta]: policy weights
+                    (simple_grpo.server.weight_routes)
 With a token every request lacking `Authorization: Bearer <token>` gets 401.
 Batches and /logprobs requests carry the sampling temperature (codec schema 2): the reference
 log-probs are log_softmax(logits / temperature), as the trainer computes its policy's.
@@ -85,7 +86,8 @@ class ServerState:
     def from_config(cls, cfg: ServerConfig) -> "ServerState":
         from simple_grpo.models import load_model, pick_device
 
-        model = load_model(cfg.model, cfg.dtype, str(pick_device(cfg.device)), cfg.attn_implementation)
+        model = load_model(cfg.model, cfg.dtype, str(pick_device(cfg.device)), cfg.attn_implementation,
+                           trust_remote_code=cfg.trust_remote_code, revision=cfg.revision or None)
         return cls(cfg, model, cfg.model)
 
     def count(self, key: str, n: float = 1) -> None:
@@ -324,7 +326,8 @@ def make_app(state: ServerState) -> bottle.Bottle:
         return bottle.HTTPResponse(codec.encode(codec.LogprobResponse(logp)), status=200, headers={
             "Content-Type": "application/octet-stream", "X-Compute-Ms": f"{1000 * dt:.3f}"})
 
-    add_weight_routes(app, state, api_handler(state), WeightStore(state.cfg.weights_dir))
+    add_weight_routes(app, state, api_handler(state),
+                      WeightStore(state.cfg.weights_dir, keep_deltas=state.cfg.weight_deltas))
     return app
 
 

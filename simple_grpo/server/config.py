@@ -6,8 +6,11 @@ import errno
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import Literal
 
+from simple_grpo.cli import check_choices
 from simple_grpo.errors import UserError
+from simple_grpo.models import ATTN_IMPLEMENTATIONS
 from simple_grpo.server.queue import ORDERS, WHEN_FULL
 
 
@@ -16,15 +19,19 @@ class ServerConfig:
     """Reference-model server: per-token reference log-probs over HTTP, plus the rollout queue."""
     model: str = ""
     """HF hub name, local model folder, or smollm2-135m (the bundled offline model). Required."""
+    trust_remote_code: bool = False
+    """Let from_pretrained run the model's own code (models transformers does not ship)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of --model; none: the default branch."""
     host: str = "127.0.0.1"
     """Address to bind. Anything but loopback requires --token."""
     port: int = 59875
     """TCP port (0 picks a free one)."""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = "auto"
     """Model dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
-    attn_implementation: str = "auto"
+    attn_implementation: Literal[ATTN_IMPLEMENTATIONS] = "auto"
     """auto (flash_attention_2 on GPUs in half precision when flash-attn is installed, else sdpa) |
     sdpa | flash_attention_2 | eager."""
     token: str = ""
@@ -40,9 +47,9 @@ class ServerConfig:
     as many rows as keep its fp32 hidden states within it (never limited by the vocabulary size)."""
     queue_size: int = 256
     """Bound on ready + in-flight batches (0 = unbounded)."""
-    queue_order: str = "fifo"
+    queue_order: Literal[ORDERS] = "fifo"
     """Order /get hands batches out: fifo (oldest first) or lifo (newest first)."""
-    when_full: str = "block"
+    when_full: Literal[WHEN_FULL] = "block"
     """When the queue is full: block (uploads get 429 + Retry-After) or drop_oldest (counted)."""
     max_staleness: int = -1
     """Drop batches more than this many weight versions behind the newest version seen in an
@@ -61,6 +68,10 @@ class ServerConfig:
     made at the first publish. A given folder keeps its weights across restarts."""
     max_weights_mb: float = 8192.0
     """Largest weights upload in MiB (413 above it)."""
+    weight_deltas: int = 8
+    """Deltas kept besides the latest full weights file (simple_grpo/wire/delta.py): a worker up to
+    this many versions behind downloads the chain of deltas from its version (GET /weights/delta)
+    instead of the full file; 0 keeps none (every worker downloads full files)."""
     request_timeout_s: float = 60.0
     """A request's headers, and its body except a weights upload, must arrive within this many
     seconds, else the connection is closed (slow clients); idle connections close after it too."""
@@ -69,18 +80,16 @@ class ServerConfig:
     closes (idle ones close after request_timeout_s)."""
 
     def __post_init__(self):
-        if self.queue_order not in ORDERS:
-            raise UserError(f"--queue_order={self.queue_order!r}: use one of {', '.join(ORDERS)}")
-        if self.when_full not in WHEN_FULL:
-            raise UserError(f"--when_full={self.when_full!r}: use one of {', '.join(WHEN_FULL)}")
+        check_choices(self)  # the Literal fields, also for a config built in code
         if self.max_inflight < 1 or self.threads < self.max_inflight + 2:
             raise UserError(f"need --max_inflight >= 1 and --threads >= max_inflight + 2, got "
                             f"max_inflight={self.max_inflight}, threads={self.threads}")
         if (self.queue_size < 0 or self.max_body_mb <= 0 or self.max_logits_mb <= 0
                 or self.max_weights_mb <= 0 or not self.request_timeout_s > 0
-                or self.connection_limit < 1):
-            raise UserError("--queue_size must be >= 0, --max_body_mb, --max_logits_mb, "
-                            "--max_weights_mb, --request_timeout_s and --connection_limit > 0")
+                or self.connection_limit < 1 or self.weight_deltas < 0):
+            raise UserError("--queue_size and --weight_deltas must be >= 0, --max_body_mb, "
+                            "--max_logits_mb, --max_weights_mb, --request_timeout_s and "
+                            "--connection_limit > 0")
 
     @property
     def max_body_bytes(self) -> int:
@@ -93,7 +102,7 @@ class ServerConfig:
     @property
     def large_body_paths(self) -> dict[str, int]:
         """POST paths allowed bodies over max_body_bytes (waitress refuses the rest early)."""
-        return {"/weights": self.max_weights_bytes}
+        return {"/weights": self.max_weights_bytes, "/weights/delta": self.max_weights_bytes}
 
 
 def is_loopback(host: str) -> bool:

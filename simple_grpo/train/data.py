@@ -19,6 +19,10 @@
   loaded with `datasets.load_dataset(name, config, split=split)`.
 
 Fields are renamed with `question_field` / `answer_field` (the `--question_field=...` options).
+Conversational rows (OpenAI / TRL chat format) hold a list of turns `{"role": ..., "content": ...}`
+in `messages` (or in the question field): the last user turn is the question, a system turn is
+the row's system prompt (kept as `_system_prompt`; it wins over `--system_prompt`), other turns are
+not used, and the gold answer comes from `answer_field` as for other rows.
 Answers are strings; GSM8K-style answers "...reasoning...\\n#### 1,234" become the final number
 after the last "####" with commas removed ("1234"). `size` keeps a random subset of that many rows
 (chosen by `seed`, original order kept); for `rg:` tasks it is the number of rows generated.
@@ -91,7 +95,8 @@ def _split_path(task: str, split: str) -> Path:
     sibling = path.with_name(f"{path.stem}.{split}{path.suffix}")
     if not sibling.exists():
         raise UserError(f"no {split} split for {task}: put it in {sibling}, or name the files with "
-                        f"{{split}}, e.g. {path.with_name('{split}' + path.suffix)}")
+                        f"{{split}}, e.g. {path.with_name('{split}' + path.suffix)}, or name held-out "
+                        f"prompts with --eval_task")
     return sibling
 
 
@@ -143,12 +148,44 @@ def _hub(task: str, split: str) -> list[dict]:
     return [dict(row) for row in ds]
 
 
+def _text(content) -> str | None:
+    """A turn's content: a string, or the text parts of a list of parts ({"type": "text", ...})."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        return "".join(str(p.get("text", "")) for p in content if p.get("type", "text") == "text")
+    return None
+
+
+def _conversation(turns, where: str) -> dict:
+    """{"question": the last user turn, "_system_prompt": the system turn's text, if any}."""
+    if not all(isinstance(t, dict) and isinstance(t.get("role"), str) for t in turns):
+        raise UserError(f"{where}: expected a list of {{'role': ..., 'content': ...}} turns")
+    users = [t for t in turns if t["role"] == "user"]
+    if not users or _text(users[-1].get("content")) is None:
+        raise UserError(f"{where}: no user turn with text content (the last one is the question)")
+    out = {"question": _text(users[-1].get("content"))}
+    system = [_text(t.get("content")) for t in turns if t["role"] in ("system", "developer")]
+    if system and system[0] is not None:
+        out["_system_prompt"] = system[0]
+    return out
+
+
 def _rename_fields(rows: list, task: str, question_field: str, answer_field: str) -> list[dict]:
-    """Copy each row with `question` / `answer` taken from the given fields (answer normalized)."""
+    """Copy each row with `question` / `answer` taken from the given fields (answer normalized);
+    a conversational row's question (and system prompt) from its turns."""
     out = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise UserError(f"{task}: example {i} is a {type(row).__name__}, expected an object")
+        turns = row.get(question_field, row.get("messages") if question_field == "question" else None)
+        if isinstance(turns, list):
+            if answer_field not in row:
+                raise UserError(f"{task}: example {i} has no field {answer_field!r} (its fields: "
+                                f"{', '.join(map(str, row))}); set --answer_field=<field>")
+            chat = _conversation(turns, f"{task}: example {i}")
+            out.append({**row, **chat, "answer": normalize_answer(row[answer_field])})
+            continue
         for field, option in ((question_field, "question_field"), (answer_field, "answer_field")):
             if field not in row:
                 raise UserError(f"{task}: example {i} has no field {field!r} (its fields: "
@@ -190,22 +227,37 @@ def load_examples(task: str, split: str = "train", *, seed: int = 0,
     return examples
 
 
-def render_prompt(tokenizer, question: str, system_prompt: str | None) -> str:
-    """The chat-formatted prompt text: [system], user question, then the assistant header."""
+def load_eval_examples(task: str, eval_task: str | None = None, split: str = "test", **kw) -> list[dict]:
+    """The held-out examples (--eval_task, --eval_split): `eval_task` when given, in any form of
+    `task`, where a local file without {split} in its path is read whole; else `task`'s `split`
+    (a local file's: its sibling, see the module docstring). `kw`: load_examples' keywords."""
+    if not eval_task:
+        return load_examples(task, split, **kw)
+    if eval_task.endswith(FILE_SUFFIXES) and "{split}" not in eval_task:
+        return load_examples(eval_task, "train", **kw)  # a file's train split is the file itself
+    return load_examples(eval_task, split, **kw)
+
+
+def render_prompt(tokenizer, question: str, system_prompt: str | None, **template_kwargs) -> str:
+    """The chat-formatted prompt text: [system], user question, then the assistant header;
+    `template_kwargs` are extra variables of the chat template (e.g. enable_thinking=False)."""
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
                         "use an instruct/chat model")
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": question})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **template_kwargs)
     assert isinstance(text, str), f"apply_chat_template returned {type(text).__name__}, not str"
     return text
 
 
-def prompt_renderer(tokenizer, system_prompt: str | None):
-    """example -> rendered prompt text (system_prompt None: DEFAULT_SYSTEM_PROMPT)."""
+def prompt_renderer(tokenizer, system_prompt: str | None, chat_template_kwargs: dict | None = None):
+    """example -> rendered prompt text. The system prompt is the example's own (`_system_prompt`,
+    from a conversational row), else `system_prompt`: None is DEFAULT_SYSTEM_PROMPT, "" none."""
     system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
-    return lambda ex: render_prompt(tokenizer, ex["question"], system)
+    kw = dict(chat_template_kwargs or {})
+    return lambda ex: render_prompt(tokenizer, ex["question"], ex.get("_system_prompt", system), **kw)
 
 
 class PromptStream:

@@ -185,13 +185,13 @@ def offloaded(config: dict) -> bool:
     return ((config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") == "cpu"
 
 
-def cpu_adam(params, *, lr: float, weight_decay: float):
+def cpu_adam(params, *, lr: float, weight_decay: float, betas: tuple[float, float] = BETAS):
     """DeepSpeed's CPU AdamW (what ZeRO-Offload steps on the CPU); one UserError line when its
     C++ extension cannot be built or loaded."""
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay,
+        return DeepSpeedCPUAdam(params, lr=lr, betas=tuple(betas), eps=EPS, weight_decay=weight_decay,
                                 adamw_mode=True)
     except Exception as e:  # noqa: BLE001 - a failed JIT build raises RuntimeError/OSError/...
         chain = [e]
@@ -205,9 +205,32 @@ def cpu_adam(params, *, lr: float, weight_decay: float):
                         f"{CPU_ADAM_HELP}") from None
 
 
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}  # get_scheduler's
+
+
+def lr_schedule(opt, name: str, warmup_steps: int, total_steps: int):
+    """transformers.get_scheduler's `name` schedule (linear warm-up over `warmup_steps`, then constant
+    or a linear / cosine decay) as a LambdaLR, shifted by one step: the k-th update (k = 0, 1, ...)
+    uses its value after k + 1 steps, of total_steps + 1, so neither the first update (0 during
+    warm-up) nor the last (0 at the end of a decay) trains at lr 0. DeepSpeed steps it after each
+    optimizer step and keeps its state in checkpoints."""
+    import warnings
+
+    from transformers import get_scheduler
+
+    sched = get_scheduler(SCHEDULES[name], opt, num_warmup_steps=max(0, warmup_steps),
+                          num_training_steps=max(1, total_steps) + 1)
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose
+        warnings.simplefilter("ignore")
+        sched.step()
+    return sched
+
+
 def build_engine(model, *, lr: float, weight_decay: float, warmup_steps: int, config: dict,
-                 device: torch.device | None = None):
-    """DeepSpeed engine with AdamW and a linear warm-up (then constant) learning rate.
+                 device: torch.device | None = None, lr_scheduler: str = "constant", total_steps: int = 1,
+                 betas: tuple[float, float] = BETAS):
+    """DeepSpeed engine with AdamW (`betas`) and a learning rate warmed up linearly over
+    `warmup_steps`, then constant, or decayed (linear, cosine) over `total_steps` (lr_schedule).
 
     `device`: the rank's device (init_distributed's choice). DeepSpeed would otherwise select
     GPU LOCAL_RANK itself, which does not exist when ranks share a GPU or each task sees one.
@@ -220,12 +243,11 @@ def build_engine(model, *, lr: float, weight_decay: float, warmup_steps: int, co
 
     params = [p for p in model.parameters() if p.requires_grad]
     if offloaded(config):
-        opt = cpu_adam(params, lr=lr, weight_decay=weight_decay)
+        opt = cpu_adam(params, lr=lr, weight_decay=weight_decay, betas=betas)
     else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=BETAS, eps=EPS,
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=EPS,
                                 fused=True)
-    warm = max(1, warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    sched = lr_schedule(opt, lr_scheduler, warmup_steps, total_steps)
     args = None if device is None or device.index is None else SimpleNamespace(device_rank=device.index)
     engine, _, _, _ = deepspeed.initialize(args=args, model=model, optimizer=opt, lr_scheduler=sched,
                                            config=config)

@@ -17,14 +17,17 @@ from simple_grpo.train import collectives, lora, offpolicy, policy_step, rollout
 from simple_grpo.train.reward_registry import RewardSpec, parse_reward_specs
 from simple_grpo.train.rollout_source import RefConnection
 from simple_grpo.wire.codec import RolloutBatch
+from simple_grpo.wire.contract import BatchContract
 
 
 def reward_specs(cfg) -> list[RewardSpec]:
     """The configured reward functions, plus DAPO's soft overlong punishment when enabled."""
-    if cfg.rewards is None:
-        from simple_grpo.train.reward_registry import load_rewards
+    from simple_grpo.train.reward_registry import default_rewards, load_rewards_file
 
-        specs = list(load_rewards().DEFAULT_REWARDS)
+    if cfg.rewards_file:  # the user's reward functions, beside rewards.py's
+        load_rewards_file(cfg.rewards_file)
+    if cfg.rewards is None:
+        specs = default_rewards(cfg.rewards_file)
     else:
         specs = parse_reward_specs(cfg.rewards)
     if cfg.overlong_reward and not any(s.name == "overlong" for s in specs):
@@ -49,16 +52,25 @@ class StepContext:
     ref: RefConnection | None
     settings: rollout.SampleSettings  # config.sample_settings(cfg)
     filter_metric: str  # config.dynamic_filter_metric(cfg, specs)
+    contract: BatchContract | None = None  # batch_contract.expected_contract: on our batches
+    overlap: object | None = None  # sampler.Overlap: the sampler's batches, while it runs
 
 
 def step(ctx: StepContext, weight_version: int):
     """Take a worker's batch that is ready in the queue, else generate + score our own (unless
     --generate_locally=false: then wait for workers) and, with a server, exchange it for the next
-    ready batch (ours with reference log-probs, or a worker's); then the policy update
+    ready batch (ours with reference log-probs, or a worker's); with --overlap, while the sampler
+    runs, its batch from the queue (simple_grpo/train/sampler.py); then the policy update
     -> (metrics averaged over ranks, our rollout or None, the trained batch's provenance)."""
     c = ctx.cfg
     roll, batch, pending = None, None, None
-    if c.generate_locally and ctx.ref is not None:  # workers' batches waiting: train on those first
+    overlapped = ctx.overlap is not None and ctx.overlap.running  # decided before the step (all ranks)
+    if overlapped:  # the sampler's batch, sampled while the last step trained (None: it died)
+        got = ctx.ref.next_batch(weight_version, stop=ctx.overlap.stopped)
+        if got is not None:
+            pending = Future()
+            pending.set_result(got)
+    if c.generate_locally and ctx.ref is not None and not overlapped:  # workers' batches first
         ready = ctx.ref.ready_batch(weight_version)
         if ready is not None:
             pending = Future()
@@ -74,6 +86,7 @@ def step(ctx: StepContext, weight_version: int):
                                     record_logprobs=ctx.ref is not None or c.tis != "off")  # policy if late
         batch = roll.batch
         batch.batch_id = uuid.uuid4().hex  # to recognise our batch when it comes back from the queue
+        batch.contract = ctx.contract  # what the queue's batches are checked against: ours too
         batch.meta.update(producer=f"trainer-{ctx.dist.rank}",
                           reward_breakdown=rollout.json_breakdown(roll.breakdown))
     if ctx.ref is not None and pending is None:
@@ -90,11 +103,11 @@ def step(ctx: StepContext, weight_version: int):
         loss_kw=ctx.loss_kw, eos_ids=ctx.eos_ids, overlong_filter=c.overlong_filter,
         temperature=c.temperature, world_size=ctx.dist.world_size, device=ctx.dist.device,
         ref_pending=pending, weight_version=weight_version, tis=TISSettings.from_config(c),
-        max_logits_bytes=c.max_logits_mb << 20)
+        offpolicy_clip_c=c.offpolicy_clip_c, max_logits_bytes=c.max_logits_mb << 20)
     if ref_seconds is not None:
         m["ref_seconds"] = ref_seconds
     metrics = {**(roll.stats if roll is not None else {"gen_seconds": 0.0}), **m,
-               "local_generation": float(roll is not None),
+               "local_generation": float(roll is not None), "overlap_batch": float(overlapped and roll is None),
                **batch_stats(trained, weight_version, c.eval_reward)}
     if ctx.ref is not None:
         metrics.update({k: float(v) for k, v in ctx.ref.counts.items()})
@@ -122,6 +135,8 @@ def batch_stats(batch: RolloutBatch, weight_version: int, eval_reward: str) -> d
     return out | {"reward_mean": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()),
             "completion_len_mean": float(lens.mean()), "completion_len_max": float(lens.max()),
             "batch_staleness": float(weight_version - batch.weight_version),
+            "topped_up_frac": 0.0 if batch.loss_rows is None else  # rows outside the loss
+            float((~batch.loss_rows).float().mean()),
             "remote_batch": float(not offpolicy.is_trainer_batch(batch))}
 
 

@@ -24,10 +24,13 @@ from simple_grpo.wire.codec import RolloutBatch
 
 def loss_mask(batch: RolloutBatch, truncated_B: torch.Tensor, overlong_filter: bool) -> torch.Tensor:
     """[B, C] bool: completion tokens that enter the loss (DAPO's overlong filter drops the rows
-    `truncated_B` marks: masks.truncated of the batch, computed once per step)."""
+    `truncated_B` marks: masks.truncated of the batch, computed once per step; rows whose
+    `batch.loss_rows` is False, e.g. dynamic sampling's top-ups, are dropped too)."""
     mask_BC = mask_from_lengths(batch.completion_lens, batch.completion_ids.shape[1])
     if overlong_filter:
         mask_BC &= ~truncated_B[:, None]
+    if batch.loss_rows is not None:
+        mask_BC &= batch.loss_rows[:, None]
     return mask_BC
 
 

@@ -20,6 +20,14 @@ A publish that is due while the previous one is still uploading waits for it (on
 snapshot at most: a newer one replaces it, counted in publish_skipped), so the newest version
 always reaches the server; a failed one is reported and the next one is tried as usual. Training
 never waits on an upload, only on the CPU copy.
+
+Deltas: the snapshot of the last version the server accepted is kept (one extra CPU copy in the
+publish dtype; the GPU is never read again for it), and the next version goes up as a delta
+against it (`wire.delta`: the byte-wise XOR of the two files, zstd-compressed; POST /weights/delta)
+when the two files have the same length. The full file goes instead for the first publish, every
+`full_every` versions (0: only when needed), when the delta is not smaller than half the file,
+and when the server no longer holds the base (412: restarted without --weights_dir, a new run).
+`publish_delta` (1 delta, 0 full) and `publish_bytes` (bytes sent) describe the last upload.
 """
 from __future__ import annotations
 
@@ -32,8 +40,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from simple_grpo.train import lora
+from simple_grpo.wire import delta
 from simple_grpo.wire.client import RefClient, RefServerError, RefServerUnavailable
 from simple_grpo.wire.weights import iter_state_dict_safetensors
+
+FULL_EVERY = 50  # --weights_full_every's default
 
 
 def published_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -76,8 +87,10 @@ class WeightPublisher:
     """Publishes snapshots of a module's weights in a background thread; see the module doc."""
 
     def __init__(self, client: RefClient, dtype: torch.dtype | None = None,
-                 log=lambda msg: print(msg, file=sys.stderr, flush=True)):
-        self.client, self.dtype, self.log = client, dtype, log
+                 log=lambda msg: print(msg, file=sys.stderr, flush=True), full_every: int = FULL_EVERY):
+        self.client, self.dtype, self.log, self.full_every = client, dtype, log, full_every
+        self._base: dict | None = None  # the last version the server accepted: snapshot, version, size
+        self._deltas_in_row = 0  # deltas since the last full upload
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-weights")
         self._pending: Future | None = None
         self._next: tuple[dict, int] | None = None  # the snapshot waiting for the upload in flight
@@ -85,7 +98,9 @@ class WeightPublisher:
         self._lock = threading.Lock()
         self.stats = {"published_version": -1.0, "publish_seconds": 0.0, "snapshot_seconds": 0.0,
                       "publish_mb": 0.0, "publishes": 0.0, "publish_skipped": 0.0,
-                      "publish_failures": 0.0, "workers_seen": 0.0}
+                      "publish_failures": 0.0, "workers_seen": 0.0, "publish_bytes": 0.0,
+                      "publish_delta": 0.0, "publish_deltas": 0.0, "publish_fulls": 0.0,
+                      "publish_bytes_total": 0.0}
         self.disabled: str | None = None  # why publishing is off (the weights exceed the server's limit)
 
     def step_end(self, module: torch.nn.Module, version: int, step: int, every: int,
@@ -155,22 +170,59 @@ class WeightPublisher:
               version: int) -> None:
         t0 = time.perf_counter()
         tensors, aliases, extra = snapshot  # extra: the LoRA adapter marker (simple_grpo/train/lora.py)
+        metadata = {"version": str(version), "aliases": json.dumps(aliases), **extra}
+        current = {"tensors": tensors, "metadata": metadata, "version": version,
+                   "size": file_size(tensors, metadata)}
         try:
-            meta = self.client.publish_weights(iter_state_dict_safetensors(
-                tensors, metadata={"version": str(version), "aliases": json.dumps(aliases), **extra}),
-                version=version)
+            sent = self._send_delta(current) if self._delta_due(current) else None
+            if sent is None:
+                meta = self.client.publish_weights(_stream(current), version=version)
+                sent = (meta, meta.get("bytes", 0))
         except RefServerError as e:
-            if e.status == 409:  # the server already has this version (a resumed run): fine
+            if e.status == 409:  # the server already has this version (a resumed run): fine, and
+                self._base = current  # most likely this very file (else a delta gets 412: full)
                 return
             self._failed(version, e)
             return
         except RefServerUnavailable as e:
             self._failed(version, e)
             return
+        meta, nbytes = sent
+        is_delta = "delta_bytes" in meta
+        self._base = {**current, "sha256": meta.get("sha256")}  # the next base; the old one is freed
+        self._deltas_in_row = self._deltas_in_row + 1 if is_delta else 0
         with self._lock:
             self.stats.update(published_version=float(version), publishes=self.stats["publishes"] + 1,
                               publish_seconds=time.perf_counter() - t0,
-                              publish_mb=meta.get("bytes", 0) / 2**20)
+                              publish_mb=meta.get("bytes", 0) / 2**20, publish_bytes=float(nbytes),
+                              publish_delta=float(is_delta),
+                              publish_bytes_total=self.stats["publish_bytes_total"] + nbytes)
+            self.stats["publish_deltas" if is_delta else "publish_fulls"] += 1
+
+    def _delta_due(self, current: dict) -> bool:
+        """A delta against the last accepted version can go (the full file is due otherwise)."""
+        base = self._base
+        periodic = self.full_every > 0 and self._deltas_in_row + 1 >= self.full_every
+        return base is not None and base["size"] == current["size"] and not periodic \
+            and base["version"] < current["version"]
+
+    def _send_delta(self, current: dict) -> tuple[dict, int] | None:
+        """Upload `current` as a delta against the base -> (the server's answer, bytes sent), or
+        None when the full file should go (the delta is not smaller than half of it, or the server
+        does not hold the base: 412)."""
+        base = self._base
+        enc = delta.encode_delta(_stream(base), _stream(current), from_version=base["version"],
+                                 to_version=current["version"], max_body_bytes=current["size"] // 2,
+                                 base_sha256=base.get("sha256"))
+        if enc is None:
+            return None
+        with enc:
+            try:
+                return self.client.publish_delta(enc.chunks(), current["version"], base["version"]), enc.size
+            except RefServerError as e:
+                if e.status == 412:
+                    return None
+                raise
 
     def _failed(self, version: int, e: Exception) -> None:
         with self._lock:
@@ -187,6 +239,17 @@ class WeightPublisher:
         if self._pending is not None:
             self._pending.result()
         self._pool.shutdown(wait=True)
+
+
+def _stream(published: dict):
+    """The published file of a kept snapshot, as byte chunks."""
+    return iter_state_dict_safetensors(published["tensors"], metadata=published["metadata"])
+
+
+def file_size(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+    """Bytes of the safetensors file `iter_state_dict_safetensors(tensors, metadata=metadata)`."""
+    header = next(iter_state_dict_safetensors(tensors, metadata=metadata))
+    return len(header) + sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def publisher_for(cfg, dist, ref, version: int) -> WeightPublisher | None:
@@ -206,4 +269,4 @@ def publisher_for(cfg, dist, ref, version: int) -> WeightPublisher | None:
         raise UserError(f"the reference server at {client.url} holds weight version {held}, newer "
                         f"than this run's {version} (weights of another run?): restart it, or give "
                         f"it another --weights_dir")
-    return WeightPublisher(client, dtype=dtype)
+    return WeightPublisher(client, dtype=dtype, full_every=cfg.weights_full_every)

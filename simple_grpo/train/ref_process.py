@@ -65,13 +65,24 @@ class RefProcess:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout)
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds; nothing when it has already exited."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def model_args(cfg) -> list[str]:
+    """The server options that load the trainer's --model the way the trainer does."""
+    return (["--trust_remote_code"] if cfg.trust_remote_code else []) + \
+        ([f"--revision={cfg.revision}"] if cfg.revision else [])
 
 
 SPLIT_LAUNCH = ("CUDA_VISIBLE_DEVICES=7 python ref_server.py --model=MODEL --port=59875 &  then  "

@@ -1,7 +1,9 @@
 """Reward machinery: a registry of reward functions by name, weighted combination, CLI parsing.
 
 A reward function is a plain ``(completion: str, example: dict) -> float``. The user-facing ones
-live in the top-level ``rewards.py`` and register themselves with ``@register("name")``.
+live in the top-level ``rewards.py`` and register themselves with ``@register("name")``; a user's
+own file of them is loaded beside those with ``--rewards_file=my_rewards.py``
+(:func:`load_rewards_file`).
 
 Besides the dataset's own fields (``"prompt"``, ``"answer"``, ...), the trainer puts a few
 generation facts into each example dict before calling the rewards. Their keys start with an
@@ -76,9 +78,9 @@ def load_rewards(path: str | Path | None = None) -> Any:
     """Import the rewards module so that its ``@register`` calls run, and return it.
 
     With no ``path``, imports the top-level ``rewards`` module (``rewards.py`` at the repo root,
-    which must be on ``sys.path``). With a path, loads that file as the module ``rewards``
-    (e.g. a user's own ``--rewards-file my_rewards.py``). The module's ``DEFAULT_REWARDS`` holds
-    the default list of :class:`RewardSpec`.
+    which must be on ``sys.path``). With a path, loads that file as the module ``rewards``, in
+    place of rewards.py (``--rewards_file`` adds a file beside it instead: :func:`load_rewards_file`).
+    The module's ``DEFAULT_REWARDS`` holds the default list of :class:`RewardSpec`.
     """
     if path is None:
         try:
@@ -99,6 +101,50 @@ def load_rewards(path: str | Path | None = None) -> Any:
     sys.modules[_REWARDS_MODULE] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_rewards_file(path: str | Path) -> Any:
+    """``--rewards_file``: import the user's file of reward functions after ``rewards.py``, so its
+    ``@register`` names join the built-in ones (a name taken twice is a :class:`UserError`), and
+    return it (its optional ``DEFAULT_REWARDS`` replaces rewards.py's). Loaded once per file."""
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise UserError(f"--rewards_file {str(path)!r} does not exist")
+    import hashlib
+
+    name = f"user_rewards_{file.stem}_{hashlib.sha1(str(file).encode()).hexdigest()[:8]}"  # one per file
+    if name in sys.modules:
+        return sys.modules[name]
+    try:
+        load_rewards()  # the built-in rewards first
+    except UserError:
+        pass  # rewards.py not importable from here: the user's file alone
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise UserError(f"--rewards_file {str(path)!r} cannot be loaded as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except UserError:
+        del sys.modules[name]
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's code: say where it failed, in one line
+        del sys.modules[name]
+        import traceback
+
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == str(file)]
+        line = e.lineno if isinstance(e, SyntaxError) else (frames[-1].lineno if frames else None)
+        raise UserError(f"--rewards_file {str(path)!r} failed to load{f' at line {line}' if line else ''}: "
+                        f"{type(e).__name__}: {e}") from None
+    return module
+
+
+def default_rewards(rewards_file: str | Path | None = None) -> list[RewardSpec]:
+    """The rewards used without --rewards: ``DEFAULT_REWARDS`` of the --rewards_file when it has
+    one, else rewards.py's."""
+    user = load_rewards_file(rewards_file) if rewards_file else None
+    return list(getattr(user, "DEFAULT_REWARDS", None) or load_rewards().DEFAULT_REWARDS)
 
 
 def get_reward(name: str) -> RewardFn:

@@ -58,8 +58,11 @@ def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: lis
            greedy: bool = False, repeat: int | None = None, share_prefill: bool = True,
            record_logprobs: bool = False):
     """-> prompt_ids [n*G, P], prompt_lens [n*G], completion_ids [n*G, C], completion_lens [n*G],
-    and with `record_logprobs` also the sampling log-probs [n*G, C] of the generated tokens
-    (log_softmax(logits / temperature) of the model as it sampled; 0 past each length).
+    and with `record_logprobs` also the sampling log-probs [n*G, C] of the generated tokens: each
+    token's log-prob under the distribution it was drawn from (logits / temperature, EOS at -inf
+    before min_new_tokens, the top-p nucleus renormalised; 0 past each length). They are the
+    behaviour policy of importance weights, so with top_p < 1 they differ from the trainer's
+    whole-vocabulary log-probs by -log(nucleus mass) per token.
     `s.sampler` picks our decode loop (simple_grpo.algo.decode) or HF `generate`."""
     G = s.num_generations if repeat is None else repeat
     device = next(model.parameters()).device
@@ -76,7 +79,7 @@ def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: lis
         completion_ids_NC, logp_NC = d.completion_ids_NC, d.logprobs_NC
     else:
         completion_ids_NC, logp_NC = _hf_generate(model, tokenizer, ids_nP, attn_nP, G, s, eos_ids, greedy,
-                                                  share_prefill, record_logprobs, temperature)
+                                                  share_prefill, record_logprobs)
     model.train(was_training)
     completion_lens_N = lengths_from_eos(completion_ids_NC, eos_ids)
     result = (ids_nP.repeat_interleave(G, 0).cpu(), attn_nP.sum(1).repeat_interleave(G, 0).cpu(),
@@ -88,12 +91,13 @@ def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: lis
 
 
 class _RecordLogprobs:
-    """A logits processor that sees each step's raw logits first and keeps one step's
-    log_softmax(logits / T) [N, V]: at the next step (or `finish`) it takes the log-prob of the
-    token sampled from it. Memory: one step's logits, not every step's (`output_logits`)."""
+    """The last logits processor: it sees each step's scores after the EOS mask, temperature and
+    top-p, i.e. the distribution generate samples from, and keeps one step's log_softmax [N, V]: at
+    the next step (or `finish`) it takes the log-prob of the token sampled from it. Memory: one
+    step's scores, not every step's (`output_logits`)."""
 
-    def __init__(self, temperature: float):
-        self.temperature, self.prev_NV, self.logps = temperature, None, []
+    def __init__(self):
+        self.prev_NV, self.logps = None, []
 
     def _take(self, tok_N: torch.Tensor) -> None:
         if self.prev_NV is not None:
@@ -102,7 +106,7 @@ class _RecordLogprobs:
     def __call__(self, input_ids, scores):
         if self.prev_NV is not None:
             self._take(input_ids[:, -1])
-        self.prev_NV = torch.log_softmax(scores.float() / self.temperature, -1)
+        self.prev_NV = torch.log_softmax(scores.float(), -1)  # already / T and filtered
         return scores
 
     def finish(self, completion_ids_NC: torch.Tensor) -> torch.Tensor:
@@ -113,18 +117,20 @@ class _RecordLogprobs:
 
 
 def _hf_generate(model, tokenizer, ids_nP, attn_nP, G, s: SampleSettings, eos_ids, greedy, share_prefill,
-                 record_logprobs, temperature):
+                 record_logprobs):
     """`model.generate` -> (completion ids [n*G, C], sampling log-probs [n*G, C] or None).
 
-    The processors are ours, in this order: record the raw logits' log-probs, hold EOS back
-    for min_new_tokens, then temperature and top-p (generate's own ones stay off), so the
-    recorded log-probs are the trainer's: log_softmax(logits / T) of the whole vocabulary."""
+    The processors are ours, in this order: hold EOS back for min_new_tokens, temperature, top-p
+    (generate's own ones stay off), then record. So the recorded log-probs are those of the
+    distribution sampled from (the renormalised nucleus), the behaviour policy of importance
+    weights: with top_p < 1 they exceed the trainer's whole-vocabulary log_softmax(logits / T) by
+    -log Z per token (Z: the nucleus mass)."""
     from transformers import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor, TemperatureLogitsWarper,
                               TopPLogitsWarper)
 
     prompt_ids_NP, attn_NP = ids_nP.repeat_interleave(G, 0), attn_nP.repeat_interleave(G, 0)
-    recorder = _RecordLogprobs(temperature) if record_logprobs else None
-    procs = LogitsProcessorList([recorder] if recorder else [])
+    recorder = _RecordLogprobs() if record_logprobs else None
+    procs = LogitsProcessorList()
     if s.min_new_tokens:
         procs.append(MinNewTokensLengthLogitsProcessor(prompt_ids_NP.shape[1], s.min_new_tokens, eos_ids,
                                                        device=str(ids_nP.device)))
@@ -134,6 +140,8 @@ def _hf_generate(model, tokenizer, ids_nP, attn_nP, G, s: SampleSettings, eos_id
         procs.append(TemperatureLogitsWarper(s.temperature))
         if s.top_p < 1.0:
             procs.append(TopPLogitsWarper(s.top_p))
+    if recorder is not None:
+        procs.append(recorder)  # last: it sees exactly the scores generate samples from
     if G > 1 and share_prefill and ids_nP.shape[1] > 1:
         # every prompt token but the last, once per prompt; generate() runs the last one per row
         cache, _ = prefill(model, ids_nP[:, :-1], attn_nP[:, :-1], G, in_place=False)
@@ -177,7 +185,11 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
     """Generate and score `n_prompts` groups of G; with dynamic sampling keep only groups whose
     `filter_metric` values differ ('reward': the weighted total; a reward's name: its unweighted
     value, e.g. correctness as in DAPO), refilling with new prompts for at most
-    `max_refill_rounds` extra rounds (zero_var_frac counts groups flat in that metric).
+    `max_refill_rounds` extra rounds (zero_var_frac counts groups flat in that metric). When the
+    rounds run out, flat groups top the batch up (topped_up_groups; topped_up_frac of the rows):
+    their rows get advantage 0 and loss_rows False, outside the loss and its counts (flat in the
+    metric, what differs is noise: DAPO's length penalty alone, scaled by 1 / std); loss_rows is
+    None when nothing was topped up.
     `record_logprobs` stores the sampling log-probs as the batch's gen_logprobs (workers)."""
     G = s.num_generations
     kept: list[tuple] = []  # (example, prompt_ids, prompt_lens, comp_ids, comp_lens, rewards, texts,
@@ -185,7 +197,7 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
     spare: list[tuple] = []  # zero-variance groups, used to top up when refills run out
     stats = {"refill_rounds": 0.0, "zero_var_frac": 0.0, "reward_failures": 0.0,
              "topped_up_groups": 0.0}
-    t0, rounds, generated_groups = time.perf_counter(), 0, 0
+    t0, rounds, generated_groups, n_top = time.perf_counter(), 0, 0, 0  # n_top: last groups of kept
     while len(kept) < n_prompts:
         want = n_prompts - len(kept)
         examples = stream.next_batch(want)
@@ -212,9 +224,9 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
         if len(kept) >= n_prompts or not dynamic_sampling:
             break
         if rounds >= max_refill_rounds:
-            top_up = spare[: n_prompts - len(kept)]  # flat in the metric (filtering on 'reward':
-            #                                          zero advantages, only the KL term acts)
-            stats["topped_up_groups"] = float(len(top_up))
+            top_up = spare[: n_prompts - len(kept)]  # flat in the metric: outside the loss, below
+            n_top = len(top_up)
+            stats["topped_up_groups"] = float(n_top)
             kept += top_up
             break
         rounds += 1
@@ -223,6 +235,11 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
     pad = tokenizer.pad_token_id
     rewards_N = torch.cat([g[5] for g in kept])
     adv_N = group_advantages(rewards_N.view(-1, G).double(), scale=scale).float().view(-1)
+    loss_rows_N = None  # [N] bool: False for the topped-up rows (the last n_top groups)
+    if n_top:
+        loss_rows_N = torch.arange(len(kept) * G) < (len(kept) - n_top) * G
+        adv_N = adv_N.masked_fill(~loss_rows_N, 0.0)
+    stats["topped_up_frac"] = n_top / len(kept)
     c_ids = pad_cat([g[3] for g in kept], pad, left=False)
     c_lens = torch.cat([g[4] for g in kept])
     batch = RolloutBatch(prompt_ids=pad_cat([g[1] for g in kept], pad, left=True),
@@ -231,7 +248,7 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
                          weight_version=weight_version, meta={"group_size": G},
                          temperature=s.temperature,
                          gen_logprobs=pad_cat([g[8] for g in kept], 0, left=False) if record_logprobs
-                         else None)
+                         else None, loss_rows=loss_rows_N)
     breakdown = {k: [x for g in kept for x in g[7][k]] for k in kept[0][7]}
     stats.update(generated_groups=float(generated_groups), gen_seconds=time.perf_counter() - t0,
                  completion_len_mean=float(c_lens.float().mean()),

@@ -7,8 +7,12 @@ Every batch taken from the queue is checked before it is trained on:
   * shape: a batch of another size than one rank's share of a step (a worker started with other
     --prompts_per_step / --num_generations / --trainer_ranks) -> dropped, counted in
     `counts["rejected_batches"]`, with a one-line warning naming the fix;
-  * temperature: sampled at another temperature than the trainer's (its log-probs, the reference's
-    and the policy's would not match) -> dropped the same way.
+  * contract: a batch made with other settings than the trainer's (its BatchContract,
+    simple_grpo/wire/contract.py: advantage scale, rewards and weights, dynamic sampling and its
+    filter metric, max/min new tokens, top-p, temperature, group size, overlong cache, base model),
+    or carrying none -> dropped the same way, one warning line per differing field naming both
+    values, the producer and the option to fix.
+Each distinct warning is printed once.
 The server hands each uploaded batch out at most once, and the trainer also remembers the ids it
 took (a worker that re-sends a batch to a restarted server cannot make it train one twice).
 
@@ -24,25 +28,28 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from simple_grpo.errors import UserError
 from simple_grpo.train import collectives
+from simple_grpo.train.batch_contract import FIXES
 from simple_grpo.wire.codec import RolloutBatch
+from simple_grpo.wire.contract import BatchContract, contract_differences
 
 
 class RefConnection:
     """The reference server as the trainer sees it; see the module docstring."""
 
     def __init__(self, url: str, token: str | None, timeout: float, process=None, *,
-                 batch_rows: int | None = None, group_size: int | None = None,
-                 max_staleness: int = -1, temperature: float | None = None):
+                 batch_rows: int | None = None, max_staleness: int = -1,
+                 contract: BatchContract | None = None):
         from simple_grpo.wire.client import RefClient
 
         self.url, self.timeout, self.process = url, timeout, process
-        self.batch_rows, self.group_size, self.max_staleness = batch_rows, group_size, max_staleness
-        self.temperature = temperature  # None: batches of any temperature are taken
+        self.batch_rows, self.max_staleness = batch_rows, max_staleness
+        self.contract = contract  # None: batches made with any settings are taken (tests, tools)
         self.client = RefClient(url, token=token, retries=2, max_backoff_s=2.0)
         self.counts = {"stale_dropped": 0, "rejected_batches": 0, "duplicates_dropped": 0,
                        "server_restarts": 0, "rollouts_resent": 0, "queue_full_bypass": 0}
@@ -110,32 +117,42 @@ class RefConnection:
         if self.max_staleness >= 0 and weight_version - b.weight_version > self.max_staleness:
             self.counts["stale_dropped"] += 1
             return False
-        G = b.meta.get("group_size")
-        if (self.batch_rows and b.batch_size != self.batch_rows) or \
-                (self.group_size and G is not None and G != self.group_size):
-            self.counts["rejected_batches"] += 1
-            why = (f"{b.batch_size} rows in groups of {G}, this trainer takes {self.batch_rows} "
-                   f"in groups of {self.group_size}")
-            if why not in self._warned:
-                self._warned.add(why)
-                print(f"[trainer] dropping a batch from {b.meta.get('producer', '?')}: {why} (start "
-                      f"workers with the trainer's --prompts_per_step, --num_generations and "
-                      f"--trainer_ranks=<its ranks>)", file=sys.stderr, flush=True)
+        if self.batch_rows and b.batch_size != self.batch_rows:
+            self._reject(b, f"{b.batch_size} rows, this trainer takes {self.batch_rows}",
+                         "--prompts_per_step, --num_generations and --trainer_ranks=<its ranks>")
             return False
-        if self.temperature is not None and b.temperature != self.temperature:
-            self.counts["rejected_batches"] += 1
-            why = f"sampled at temperature {b.temperature}, this trainer trains at {self.temperature}"
-            if why not in self._warned:
-                self._warned.add(why)
-                print(f"[trainer] dropping a batch from {b.meta.get('producer', '?')}: {why} (start "
-                      f"workers with the trainer's --temperature)", file=sys.stderr, flush=True)
+        if self.contract is None:
+            return True
+        if b.contract is None:
+            self._reject(b, "it carries no batch contract", None)
             return False
-        return True
+        fields = contract_differences(self.contract, b.contract)
+        for name in fields:
+            self._reject(b, f"its {name} is {getattr(b.contract, name)!r}, this trainer's is "
+                            f"{getattr(self.contract, name)!r}", FIXES[name], count=False)
+        if fields:
+            self.counts["rejected_batches"] += 1
+        return not fields
 
-    def next_batch(self, weight_version: int) -> RolloutBatch:
-        """The next usable ready batch (ours or a worker's), reporting our version to the server."""
+    def _reject(self, b: RolloutBatch, why: str, fix: str | None, count: bool = True) -> None:
+        """Count a dropped batch (unless `count` is False) and warn once per distinct `why`."""
+        if count:
+            self.counts["rejected_batches"] += 1
+        if why in self._warned:
+            return
+        self._warned.add(why)
+        how = f"start workers with the trainer's {fix}" if fix else \
+            "start workers with this version's grpo_ref_split.py --mode=generate"
+        print(f"[trainer] dropping a batch from {b.meta.get('producer', '?')}: {why} ({how})",
+              file=sys.stderr, flush=True)
+
+    def next_batch(self, weight_version: int, stop: Callable[[], bool] | None = None) -> RolloutBatch | None:
+        """The next usable ready batch (ours or a worker's), reporting our version to the server;
+        None when `stop()` turns true while waiting (the overlap sampler has died)."""
         deadline = time.monotonic() + self.timeout
         while True:
+            if stop is not None and stop():
+                return None
             mine = self._outstanding.batch_id if self._outstanding is not None else None
             got = self._call(lambda: self.client.get(wait_s=1.0, weight_version=weight_version,
                                                      prefer=mine), True)
@@ -196,15 +213,17 @@ class RefTarget:
     url: str
     token: str | None
     process: object | None = None  # the RefProcess, on the rank that started it
+    device: str | None = None  # where the trainer started it (the overlap sampler goes there too)
 
 
-def start_ref(cfg, dist) -> RefTarget | None:
+def start_ref(cfg, dist, overlap: bool = False) -> RefTarget | None:
     """Before the slow work: None when no server is needed (no --ref_url, generating locally, and
-    beta == 0 or LoRA, whose reference is the trainer's own model with the adapter disabled). A
+    beta == 0 or LoRA, whose reference is the trainer's own model with the adapter disabled; with
+    `overlap` the server is needed as the sampler's queue whatever beta is). A
     named --ref_url must answer /health (waiting up to --ref_timeout, else one line). Otherwise
     global rank 0 starts a server child process (ref_process: placement, several nodes) while
     every rank loads its model, and all ranks get its URL and token."""
-    if (cfg.beta == 0 or cfg.lora_r > 0) and not cfg.ref_url and cfg.generate_locally:
+    if (cfg.beta == 0 or cfg.lora_r > 0) and not cfg.ref_url and cfg.generate_locally and not overlap:
         return None
     if cfg.ref_url:
         from simple_grpo.wire.client import RefClient
@@ -226,23 +245,25 @@ def start_ref(cfg, dist) -> RefTarget | None:
         inflight = max(8, dist.world_size + 2)  # every rank may upload at once (else 503 + retry)
         threads += [f"--max_inflight={inflight}", f"--threads={inflight + 8}"]
         process = ref_process.RefProcess(resolve_model_path(cfg.model), dtype=cfg.dtype, device=device,
-                                         host=host, token=token, extra=threads)
-        where = {"url": process.url, "token": token}
+                                         host=host, token=token, extra=threads + ref_process.model_args(cfg))
+        where = {"url": process.url, "token": token, "device": device}
         print(f"[trainer] started a reference server at {process.url} on {device}", flush=True)
     where = collectives.all_gather_objects(where, dist.device)[0]
-    return RefTarget(where["url"], where["token"], process)
+    return RefTarget(where["url"], where["token"], process, where.get("device"))
 
 
-def connect_ref(cfg, dist, d, target: RefTarget | None, model) -> RefConnection | None:
+def connect_ref(cfg, dist, d, target: RefTarget | None, model,
+                contract: BatchContract | None = None) -> RefConnection | None:
     """The connection to `target` (None: no server), once it serves the same model as `model`
-    (the trainer's, before any checkpoint is loaded): else one line."""
+    (the trainer's, before any checkpoint is loaded): else one line. Batches taken from its queue
+    must carry `contract` (batch_contract.expected_contract; None: any)."""
     if target is None:
         return None
     from simple_grpo.models import fingerprint, fingerprint_difference
 
     conn = RefConnection(target.url, target.token, cfg.ref_timeout, target.process,
-                         batch_rows=d.seqs_per_rank, group_size=cfg.num_generations,
-                         max_staleness=cfg.max_staleness, temperature=cfg.temperature)
+                         batch_rows=d.seqs_per_rank, max_staleness=cfg.max_staleness,
+                         contract=contract)
     inflight = conn.health.get("max_inflight")
     if inflight is not None and inflight < d.world_size and dist.rank == 0:
         print(f"[trainer] the reference server admits {inflight} uploads at once, fewer than the "

@@ -6,8 +6,10 @@ computes group advantages (with dynamic sampling when the preset has it), record
 log-probs of every generated token, and uploads the batch, tagged with the weight version it was
 generated with, to the reference server; the trainer takes it from the queue. Between batches it
 polls GET /weights/version (reporting the version it runs, shown in the server's /stats) and,
-when the trainer has published a newer version, downloads it and copies it into the model one
-tensor at a time. Any number of workers can be started and stopped at any time.
+when the trainer has published a newer version, applies the server's chain of deltas from its
+own version to the file it keeps (or, when there is none, downloads the whole file) and copies
+the result into the model one tensor at a time. Any number of workers can be started and stopped
+at any time.
 
 Faults: a failed or interrupted download keeps the current weights (tried again before the next
 batch); an unreachable or busy server is waited for with a message and retried (an upload keeps
@@ -33,10 +35,18 @@ import torch
 from simple_grpo import models
 
 from simple_grpo.errors import UserError, exit_if_terminated
-from simple_grpo.train import data, lora, rollout
+from simple_grpo.train import batch_contract, data, lora, rollout
 from simple_grpo.wire.client import RefClient, RefServerAuthError, RefServerError, RefServerUnavailable
+from simple_grpo.wire.delta import DeltaError
+from simple_grpo.wire.delta_apply import apply_chain_file
 
 T = TypeVar("T")
+# weight syncs: by delta chain / full file, delta attempts that failed (then a full download), the
+# server had no chain (too far behind, a new run), links applied, bytes downloaded (deltas + full
+# files); seconds of the last sync (what generation waited), its delta application and model load
+SYNC_COUNTS = {"delta_syncs": 0, "full_syncs": 0, "delta_fallbacks": 0, "delta_unavailable": 0,
+               "delta_links": 0, "bytes_downloaded": 0, "sync_seconds": 0.0, "apply_seconds": 0.0,
+               "load_seconds": 0.0, "sync_seconds_total": 0.0}
 
 
 def default_worker_id() -> str:
@@ -63,17 +73,23 @@ class Worker:
         fields = dict(question_field=cfg.question_field, answer_field=cfg.answer_field)
         examples = data.load_examples(cfg.task, "train", seed=cfg.seed, **fields)
         self.stream = data.PromptStream(examples, seed=self.seed)
-        self.tokenizer = models.load_tokenizer(cfg.model)
-        self.model = models.load_model(cfg.model, cfg.dtype, str(self.device), cfg.attn_implementation).eval()
+        self.tokenizer = models.load_tokenizer(cfg.model, **models.hub_options(cfg))
+        self.model = models.load_model(cfg.model, cfg.dtype, str(self.device), cfg.attn_implementation,
+                                       **models.hub_options(cfg)).eval()
+        model_id = batch_contract.model_id(self.model)  # the base model, before any weight download
         if cfg.lora_r > 0:  # the trainer's adapter (the same seed): published adapters fill it
             self.model = lora.wrap(self.model, cfg, seed=cfg.seed).eval()
-        self.render = data.prompt_renderer(self.tokenizer, cfg.system_prompt)
+        self.render = data.prompt_renderer(self.tokenizer, cfg.system_prompt, cfg.chat_template_kwargs)
         self.eos_ids = rollout.eos_token_ids(self.tokenizer, self.model)
         self.settings = sample_settings(cfg)
         self.filter_metric = dynamic_filter_metric(cfg, self.specs)
+        self.contract = batch_contract.expected_contract(cfg, self.specs, model_id)  # on every batch
         self.version = 0  # the base model is version 0 of a fresh run
+        self.first_version: int | None = None  # --weights_dir: the first version read (the trainer's)
         self.dir = Path(tempfile.mkdtemp(prefix="simple_grpo-worker-"))
-        self.counts = {"batches": 0, "weight_updates": 0, "download_failures": 0, "stale": 0}
+        self.counts = {"batches": 0, "weight_updates": 0, "download_failures": 0, "stale": 0,
+                       **SYNC_COUNTS}
+        self.weights_sha256: str | None = None  # of self.dir / policy.safetensors: our version's file
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         """fn(), waiting out an unreachable / busy server (with a message) for up to
@@ -98,26 +114,92 @@ class Worker:
         The version polled only says whether to download: the worker takes whatever version the
         server sends (a publish may land between the poll and the download, or during it) and
         records that one, verified against the sha256 sent with it -- never a refusal and retry,
-        which a trainer publishing every step could keep the worker in forever."""
+        which a trainer publishing every step could keep the worker in forever.
+
+        The loaded version's file stays in the worker's folder: when behind, the worker first
+        fetches the chain of deltas from its version (GET /weights/delta), applies it to that
+        file in place on the CPU (one pass, the result's sha256 checked), then loads it; a fresh
+        worker, one too far behind (or of another run) downloads the full file, and so does one
+        whose delta fails (corrupt, truncated, a mismatch: one log line, `delta_fallbacks`)."""
         info = self.call("poll weights", lambda: self.client.weights_version(self.id, self.version))
         if info.get("version") is None or info["version"] == self.version:
             return False
+        t0 = time.perf_counter()
         path = self.dir / "policy.safetensors"
+        got = self._sync_delta(path) if self.weights_sha256 is not None else None
+        if got is None:
+            try:
+                self.client.download_weights(path)  # checked against the sha256 of what was sent
+            except (RefServerUnavailable, RefServerError) as e:
+                if isinstance(e, RefServerAuthError):
+                    raise
+                self.counts["download_failures"] += 1
+                log(f"[{self.id}] weight download failed, keeping version {self.version}: {str(e)[:200]}")
+                return False
+            got = self.client.last_weights
+            self.counts["full_syncs"] += 1
+            self.counts["bytes_downloaded"] += got["bytes"]
+        self.weights_sha256 = None  # the file is ahead of the model until it is loaded
+        t1 = time.perf_counter()
+        load_into(self.model, path)
+        self.counts["load_seconds"] = time.perf_counter() - t1
+        self.version, self.weights_sha256 = int(got["version"]), got["sha256"]
+        self.counts["weight_updates"] += 1
+        self.counts["sync_seconds"] = time.perf_counter() - t0
+        self.counts["sync_seconds_total"] += self.counts["sync_seconds"]
+        self.call("report version", lambda: self.client.weights_version(self.id, self.version))
+        return True
+
+    def _sync_delta(self, path: Path) -> dict | None:
+        """Bring our version's file at `path` to the server's newest version through its delta
+        chain -> {"version", "sha256", "bytes"} of the new file now at `path`, or None (download
+        the full file): the server has no chain from our version, or applying it failed."""
+        chain, sha = self.dir / "chain.part", self.weights_sha256
         try:
-            self.client.download_weights(path)  # checked against the sha256 of what was sent
-        except (RefServerUnavailable, RefServerError) as e:
-            if isinstance(e, RefServerAuthError):
-                raise
-            self.counts["download_failures"] += 1
-            log(f"[{self.id}] weight download failed, keeping version {self.version}: {str(e)[:200]}")
+            got = self.client.download_delta(self.version, chain, sha256=sha)
+            if got is None or not got["links"]:
+                self.counts["delta_unavailable"] += 1
+                return None
+            self.counts["bytes_downloaded"] += got["bytes"]
+            t0 = time.perf_counter()
+            self.weights_sha256 = None  # rewritten in place: our version's file no more
+            links = apply_chain_file(path, chain, base_sha256=sha, from_version=self.version)
+            self.counts["apply_seconds"] = time.perf_counter() - t0
+            self.counts["delta_syncs"] += 1
+            self.counts["delta_links"] += len(links)
+            return {"version": links[-1]["to_version"], "sha256": links[-1]["sha256"],
+                    "bytes": links[-1]["bytes"]}
+        except RefServerAuthError:
+            raise
+        except (DeltaError, RefServerError, RefServerUnavailable, OSError) as e:
+            self.counts["delta_fallbacks"] += 1
+            log(f"[{self.id}] weight delta from version {self.version} failed, downloading the full "
+                f"file: {str(e)[:200]}")
+            return None
+        finally:
+            chain.unlink(missing_ok=True)
+
+    def sync_local(self, required: int | None = None) -> bool:
+        """--weights_dir (the overlap sampler): load the newest weights the trainer wrote to that
+        local folder when they differ from ours -> updated; with `required`, first wait until a
+        version >= it is there (the trainer writes each step's weights after the step)."""
+        from simple_grpo.train.sampler import read_latest
+
+        while True:
+            got = read_latest(self.cfg.weights_dir)
+            if got is not None and (required is None or got[0] >= required):
+                break
+            exit_if_terminated()
+            time.sleep(0.02)
+        version, path = got
+        if version == self.version and self.first_version is not None:
             return False
         try:
             load_into(self.model, path)
-        finally:
-            path.unlink(missing_ok=True)
-        self.version = int(self.client.last_weights["version"])
-        self.counts["weight_updates"] += 1
-        self.call("report version", lambda: self.client.weights_version(self.id, self.version))
+        except FileNotFoundError:  # replaced by a newer one while we looked: take that one
+            return self.sync_local(required)
+        self.version, self.counts["weight_updates"] = version, self.counts["weight_updates"] + 1
+        self.first_version = version if self.first_version is None else self.first_version
         return True
 
     def make_batch(self):
@@ -133,6 +215,7 @@ class Worker:
                                     weight_version=self.version, record_logprobs=True)
         batch = roll.batch
         batch.batch_id = uuid.uuid4().hex
+        batch.contract = self.contract  # the trainer drops it when its settings differ
         batch.meta.update(producer=self.id, reward_breakdown=rollout.json_breakdown(roll.breakdown),
                           gen_seconds=roll.stats["gen_seconds"])
         return batch, roll.stats
@@ -179,7 +262,14 @@ def run_worker(cfg) -> dict:
     log(f"[{w.id}] generation worker for {cfg.ref_url} on {w.device} (prompt seed {w.seed})")
     while cfg.worker_batches == 0 or w.counts["batches"] < cfg.worker_batches:
         exit_if_terminated()  # a SIGTERM whose exit was swallowed (simple_grpo/errors.py)
-        if w.sync_weights():
+        if cfg.weights_dir:  # the overlap sampler: at most --max_ahead steps ahead of the weights
+            from simple_grpo.train.sampler import required_version
+
+            need = None if w.first_version is None or cfg.max_ahead < 0 else \
+                required_version(w.first_version, w.counts["batches"] + 1, cfg.trainer_ranks, cfg.max_ahead)
+            if w.sync_local(need):
+                log(f"[{w.id}] loaded weight version {w.version}")
+        elif w.sync_weights():
             log(f"[{w.id}] loaded weight version {w.version}")
         t0 = time.perf_counter()
         batch, stats = w.make_batch()

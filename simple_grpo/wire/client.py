@@ -9,6 +9,7 @@
     client.publish_weights(iter_state_dict_safetensors(model.state_dict()), version=3)  # trainer
     client.weights_version("gen-0", running_version=2)  # -> {"version": 3, "sha256", ...}
     client.download_weights(Path("policy.safetensors"))  # resumable, sha256-checked, atomic
+    client.download_delta(2, Path("chain"), sha256=...)  # deltas from version 2, or None: full
 
 Retries: connection errors, timeouts, 429, 502, 503 and 504 are retried with exponential backoff
 (honouring Retry-After), up to `retries` times, then RefServerUnavailable (a UserError) is raised;
@@ -76,6 +77,7 @@ class RefClient:
         self.last_compute_ms = 0.0  # server-side forward time of the last /logprobs call
         self.last_instance: str | None = None  # the server instance that answered the last /get
         self.last_weights: dict[str, Any] = {}  # version and sha256 of the last download
+        self.last_delta_refusal = ""  # why the server last had no delta chain to offer
         self.session = requests.Session()
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
@@ -294,6 +296,60 @@ class RefClient:
             raise
         self.last_weights = {**got, "bytes": have}
         return dest
+
+    def publish_delta(self, chunks: Iterable[bytes], version: int, base: int) -> dict[str, Any]:
+        """POST /weights/delta?from=BASE&version=N with a framed delta (simple_grpo/wire/delta.py).
+        Not retried; RefServerError 412 means the server does not hold `base`: send the full file."""
+        try:
+            r = self.session.post(self.url + "/weights/delta", params={"version": version, "from": base},
+                                  data=chunks, headers={"Content-Type": "application/octet-stream"},
+                                  timeout=self.timeout)
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise RefServerUnavailable(f"publishing a weight delta to {self.url} failed: {e}") from e
+        if r.status_code >= 400:
+            raise self._error(r)
+        return r.json()
+
+    def download_delta(self, from_version: int, dest: str | Path,
+                       sha256: str | None = None) -> dict[str, Any] | None:
+        """GET /weights/delta?from=U into dest (a chain file, simple_grpo/wire/delta.py) ->
+        {"version", "links", "bytes"}; None when the server has no chain from U to offer (409:
+        download the full file; `last_delta_refusal` says why); links 0 when U is current. A broken
+        transfer is retried from the start (up to `retries` times). `sha256`: that of our file of
+        U, so a server of another run refuses instead of sending deltas that cannot apply."""
+        dest, last = Path(dest), ""
+        params = {"from": from_version, **({"sha256": sha256} if sha256 else {})}
+        for attempt in range(self.retries + 1):
+            try:
+                with self.session.request("GET", self.url + "/weights/delta", params=params,
+                                          stream=True, timeout=self.timeout) as r:
+                    if r.status_code == 409:
+                        self.last_delta_refusal = self._error(r).message
+                        return None
+                    if r.status_code == 204:
+                        return {"version": from_version, "links": 0, "bytes": 0}
+                    if r.status_code >= 400 and r.status_code not in _RETRY_STATUS:
+                        raise self._error(r)
+                    if r.status_code == 200:
+                        want, have = int(r.headers["Content-Length"]), 0
+                        with open(dest, "wb") as f:
+                            for chunk in r.iter_content(1 << 20):
+                                f.write(chunk)
+                                have += len(chunk)
+                        if have == want:
+                            return {"version": int(r.headers["X-Weight-Version"]),
+                                    "links": int(r.headers["X-Delta-Links"]), "bytes": have}
+                        last = f"body ended after {have} of {want} bytes"
+                    else:
+                        last = str(self._error(r))
+            except (requests.ConnectionError, requests.Timeout,
+                    requests.exceptions.ChunkedEncodingError) as e:
+                last = f"{type(e).__name__}: {e}"
+            if attempt < self.retries:
+                time.sleep(self._delay(attempt, None))
+        dest.unlink(missing_ok=True)
+        raise RefServerUnavailable(f"downloading weight deltas from {self.url} failed after "
+                                   f"{self.retries + 1} attempt(s): {last[:300]}")
 
     def close(self) -> None:
         self.session.close()

@@ -7,14 +7,17 @@ A message is exactly one safetensors file held in memory (`safetensors.torch.sav
 The tensors are stored under their field names. The safetensors `__metadata__` dict holds one
 key, "simple_grpo", whose value is our own JSON header:
 
-    {"schema_version": 2, "kind": "rollout" | "logprob_request" | "logprob_response",
+    {"schema_version": 3, "kind": "rollout" | "logprob_request" | "logprob_response",
      "weight_version": 3, "meta": {...}, "batch_id": "a1b2..." | null,
-     "temperature": 0.7}   # the scalar fields of that kind
+     "temperature": 0.7, "contract": {...} | null}   # the scalar fields of that kind
 
 `temperature` (rollouts and /logprobs requests) is the sampling temperature: the reference server
-scores log_softmax(logits / temperature), as the trainer scores its policy. Schema 2 added it; a
-schema-1 body (an older sender, which would be scored at temperature 1) is refused with a message
-naming both versions.
+scores log_softmax(logits / temperature), as the trainer scores its policy. Schema 2 added it.
+Schema 3 added a rollout's `contract` (simple_grpo/wire/contract.py: the sampling, reward and
+advantage settings and the model the batch was made with; every field present and of its type, its
+temperature the batch's; a header without the key decodes as null, which the trainer refuses) and
+the optional `loss_rows` tensor. A body of an older schema is refused with a message naming both
+versions and what the newer ones carry.
 
 No pickle anywhere: tensors are raw little-endian bytes with a declared dtype and shape, and the
 rest is JSON. `decode` checks the schema version, the kind, every dtype and every shape (the
@@ -26,6 +29,7 @@ Batch layout (see simple_grpo/algo/logprobs.py):
     prompt_ids       [B, P] int64   left-padded prompts; row i's prompt is its last prompt_lens[i]
     completion_ids   [B, C] int64   right-padded completions; row i's is its first completion_lens[i]
     *_lens           [B]    int64   in [0, P] and [0, C]
+    loss_rows        [B]    bool    optional; False: the row is outside the loss and every count
 """
 from __future__ import annotations
 
@@ -40,7 +44,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-SCHEMA_VERSION = 2  # 2: rollouts and /logprobs requests carry the sampling temperature
+from simple_grpo.wire.contract import BatchContract, check_contract, contract_from_json, contract_to_json
+
+SCHEMA_VERSION = 3  # 2: the sampling temperature; 3: a rollout's contract and loss_rows
+_ADDED = {  # schema version -> what it added, for the refusal of an older sender's body
+    2: "the sampling temperature the reference scores at",
+    3: "the batch contract (the sampling, reward and advantage settings and the model a batch was "
+       "made with, which the trainer checks) and loss_rows (rows outside the loss)",
+}
 _META_KEY = "simple_grpo"
 _MAX_HEADER_BYTES = 16 << 20  # a header this large is garbage, not a batch
 
@@ -64,6 +75,8 @@ class RolloutBatch:
     meta: dict = field(default_factory=dict)  # JSON-able extras (prompts' ids, timings, ...)
     batch_id: str | None = None  # set by the client (idempotent retries) or the server
     temperature: float = 1.0  # sampling temperature; ref_logprobs are log_softmax(logits / it)
+    loss_rows: torch.Tensor | None = None  # [B] bool; False: outside the loss and every count (None: all in)
+    contract: BatchContract | None = None  # the settings it was made with (trainers refuse None)
 
     @property
     def batch_size(self) -> int:
@@ -97,15 +110,15 @@ class LogprobResponse:
 
 Message = Union[RolloutBatch, LogprobRequest, LogprobResponse]
 
-_I64, _F32 = torch.int64, torch.float32
+_I64, _F32, _BOOL = torch.int64, torch.float32, torch.bool
 _IDS = {"prompt_ids": (_I64, ("B", "P")), "prompt_lens": (_I64, ("B",)),
         "completion_ids": (_I64, ("B", "C")), "completion_lens": (_I64, ("B",))}
 # kind -> (class, {tensor field: (dtype, symbolic shape)}, optional tensor fields)
 _KINDS: dict[str, tuple[type, dict[str, tuple[torch.dtype, tuple[str, ...]]], frozenset]] = {
     "rollout": (RolloutBatch, {**_IDS, "rewards": (_F32, ("B",)), "advantages": (_F32, ("B",)),
                                "gen_logprobs": (_F32, ("B", "C")),
-                               "ref_logprobs": (_F32, ("B", "C"))},
-                frozenset({"gen_logprobs", "ref_logprobs"})),
+                               "ref_logprobs": (_F32, ("B", "C")), "loss_rows": (_BOOL, ("B",))},
+                frozenset({"gen_logprobs", "ref_logprobs", "loss_rows"})),
     "logprob_request": (LogprobRequest, dict(_IDS), frozenset()),
     "logprob_response": (LogprobResponse, {"logprobs": (_F32, ("B", "C"))}, frozenset()),
 }
@@ -163,6 +176,14 @@ def validate(obj: Message) -> None:
         if obj.batch_id is not None and (not isinstance(obj.batch_id, str) or
                                          not 0 < len(obj.batch_id) <= 128):
             raise CodecError("batch_id must be None or a str of 1 to 128 characters")
+        if obj.contract is not None:
+            try:
+                check_contract(obj.contract)
+            except ValueError as e:
+                raise CodecError(str(e)) from None
+            if obj.contract.temperature != obj.temperature:
+                raise CodecError(f"contract temperature {obj.contract.temperature!r:.40} is not the "
+                                 f"batch's temperature {obj.temperature!r:.40}")
 
 
 def _positive_finite(x: Any) -> bool:
@@ -182,6 +203,8 @@ def encode(obj: Message) -> bytes:
     header: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "kind": kind}
     for name in _scalar_names(type(obj)):
         header[name] = getattr(obj, name)
+    if "contract" in header and header["contract"] is not None:
+        header["contract"] = contract_to_json(header["contract"])
     try:
         header_json = json.dumps(header, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as e:
@@ -215,9 +238,10 @@ def _read_header(data: bytes) -> dict[str, Any]:
         raise CodecError(f"unknown message kind {str(ours['kind'])[:60]}")
     version = ours.get("schema_version")
     if type(version) is not int or version != SCHEMA_VERSION:
-        why = (f"; schema {SCHEMA_VERSION} carries the sampling temperature the reference scores "
-               f"at: upgrade simple_grpo on the sending side") if type(version) is int and \
-            version == 1 else ""
+        why = ("; " + "; ".join(f"schema {v} carries {_ADDED[v]}" for v in range(version + 1,
+                                                                               SCHEMA_VERSION + 1))
+               + ": upgrade simple_grpo on the sending side") if type(version) is int and \
+            1 <= version < SCHEMA_VERSION else ""
         raise CodecError(f"schema version {version!r:.40} is not supported (this side speaks "
                          f"{SCHEMA_VERSION}{why})")
     unknown = set(st_header) - {"__metadata__"} - set(_KINDS.get(ours.get("kind"), ((), {}))[1])
@@ -250,6 +274,11 @@ def decode(data: bytes | bytearray | memoryview, expect: type = RolloutBatch) ->
                          f"'temperature')")
     kw: dict[str, Any] = {name: tensors.get(name) for name in spec}
     kw.update({name: header[name] for name in scalars if name in header})
+    if kw.get("contract") is not None:
+        try:
+            kw["contract"] = contract_from_json(kw["contract"])
+        except ValueError as e:
+            raise CodecError(str(e)) from None
     obj = cls(**kw)
     validate(obj)
     return obj

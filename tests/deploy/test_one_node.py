@@ -67,3 +67,19 @@ def test_lora_in_one_process(tiny_model_dir, procs, tmp_path):
     assert metrics[0]["kl"] == 0.0 and all("kl" in r for r in metrics)
     assert (run / "final" / "adapter").is_dir() and (run / "final" / "model.safetensors").exists()
     print(f"lora recipe: {time.monotonic() - t0:.1f} s")
+
+
+def test_overlap_feeds_two_ranks(tiny_model_dir, procs, tmp_path):
+    """The N-GPU overlap recipe on 2 CPU ranks: the one sampler's batches reach both ranks every
+    step, at most one step stale; the 1+1 recipe is the same command with one rank."""
+    (one,) = recipe("overlap")
+    assert option(one, "overlap") == "true" and one.argv[0].endswith("python")
+    (cmd,) = recipe("overlap_ranks")
+    assert cmd.argv[0] == "torchrun" and option(cmd, "overlap") == "true"
+    run, log = tmp_path / "run", tmp_path / "trainer.log"
+    out = wait_finished(procs(scale(cmd, model=tiny_model_dir, run_dir=run, master_port=free_port(),
+                                    extra={"steps": "4", "rewards": "overlong"}), log), log)
+    assert "overlap: a sampler on cpu" in out
+    metrics = assert_every_rank_trained_every_step(run, steps=4, ranks=2)
+    assert all(r["overlap_batch"] == 1.0 and r["batch_staleness"] <= 1 for r in metrics), metrics
+    assert any(r["batch_staleness"] == 1 for r in metrics)

@@ -18,7 +18,7 @@ from fuzz_bodies import Case, invalid_tensors, mutate, ours, random_json, st_fil
 
 ENDPOINTS = [("GET", "/health"), ("GET", "/stats"), ("POST", "/upload"), ("GET", "/get"),
              ("POST", "/logprobs"), ("POST", "/weights"), ("GET", "/weights/version"),
-             ("GET", "/weights")]
+             ("GET", "/weights"), ("POST", "/weights/delta"), ("GET", "/weights/delta")]
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 CTYPES = [None, "application/octet-stream", "application/json", "text/plain",
           "multipart/form-data; boundary=x", "application/x-www-form-urlencoded", "\u00ff/\u00fe", ""]

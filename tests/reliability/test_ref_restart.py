@@ -45,7 +45,7 @@ def test_own_batch_lost_in_the_queue_is_resent(tiny_model_dir, tmp_path):
     port = free_port()
     server = start_server(tiny_model_dir, port, tmp_path / "server.log")
     try:
-        conn = RefConnection(f"http://127.0.0.1:{port}", None, timeout=60, batch_rows=4, group_size=2)
+        conn = RefConnection(f"http://127.0.0.1:{port}", None, timeout=60, batch_rows=4)
         RefClient(conn.url).upload(batch("worker-1"))  # ahead of ours in the FIFO queue
         # a rank gets its own batch back first (/get?prefer); take the worker's before ours returns
         ours = batch("ours")

@@ -1,0 +1,168 @@
+"""The batch contract: what a config's contract holds (the model id too), and the trainer's
+RefConnection dropping, counting and naming each batch made with other settings, over real HTTP on
+127.0.0.1 (a table with one row per contract field, and a real Worker started with another preset)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from simple_grpo.cli import parse_config
+from simple_grpo.models import build_tiny_model
+from simple_grpo.train.batch_contract import expected_contract, model_id
+from simple_grpo.train.config import TrainConfig, resolve
+from simple_grpo.train.loop import reward_specs
+from simple_grpo.train.rollout_source import RefConnection
+from simple_grpo.train.worker import Worker
+from simple_grpo.wire.client import RefClient
+from simple_grpo.wire.codec import RolloutBatch
+from simple_grpo.wire.contract import BatchContract, contract_differences
+
+SMALL = dict(prompts_per_step=2, num_generations=4, micro_batch_size=4, max_new_tokens=8)
+
+
+def config(**kw) -> TrainConfig:
+    return resolve(parse_config(TrainConfig, [f"--{k}={v}" for k, v in kw.items()]))
+
+
+def contract_of(cfg: TrainConfig, model: str = "m") -> BatchContract:
+    return expected_contract(cfg, reward_specs(cfg), model)
+
+
+@pytest.mark.parametrize("options, want", [
+    # grpo, the defaults (rewards.DEFAULT_REWARDS): no dynamic sampling (metric "off"), L_cache 0.2 * 48
+    ({}, dict(scale="std", rewards="correct_lenient:1.0", dynamic_sampling=False,
+              filter_metric="off", max_new_tokens=48, min_new_tokens=0, top_p=1.0, temperature=1.0,
+              group_size=8, overlong_cache=10)),
+    # dr_grpo: unscaled advantages
+    (dict(preset="dr_grpo", rewards="correct:1"), dict(scale="none", rewards="correct:1.0")),
+    # dapo: 'overlong' appended to the rewards, dynamic sampling on correctness (--eval_reward)
+    (dict(preset="dapo", rewards="correct_lenient:2"),
+     dict(rewards="correct_lenient:2.0,overlong:1.0", dynamic_sampling=True,
+          filter_metric="correct_lenient")),
+    # sampling options and an explicit L_cache
+    (dict(max_new_tokens=16, min_new_tokens=4, top_p=0.9, temperature=0.7, num_generations=4,
+          overlong_cache=3), dict(max_new_tokens=16, min_new_tokens=4, top_p=0.9, temperature=0.7,
+                                  group_size=4, overlong_cache=3)),
+    # L_cache's default follows max_new_tokens: round(0.2 * 16) = 3; at least 1
+    (dict(max_new_tokens=16), dict(max_new_tokens=16, overlong_cache=3)),
+    (dict(max_new_tokens=2), dict(max_new_tokens=2, overlong_cache=1)),
+])
+def test_contract_of_a_config(options, want):
+    base = contract_of(config())
+    got = contract_of(config(**options))
+    assert got == dataclasses.replace(base, **want)
+    assert got.model == "m"
+
+
+def test_differences_name_the_fields_in_order():
+    a = contract_of(config())
+    assert contract_differences(a, a) == []
+    b = dataclasses.replace(a, top_p=0.9, scale="none", model="x")
+    assert contract_differences(a, b) == ["scale", "top_p", "model"]
+
+
+def test_model_id_is_the_base_checkpoint_in_any_float_dtype():
+    from peft import LoraConfig, get_peft_model
+
+    fp32 = build_tiny_model(seed=3)
+    ident = model_id(fp32)
+    assert len(ident) == 16 and int(ident, 16) >= 0
+    assert model_id(build_tiny_model(seed=3).to(torch.bfloat16)) == ident  # a bf16 copy
+    assert model_id(build_tiny_model(seed=4)) != ident  # other weights
+    assert model_id(build_tiny_model(seed=3, layers=3)) != ident  # another architecture
+    wrapped = get_peft_model(build_tiny_model(seed=3), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert model_id(wrapped) == ident  # a PEFT-wrapped model: its base's
+
+
+# --- the trainer's check, over HTTP
+
+OURS = BatchContract(scale="std", rewards="overlong:1.0", dynamic_sampling=False, filter_metric="off",
+                     max_new_tokens=8, min_new_tokens=0, top_p=1.0, temperature=1.0, group_size=4,
+                     overlong_cache=2, model="0123456789abcdef")
+
+
+def _batch(producer: str, contract: BatchContract | None) -> RolloutBatch:
+    rows, C = 8, 3
+    temperature = contract.temperature if contract is not None else 1.0
+    return RolloutBatch(prompt_ids=torch.full((rows, 2), 5), prompt_lens=torch.full((rows,), 2),
+                        completion_ids=torch.full((rows, C), 7), completion_lens=torch.full((rows,), C),
+                        rewards=torch.zeros(rows), advantages=torch.zeros(rows),
+                        meta={"producer": producer}, temperature=temperature, contract=contract)
+
+
+CASES = [  # (field, the worker's value, the option the warning tells to share), one per field
+    ("scale", "none", "--preset and --scale"),  # dr_grpo's unscaled advantages
+    ("rewards", "overlong:0.5", "--rewards, --preset and --overlong_reward"),  # another weight
+    ("dynamic_sampling", True, "--preset and --dynamic_sampling"),  # groups filtered and refilled
+    ("filter_metric", "reward", "--filter_metric and --eval_reward"),  # filtered on another metric
+    ("max_new_tokens", 16, "--max_new_tokens"),  # longer completions, another L_max
+    ("min_new_tokens", 8, "--min_new_tokens"),  # EOS held back
+    ("top_p", 0.9, "--top_p"),  # nucleus sampling: another sampling distribution
+    ("temperature", 0.7, "--temperature"),  # log-probs of another softmax
+    ("group_size", 2, "--num_generations"),  # 8 rows as 4 groups of 2: the row count agrees
+    ("overlong_cache", 4, "--overlong_cache and --max_new_tokens"),  # another length penalty
+    ("model", "fedcba9876543210", "--model"),  # another base model
+]
+assert [c[0] for c in CASES] == [f.name for f in dataclasses.fields(BatchContract)], "one row per field"
+
+
+@pytest.mark.parametrize("field, value, fix", CASES, ids=[c[0] for c in CASES])
+def test_a_batch_of_another_contract_is_dropped_counted_and_named(ref_server, capsys, field, value, fix):
+    srv = ref_server()
+    client = RefClient(srv.url)
+    client.upload(_batch("w-bad", dataclasses.replace(OURS, **{field: value})))
+    client.upload(_batch("w-good", OURS))  # the trainer's own settings: taken
+    conn = RefConnection(srv.url, None, timeout=10, batch_rows=8, contract=OURS)
+    assert conn.next_batch(weight_version=0).meta["producer"] == "w-good"
+    assert conn.counts["rejected_batches"] == 1 and conn.counts["stale_dropped"] == 0
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "dropping a batch" in x]
+    assert warnings == [f"[trainer] dropping a batch from w-bad: its {field} is {value!r}, this "
+                        f"trainer's is {getattr(OURS, field)!r} (start workers with the trainer's {fix})"]
+    conn.close()
+
+
+def test_a_batch_without_a_contract_is_dropped_and_every_difference_is_named(ref_server, capsys):
+    srv = ref_server()
+    client = RefClient(srv.url)
+    client.upload(_batch("w-none", None))  # no contract: never trained on
+    client.upload(_batch("w-two", dataclasses.replace(OURS, top_p=0.9, max_new_tokens=16)))
+    client.upload(_batch("w-two", dataclasses.replace(OURS, top_p=0.9, max_new_tokens=16)))
+    client.upload(_batch("w-good", OURS))
+    conn = RefConnection(srv.url, None, timeout=10, batch_rows=8, contract=OURS)
+    assert conn.next_batch(weight_version=0).meta["producer"] == "w-good"
+    assert conn.counts["rejected_batches"] == 3  # each dropped batch once, two fields or not
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "dropping a batch" in x]
+    assert warnings == [  # one line per distinct reason: the second w-two batch adds none
+        "[trainer] dropping a batch from w-none: it carries no batch contract (start workers with "
+        "this version's grpo_ref_split.py --mode=generate)",
+        "[trainer] dropping a batch from w-two: its max_new_tokens is 16, this trainer's is 8 (start "
+        "workers with the trainer's --max_new_tokens)",
+        "[trainer] dropping a batch from w-two: its top_p is 0.9, this trainer's is 1.0 (start "
+        "workers with the trainer's --top_p)"]
+    conn.close()
+
+
+def test_a_worker_started_with_another_preset_is_refused(tiny_model_dir, tiny_model, ref_server, capsys):
+    """A real Worker with --preset=dr_grpo (unscaled advantages) next to a grpo trainer: its batch
+    crosses the wire with its contract and the trainer drops it naming 'scale'; a worker with the
+    trainer's options is trained on."""
+    srv = ref_server()
+    common = {"model": tiny_model_dir, "ref_url": srv.url, "rewards": "overlong", "ref_timeout": 20,
+              **SMALL}
+    trainer_cfg = config(**common)
+    ours = expected_contract(trainer_cfg, reward_specs(trainer_cfg), model_id(tiny_model))
+    for preset, index in (("dr_grpo", 0), ("grpo", 1)):  # the refused one first in the queue
+        w = Worker(config(**common, preset=preset, worker_index=index), RefClient(srv.url))
+        batch, _ = w.make_batch()
+        assert batch.contract.scale == {"dr_grpo": "none", "grpo": "std"}[preset]
+        assert w.upload(batch) == "queued"
+    conn = RefConnection(srv.url, None, timeout=30, batch_rows=8, contract=ours)
+    got = conn.next_batch(weight_version=0)
+    assert got.contract == ours and got.contract.model == model_id(tiny_model)
+    assert conn.counts["rejected_batches"] == 1
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "dropping a batch" in x]
+    assert warnings == [f"[trainer] dropping a batch from {w.id}: its scale is 'none', this trainer's "
+                        f"is 'std' (start workers with the trainer's --preset and --scale)"]
+    conn.close()

@@ -1,0 +1,136 @@
+"""--overlap end to end on the tiny model (a real reference server, a real sampler process, weights
+through shared memory): every step trains the sampler's batch at most one step stale with TIS, a
+sampler that dies (between steps or while a rank waits for its batch) gives one warning line and
+the trainer generates again, and nothing is left behind (process, shared-memory folder)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from simple_grpo.train import rollout_source, sampler
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import grpo_ref_split  # noqa: E402
+
+SMALL = dict(prompts_per_step=2, num_generations=4, micro_batch_size=4, max_new_tokens=8, beta=0.04,
+             lr=1e-3, warmup_steps=1, eval_every=0, save_every=-1, plot_every=0, rewards="overlong",
+             ref_timeout=120)
+
+
+def _args(model_dir, run_dir, **kw) -> list[str]:
+    return [f"--{k}={v}" for k, v in {"model": model_dir, "run_dir": run_dir, **SMALL, **kw}.items()]
+
+
+def _rows(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _spy_samplers(monkeypatch) -> list:
+    started = []
+    start = sampler.Sampler.start
+
+    def spy(*a, **kw):
+        s = start(*a, **kw)
+        started.append(s)
+        return s
+
+    monkeypatch.setattr(sampler.Sampler, "start", spy)
+    return started
+
+
+def test_overlap_trains_the_samplers_batches_one_step_stale(tiny_model_dir, tmp_path, monkeypatch):
+    started = _spy_samplers(monkeypatch)
+    grpo_ref_split.main(_args(tiny_model_dir, tmp_path, steps=6, overlap="true"))
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(r["overlap_batch"] == 1.0 and r["local_generation"] == 0.0 for r in rows), rows
+    staleness = [r["batch_staleness"] for r in rows]
+    assert max(staleness) <= 1 and staleness[0] == 0 and staleness.count(1) >= 4, staleness
+    # --tis=auto is token with overlap: every step reports it
+    assert all("tis_weight_mean" in r and "tis_ratio_max" in r for r in rows)
+    (s,) = started
+    assert s.proc.poll() is not None, "the sampler is stopped at the end"
+    assert not s.folder.exists(), "the shared-memory folder is removed"
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["overlap"] == "true" and saved["tis"] == "token"
+
+
+@pytest.mark.parametrize("when", [
+    "between_steps",  # found dead when step 3 begins
+    "while_waiting",  # killed while the trainer waits for step 3's batch: the wait ends at once
+])
+def test_a_dead_sampler_falls_back_to_local_generation(tiny_model_dir, tmp_path, monkeypatch, capsys, when):
+    started = _spy_samplers(monkeypatch)
+    conns = []
+    init = rollout_source.RefConnection.__init__
+    monkeypatch.setattr(rollout_source.RefConnection, "__init__",
+                        lambda self, *a, **kw: (conns.append(self), init(self, *a, **kw))[1])
+
+    def kill():  # the sampler dies, and the batches it had queued are lost with it
+        os.kill(started[0].proc.pid, signal.SIGKILL)
+        started[0].proc.wait()
+        while conns[0].client.get(wait_s=0.0) is not None:
+            pass
+
+    if when == "between_steps":
+        begin = sampler.Overlap.begin_step
+        monkeypatch.setattr(sampler.Overlap, "begin_step",
+                            lambda self, step: (kill() if step == 3 else None, begin(self, step))[1])
+    else:
+        wait = rollout_source.RefConnection.next_batch
+        calls = []
+
+        def next_batch(self, version, stop=None):
+            calls.append(version)
+            if len(calls) == 3:
+                kill()
+            return wait(self, version, stop=stop)
+
+        monkeypatch.setattr(rollout_source.RefConnection, "next_batch", next_batch)
+    grpo_ref_split.main(_args(tiny_model_dir, tmp_path, steps=5, overlap="true"))
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["overlap_batch"] for r in rows[:2]] == [1.0, 1.0]
+    # step 3 on: the trainer's own batches (while waiting: the wait for step 3's batch ends at once)
+    assert all(r["local_generation"] == 1.0 for r in rows[2:]), [r["local_generation"] for r in rows]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "overlap sampler stopped" in line]
+    assert len(warnings) == 1 and "exit code -9" in warnings[0], warnings
+    assert not started[0].folder.exists()
+
+
+@pytest.mark.parametrize("overrides, want", [
+    ({"overlap": "false"}, "false"),                        # asked off
+    ({"overlap": "auto", "beta": 0.0}, "false"),            # auto: no reference server to sit beside
+    ({"overlap": "auto", "lora_r": 4}, "false"),            # auto: LoRA's reference is in-process
+    ({"overlap": "auto", "ref_url": "http://x:1"}, "false"),  # auto: a server of the user's
+    ({"overlap": "true", "beta": 0.0}, "true"),             # asked on: a server is started for it
+])
+def test_overlap_auto_and_its_tis(overrides, want):
+    from types import SimpleNamespace
+
+    from simple_grpo.cli import parse_config
+    from simple_grpo.train.config import TrainConfig, resolve
+
+    cfg = resolve(parse_config(TrainConfig, [f"--{k}={v}" for k, v in overrides.items()]))
+    dist = SimpleNamespace(device=SimpleNamespace(type="cpu"), local_world_size=1, world_size=1, rank=0)
+    got = sampler.finalize(cfg, dist)
+    assert got.overlap == want and got.tis == ("token" if want == "true" else "off")
+
+
+def test_overlap_true_with_a_users_server_is_one_line():
+    from types import SimpleNamespace
+
+    from simple_grpo.cli import parse_config
+    from simple_grpo.errors import UserError
+    from simple_grpo.train.config import TrainConfig, resolve
+
+    cfg = resolve(parse_config(TrainConfig, ["--overlap=true", "--ref_url=http://x:1"]))
+    dist = SimpleNamespace(device=SimpleNamespace(type="cpu"), local_world_size=1, world_size=1, rank=0)
+    with pytest.raises(UserError, match="--overlap=true starts a sampler"):
+        sampler.finalize(cfg, dist)
