@@ -134,3 +134,34 @@ def test_overlap_true_with_a_users_server_is_one_line():
     dist = SimpleNamespace(device=SimpleNamespace(type="cpu"), local_world_size=1, world_size=1, rank=0)
     with pytest.raises(UserError, match="--overlap=true starts a sampler"):
         sampler.finalize(cfg, dist)
+
+
+def test_a_killed_trainer_leaves_no_shared_memory(tiny_model_dir, tmp_path):
+    """kill -9 of the trainer: its sampler gets SIGTERM (PDEATHSIG) and removes the weights folder
+    in /dev/shm (the trainer had no chance to)."""
+    import subprocess
+    import time
+
+    from simple_grpo.train.engine import standalone_env
+
+    log = tmp_path / "trainer.log"
+    p = subprocess.Popen([sys.executable, str(ROOT / "grpo_ref_split.py"),
+                          *_args(tiny_model_dir, tmp_path / "run", steps=1000, overlap="true")],
+                         cwd=ROOT, env=standalone_env(OMP_NUM_THREADS="1"), stdout=open(log, "w"),
+                         stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "overlap: a sampler on" not in log.read_text() or not (tmp_path / "run" / "metrics.jsonl").exists():
+            assert p.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        folder = Path(log.read_text().split("(log: ")[1].split(")")[0]).parent
+        assert folder.is_dir()
+        p.kill()
+        p.wait()
+        deadline = time.monotonic() + 30
+        while folder.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not folder.exists(), "the sampler removes the shared-memory folder when its trainer dies"
+    finally:
+        if p.poll() is None:
+            p.kill()

@@ -259,6 +259,11 @@ def run_worker(cfg) -> dict:
     client = RefClient(cfg.ref_url, token=cfg.ref_token, timeout=max(600.0, cfg.ref_timeout))
     client.wait_ready(cfg.ref_timeout)
     w = Worker(cfg, client)
+    if cfg.weights_dir:  # the overlap sampler: its trainer's shared-memory folder goes with it
+        import atexit  # (SIGTERM runs the cleanups: also when the trainer died, through PDEATHSIG)
+        import shutil
+
+        atexit.register(shutil.rmtree, cfg.weights_dir, ignore_errors=True)
     log(f"[{w.id}] generation worker for {cfg.ref_url} on {w.device} (prompt seed {w.seed})")
     while cfg.worker_batches == 0 or w.counts["batches"] < cfg.worker_batches:
         exit_if_terminated()  # a SIGTERM whose exit was swallowed (simple_grpo/errors.py)
