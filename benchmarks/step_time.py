@@ -1,6 +1,6 @@
 """Seconds per GRPO step: simple_grpo's trainer next to TRL's GRPOTrainer, same settings, same run.
 
-Default settings (the issue's anchor): the bundled SmolLM2-135M-Instruct, 2 prompts x G=8 x 48 new
+Default settings (the README's default run): the bundled SmolLM2-135M-Instruct, 2 prompts x G=8 x 48 new
 tokens (fixed length: min_new_tokens = max_new_tokens), beta 0.04, one torch thread per process.
 simple_grpo runs as `python grpo_ref_split.py` (the reference model in its own server process);
 TRL runs in-process (`pip install -r requirements-bench.txt`). The first `--warmup` steps of each
