@@ -7,14 +7,13 @@ to the full file; a new run sends workers back to the full file."""
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 
 import pytest
 import torch
 
 from simple_grpo.cli import parse_config
-from simple_grpo.train import lora
+from simple_grpo.train import lora, publish
 from simple_grpo.train.config import TrainConfig, resolve
 from simple_grpo.train.publish import WeightPublisher, cpu_snapshot
 from simple_grpo.train.worker import Worker
@@ -52,7 +51,7 @@ def optimizer_step(model, g: torch.Generator, lr: float, frac: float) -> None:
 def published(model, dtype, version: int) -> tuple[str, dict, dict]:
     """What the trainer publishes as `version`: (the file's sha256, its tensors, aliases)."""
     tensors, aliases = cpu_snapshot(model, dtype)
-    meta = {"version": str(version), "aliases": json.dumps(aliases), **lora.publish_metadata(model)}
+    meta = publish.file_metadata(version, aliases, lora.publish_metadata(model))
     sha = hashlib.sha256()
     for chunk in iter_state_dict_safetensors(tensors, metadata=meta):
         sha.update(chunk)

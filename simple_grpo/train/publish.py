@@ -170,7 +170,7 @@ class WeightPublisher:
               version: int) -> None:
         t0 = time.perf_counter()
         tensors, aliases, extra = snapshot  # extra: the LoRA adapter marker (simple_grpo/train/lora.py)
-        metadata = {"version": str(version), "aliases": json.dumps(aliases), **extra}
+        metadata = file_metadata(version, aliases, extra)
         current = {"tensors": tensors, "metadata": metadata, "version": version,
                    "size": file_size(tensors, metadata)}
         try:
@@ -239,6 +239,12 @@ class WeightPublisher:
         if self._pending is not None:
             self._pending.result()
         self._pool.shutdown(wait=True)
+
+
+def file_metadata(version: int, aliases: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    """The safetensors metadata of a published file. The version is zero-padded, so every
+    version's file has one length and a delta always fits (an unpadded "10" would not)."""
+    return {"version": f"{version:012d}", "aliases": json.dumps(aliases), **extra}
 
 
 def _stream(published: dict):
