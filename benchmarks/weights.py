@@ -15,10 +15,8 @@ would.
 
 Measured over a window that starts at the first trainer step after every worker has synced to
 version --from_version or newer, and ends when the trainer exits. That leaves out each worker's
-first sync (always the full file: a fresh worker has none), AdamW's first steps (larger deltas)
-and version 10, which goes up in full: its file is 8 bytes longer than version 9's (the header's
-metadata says "10", padded to 8 bytes), and the trainer sends a delta only between files of one
-length. The window's numbers come from the server's /stats (weights_ingress, weights_egress,
+first sync (always the full file: a fresh worker has none) and AdamW's first steps (larger
+deltas). The window's numbers come from the server's /stats (weights_ingress, weights_egress,
 batches in/out, drops), the trainer's metrics.jsonl (publish_bytes, batch_staleness,
 stale_dropped) and the workers' sync counters. The peer is the full design at the same worker
 count, in the same invocation.
