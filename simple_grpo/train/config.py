@@ -314,7 +314,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.mode == "generate":  # only a trainer overlaps; a worker's batches get the trainer's TIS
         cfg = dataclasses.replace(cfg, overlap="false")
     if cfg.overlap != "auto":  # else decided at start-up (sampler.finalize), knowing the devices
-        cfg = dataclasses.replace(cfg, tis={"auto": "token" if cfg.overlap == "true" else "off"}.get(cfg.tis, cfg.tis))
+        cfg = dataclasses.replace(cfg, tis=resolved_tis(cfg.tis, cfg.overlap == "true"))
     checks = [
         (cfg.beta >= 0, "--beta must be >= 0"),
         (cfg.eps_low >= 0 and cfg.eps_high >= 0, "--eps_low/--eps_high must be >= 0"),
@@ -356,6 +356,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         if not ok:
             raise UserError(message)
     return cfg
+
+
+def resolved_tis(tis: str, overlap: bool) -> str:
+    """--tis with auto resolved: token when generation overlaps training, else off."""
+    return ("token" if overlap else "off") if tis == "auto" else tis
 
 
 # derived values, computed once (simple_grpo/train/derived.py); imported from here as well

@@ -138,18 +138,16 @@ class Sampler:
                 "--worker_batches=0", "--overlap=false"]
         env = standalone_env(OMP_NUM_THREADS="1", **({"GRPO_REF_TOKEN": token} if token else {}))
         log = folder / "sampler.log"
-        weights = LocalWeights(folder, dtype)
-        sampler = cls(None, weights, folder, log)  # type: ignore[arg-type]
-        sampler.proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=open(log, "w"),
-                                        stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=_die_with_parent)
-        return sampler
+        proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=open(log, "w"),
+                                stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=_die_with_parent)
+        return cls(proc, LocalWeights(folder, dtype), folder, log)
 
     def publish(self, module: torch.nn.Module, version: int) -> None:
         if self.alive():
             self.weights.publish(module, version)
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None and self.weights.failure is None
+        return self.proc.poll() is None and self.weights.failure is None
 
     def why_dead(self) -> str:
         """One line: how the sampler ended, with the end of its log."""
@@ -244,9 +242,10 @@ class Overlap:
 
 def finalize(cfg, dist):
     """The config with --overlap decided (`enabled`) and --tis=auto resolved (token with overlap)."""
+    from simple_grpo.train.config import resolved_tis
+
     on = enabled(cfg, dist)
-    tis = ("token" if on else "off") if cfg.tis == "auto" else cfg.tis
-    return dataclasses.replace(cfg, overlap="true" if on else "false", tis=tis)
+    return dataclasses.replace(cfg, overlap="true" if on else "false", tis=resolved_tis(cfg.tis, on))
 
 
 def start_overlap(cfg, dist, ref, module: torch.nn.Module, version: int) -> Overlap | None:

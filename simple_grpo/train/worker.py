@@ -272,9 +272,7 @@ def run_worker(cfg) -> dict:
 
             need = None if w.first_version is None or cfg.max_ahead < 0 else \
                 required_version(w.first_version, w.counts["batches"] + 1, cfg.trainer_ranks, cfg.max_ahead)
-            if w.sync_local(need):
-                log(f"[{w.id}] loaded weight version {w.version}")
-        elif w.sync_weights():
+        if w.sync_local(need) if cfg.weights_dir else w.sync_weights():
             log(f"[{w.id}] loaded weight version {w.version}")
         t0 = time.perf_counter()
         batch, stats = w.make_batch()

@@ -265,9 +265,7 @@ class RefClient:
                                     got = {"version": int(r.headers["X-Weight-Version"]),
                                            "sha256": etag.strip('"')}
                                 total = have + int(r.headers["Content-Length"])
-                                for chunk in r.iter_content(1 << 20):
-                                    f.write(chunk)
-                                    have += len(chunk)
+                                have += _write_body(r, f)
                                 if have == total:
                                     break
                                 last = f"body ended after {have} of {total} bytes"
@@ -331,11 +329,9 @@ class RefClient:
                     if r.status_code >= 400 and r.status_code not in _RETRY_STATUS:
                         raise self._error(r)
                     if r.status_code == 200:
-                        want, have = int(r.headers["Content-Length"]), 0
+                        want = int(r.headers["Content-Length"])
                         with open(dest, "wb") as f:
-                            for chunk in r.iter_content(1 << 20):
-                                f.write(chunk)
-                                have += len(chunk)
+                            have = _write_body(r, f)
                         if have == want:
                             return {"version": int(r.headers["X-Weight-Version"]),
                                     "links": int(r.headers["X-Delta-Links"]), "bytes": have}
@@ -359,3 +355,12 @@ class RefClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _write_body(r, f) -> int:
+    """Stream a response body into the open file `f` in 1 MiB chunks -> bytes written."""
+    n = 0
+    for chunk in r.iter_content(1 << 20):
+        f.write(chunk)
+        n += len(chunk)
+    return n
