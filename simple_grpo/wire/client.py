@@ -274,6 +274,7 @@ class RefClient:
                     except (requests.ConnectionError, requests.Timeout,
                             requests.exceptions.ChunkedEncodingError) as e:
                         last = f"{type(e).__name__}: {e}"
+                        have = f.tell()  # what arrived before the break: the resume point
                     if attempt < self.retries:
                         time.sleep(self._delay(attempt, None))
                 else:
