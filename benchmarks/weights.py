@@ -23,7 +23,10 @@ count, in the same invocation.
 
     python benchmarks/weights.py [--workers=1,4,16] [--modes=full,delta] [--steps=24]
                                  [--from_version=11] [--tokens=16] [--worker_dtype=bfloat16]
-                                 [--lr=1e-6] [--keep=DIR]
+                                 [--lr=1e-6] [--hosts=1|2] [--keep=DIR]
+
+With --hosts=2 (root: network namespaces) the server and the trainer run on one host and the
+workers on another, and the bytes the workers' host received are reported as well.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 GB = 1e9
+TOKEN = "weights-bench"  # the server binds 0.0.0.0 with --hosts=2, which requires a token
 STEP_S = 12.6  # the training step the projection is compared with
 MODELS = {"Qwen2.5-3B": 6.2 * GB, "Qwen2.5-7B": 15.2 * GB}  # bf16 weights files
 BOXES, LINKS_GBE = (8, 24, 64), (10, 25, 100)
@@ -66,12 +70,28 @@ def as_worker(log: str, argv: list[str]) -> None:
     print(json.dumps(run_entry_point(grpo_ref_split.main, argv, "grpo_ref_split.py")))
 
 
-def spawn(args: list[str], log: Path, tmp: Path) -> subprocess.Popen:
+def spawn(args: list[str], log: Path, tmp: Path, prefix: list[str] = ()) -> subprocess.Popen:
     from simple_grpo.train.engine import standalone_env
 
-    env = standalone_env(OMP_NUM_THREADS="1", TMPDIR=str(tmp))  # workers' weight files go in tmp
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=open(log, "w"),
+    env = standalone_env(OMP_NUM_THREADS="1", TMPDIR=str(tmp), REF_SERVER_TOKEN=TOKEN)  # weight files in tmp
+    return subprocess.Popen([*prefix, sys.executable, *args], cwd=ROOT, env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT)
+
+
+def two_hosts():
+    """Two network namespaces joined by a bridge (tests/deploy/deploy_fixtures.py): host 0 runs
+    the server and the trainer, host 1 the workers."""
+    sys.path.insert(0, str(ROOT / "tests" / "deploy"))
+    from deploy_fixtures import Hosts
+
+    return Hosts(2)
+
+
+def received_bytes(h, i: int) -> int:
+    """Bytes host i's interface has received: with workers on host 1, what the server's host sent them."""
+    out = subprocess.run(["ip", "-n", h.ns[i], "-s", "-j", "link", "show", "dev", h.ifname[i]],
+                         check=True, capture_output=True, text=True).stdout
+    return int(json.loads(out)[0]["stats64"]["rx"]["bytes"])
 
 
 def mem_available_gb() -> float:
@@ -103,15 +123,21 @@ def one_run(a, n: int, mode: str, tmp: Path) -> dict:
     from simple_grpo.wire.client import RefClient
 
     tag, port, asked = f"{mode}{n}", free_port(), n
-    url, run = f"http://127.0.0.1:{port}", tmp / f"run-{mode}{n}"
+    run = tmp / f"run-{mode}{n}"
     run.mkdir()
+    h = two_hosts() if a.hosts == 2 else None
+    url = f"http://{h.addr[0]}:{port}" if h else f"http://127.0.0.1:{port}"
+    on = (lambda i: h.prefix(i)) if h else (lambda i: [])  # noqa: E731
     shape = [f"--model={a.model}", "--prompts_per_step=2", "--num_generations=4", "--micro_batch_size=8",
              f"--max_new_tokens={a.tokens}", f"--min_new_tokens={a.tokens}", "--rewards=correct_lenient",
-             f"--ref_url={url}", "--ref_timeout=3600"]
+             f"--ref_url={url}", "--ref_timeout=3600", f"--ref_token={TOKEN}"]
     procs = [spawn([str(ROOT / "ref_server.py"), f"--model={a.model}", f"--port={port}", "--torch_threads=1",
                     f"--queue_size={a.queue_size}", f"--when_full={a.when_full}",
-                    f"--weights_dir={run / 'server-weights'}"], run / "server.log", run)]
-    client = RefClient(url, timeout=600)
+                    f"--host={'0.0.0.0' if h else '127.0.0.1'}",
+                    f"--weights_dir={run / 'server-weights'}"], run / "server.log", run, on(0))]
+    client = RefClient(url, timeout=600, token=TOKEN)
+    rx = (lambda: received_bytes(h, 1)) if h else (lambda: 0)  # noqa: E731
+    rx0 = rx()
     try:
         client.wait_ready(900)
         dtype = [] if a.worker_dtype == "auto" else [f"--dtype={a.worker_dtype}"]
@@ -123,7 +149,7 @@ def one_run(a, n: int, mode: str, tmp: Path) -> dict:
                 break
             procs.append(spawn([str(Path(__file__).resolve()), "--as_worker", str(run / f"sync{i}.jsonl"),
                                 *shape, *dtype, "--mode=generate", f"--worker_index={i}"],
-                               run / f"worker{i}.log", run))
+                               run / f"worker{i}.log", run, on(1)))
             t0 = time.monotonic()
             while len(client.stats().get("workers") or {}) <= i:  # loaded and polling
                 if any(p.poll() is not None for p in procs):
@@ -135,22 +161,24 @@ def one_run(a, n: int, mode: str, tmp: Path) -> dict:
         trainer = spawn([str(ROOT / "grpo_ref_split.py"), *shape, "--generate_locally=false",
                          "--publish_dtype=bfloat16", f"--lr={a.lr}", "--warmup_steps=0", f"--steps={a.steps}",
                          "--eval_every=0", "--save_every=0", "--plot_every=0", "--samples_every=0",
-                         f"--run_dir={run / 'trainer'}", *full], run / "trainer.log", run)
+                         f"--run_dir={run / 'trainer'}", *full], run / "trainer.log", run, on(0))
         procs.append(trainer)
         snaps: dict[int, tuple[float, dict]] = {}  # trainer step -> (time, server /stats) when it appeared
         metrics = run / "trainer" / "metrics.jsonl"
         while trainer.poll() is None:
             done = len(rows_of(metrics))
             if done and done not in snaps:
-                snaps[done] = (time.time(), client.stats())
+                snaps[done] = (time.time(), {**client.stats(), "rx": rx()})
             time.sleep(0.5)
         if trainer.returncode != 0:
             raise SystemExit(f"[{tag}] trainer exited {trainer.returncode}:\n"
                              + (run / "trainer.log").read_text()[-3000:])
-        end = (time.time(), client.stats())
+        end = (time.time(), {**client.stats(), "rx": rx()})
     finally:
         stop(procs[1:])
         stop(procs[:1])
+        if h:
+            h.close()
     syncs = [rows_of(run / f"sync{i}.jsonl") for i in range(n)]
     steps = [r for r in rows_of(metrics) if "step_seconds" in r]
     if any(not s for s in syncs):
@@ -191,6 +219,8 @@ def one_run(a, n: int, mode: str, tmp: Path) -> dict:
         "stale_dropped": drops_end - drops_start, "server_stale": d("dropped_stale"),
         "dropped_full": d("dropped_full"), "batches_in": d("batches_in"), "batches_out": d("batches_out"),
         "s_per_step": (t_b - t_a) / max(1, len(trained)), "window_steps": len(trained), "start": start,
+        "host_rx": d("rx") / versions,  # bytes the workers' host received per version, in the window
+        "host_rx_all": (s_b["rx"] - rx0) / s_b["weights"]["version"],  # the same over the whole run
     }
 
 
@@ -221,6 +251,16 @@ def report(a, rows: list[dict]) -> None:
               f"({r['sync_delta_s']:.2f} / {r['sync_full_s']:.2f}) | {hist(r['staleness'])} | "
               f"{r['stale_dropped']:.0f} + {r['server_stale']} | {r['dropped_full']} | "
               f"{r['s_per_step']:.1f} |")
+    if a.hosts == 2:
+        print("\nThe workers on a second network host: bytes its interface received (HTTP and TCP "
+              "included), per published version and worker, as a fraction of the bf16 file")
+        print("| workers | weights | window: received / version | per worker, of the file | whole run "
+              "(each worker's first full file included): received / version | per worker, of the file |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            per, per_all = (r[k] / r["workers"] / (r["file_mb"] * mb) for k in ("host_rx", "host_rx_all"))
+            print(f"| {r['workers']} | {r['mode']} | {r['host_rx'] / mb:.1f} MB | {per:.3f} | "
+                  f"{r['host_rx_all'] / mb:.1f} MB | {per_all:.3f} |")
     by = {(r["workers"], r["mode"]): r for r in rows}
     pairs = [(n, by[n, "full"], by[n, "delta"]) for n in sorted({r["workers"] for r in rows})
              if (n, "full") in by and (n, "delta") in by]
@@ -269,6 +309,9 @@ def main() -> None:
     p.add_argument("--trainer_gb", type=float, default=6.0, help="memory the trainer needs (4.7 GB) + margin")
     p.add_argument("--queue_size", type=int, default=1)
     p.add_argument("--when_full", default="drop_oldest")
+    p.add_argument("--hosts", type=int, default=1, choices=(1, 2),
+                   help="2: the workers on a second network host (namespaces, root only); their host's "
+                        "received bytes are reported")
     p.add_argument("--keep", default="", help="keep every run's logs in this folder (else a temporary one)")
     a = p.parse_args()
     rows = []

@@ -44,7 +44,7 @@ from simple_grpo.wire import delta
 from simple_grpo.wire.client import RefClient, RefServerError, RefServerUnavailable
 from simple_grpo.wire.weights import iter_state_dict_safetensors
 
-FULL_EVERY = 50  # --weights_full_every's default
+FULL_EVERY = 0  # --weights_full_every's default: full files only when needed
 
 
 def published_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
