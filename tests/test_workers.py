@@ -197,9 +197,9 @@ def test_batches_sampled_at_another_temperature_are_dropped_and_counted(ref_serv
     conn.close()
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+def _spawn(args: list[str], log: Path, **env: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "grpo_ref_split.py"), *args], cwd=ROOT,
-                            env=standalone_env(OMP_NUM_THREADS="1"), stdout=open(log, "w"),
+                            env=standalone_env(OMP_NUM_THREADS="1", **env), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT)
 
 
@@ -248,9 +248,15 @@ def test_trainer_with_late_and_killed_workers(tiny_model_dir, ref_server, tmp_pa
         _wait_for(idle, 240, "the trainer to train and publish the killed worker's batches", procs)
         published = client.weights_version()["version"]
         assert 2 <= published <= 4, published
-        b = _spawn(common + ["--mode=generate", "--worker_index=2"], tmp_path / "b.log")
+        b_tmp = tmp_path / "b-tmp"
+        b_tmp.mkdir()
+        b = _spawn(common + ["--mode=generate", "--worker_index=2"], tmp_path / "b.log", TMPDIR=str(b_tmp))
         procs.append(b)
         assert trainer.wait(timeout=300) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
+        assert list(b_tmp.glob("simple_grpo-worker-*/policy.safetensors")), "b holds its weights file"
+        b.send_signal(signal.SIGTERM)  # stopped the usual way, b removes its folder
+        assert b.wait(timeout=60) == 143, (tmp_path / "b.log").read_text()[-3000:]
+        assert not list(b_tmp.iterdir()), f"b left files behind: {list(b_tmp.rglob('*'))}"
     finally:
         for p in [trainer, a, *procs]:
             if p.poll() is None:

@@ -18,10 +18,12 @@ success; a worker killed mid-batch loses only that batch.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -86,7 +88,8 @@ class Worker:
         self.contract = batch_contract.expected_contract(cfg, self.specs, model_id)  # on every batch
         self.version = 0  # the base model is version 0 of a fresh run
         self.first_version: int | None = None  # --weights_dir: the first version read (the trainer's)
-        self.dir = Path(tempfile.mkdtemp(prefix="simple_grpo-worker-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="simple_grpo-worker-"))  # our weights file; removed at
+        atexit.register(shutil.rmtree, self.dir, ignore_errors=True)  # exit (SIGTERM runs it too)
         self.counts = {"batches": 0, "weight_updates": 0, "download_failures": 0, "stale": 0,
                        **SYNC_COUNTS}
         self.weights_sha256: str | None = None  # of self.dir / policy.safetensors: our version's file
@@ -260,9 +263,6 @@ def run_worker(cfg) -> dict:
     client.wait_ready(cfg.ref_timeout)
     w = Worker(cfg, client)
     if cfg.weights_dir:  # the overlap sampler: its trainer's shared-memory folder goes with it
-        import atexit  # (SIGTERM runs the cleanups: also when the trainer died, through PDEATHSIG)
-        import shutil
-
         atexit.register(shutil.rmtree, cfg.weights_dir, ignore_errors=True)
     log(f"[{w.id}] generation worker for {cfg.ref_url} on {w.device} (prompt seed {w.seed})")
     while cfg.worker_batches == 0 or w.counts["batches"] < cfg.worker_batches:
