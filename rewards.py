@@ -12,7 +12,8 @@ default).
 ``simple_grpo/train/reward_registry.py``): ``"_completion_tokens"``, ``"_max_completion_tokens"`` and
 optionally ``"_overlong_cache"``. Do not modify ``example``.
 
-A reward that raises or returns NaN does not stop training: it counts as 0 and is logged.
+A reward that raises or returns NaN does not stop training: it counts as ``--reward_failure_value``
+(default 0) and is logged.
 
 Example of a new reward::
 

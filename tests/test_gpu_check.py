@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.py in its CPU mode (`--device=cpu --tiny`): the same path the GPU run takes
 (numerics, ref_server.py + one trainer rank, two guarded trainer ranks), so the script cannot rot
-between the sessions that have a GPU; and each numerics check, run in-process, fails when one side of
+between runs on a GPU; and each numerics check, run in-process, fails when one side of
 its comparison is planted wrong (on a CPU both sides run on the same device)."""
 import dataclasses
 import importlib.util

@@ -1,7 +1,8 @@
 """The package layout is the architecture: which process a module runs in and what it may import.
 
 Every `import` and `from ... import` counts, also those inside functions (a deferred import that
-closes a cycle is still a cycle). The README's file tree must list exactly the files there are.
+closes a cycle is still a cycle). The file tree in docs/architecture.md must list exactly the files
+there are, and the documents may name only files that exist.
 """
 from __future__ import annotations
 
@@ -126,11 +127,15 @@ def test_modules_stay_small():
     assert not big, f"over {MAX_LINES} lines: {big}"
 
 
-def readme_tree() -> set[str]:
-    """The paths of the README's "## Files" tree: two spaces of indent per folder level."""
-    text = (ROOT / "README.md").read_text()
+ARCHITECTURE = ROOT / "docs" / "architecture.md"  # holds the "## Files" tree
+DOCS = ["README.md", "BENCHMARKS.md"] + sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))
+
+
+def architecture_tree() -> set[str]:
+    """The paths of docs/architecture.md's "## Files" tree: two spaces of indent per folder level."""
+    text = ARCHITECTURE.read_text()
     block = re.search(r"## Files\n[^#]*?```\n(.*?)```", text, re.S)
-    assert block, "README has no '## Files' code block"
+    assert block, "docs/architecture.md has no '## Files' code block"
     paths, folders = set(), []
     for line in block.group(1).splitlines():
         if not line.strip():
@@ -154,14 +159,20 @@ def tracked_files() -> set[str]:
     return {"images/" if f.startswith("images/") else f for f in files}
 
 
-def test_readme_tree_lists_exactly_the_files():
-    listed, present = readme_tree(), tracked_files()
-    assert not present - listed, f"files missing from the README tree: {sorted(present - listed)}"
-    assert not listed - present, f"README tree names files that do not exist: {sorted(listed - present)}"
+def test_architecture_tree_lists_exactly_the_files():
+    listed, present = architecture_tree(), tracked_files()
+    where = "the tree in docs/architecture.md"
+    assert not present - listed, f"files missing from {where}: {sorted(present - listed)}"
+    assert not listed - present, f"{where} names files that do not exist: {sorted(listed - present)}"
 
 
-@pytest.mark.parametrize("doc", ["README.md", "BENCHMARKS.md"])
+# a path from the repository root: simple_grpo/train/loop.py, benchmarks/memory.py, images/kl.png,
+# tests/deploy/ (not one relative to a document, like ../images/kl.png: test_docs.py checks links)
+NAMED_PATH = re.compile(r"(?<![\w./-])((?:simple_grpo|benchmarks|tests|tools|configs|images|docs)/[\w./-]*\w/?)")
+
+
+@pytest.mark.parametrize("doc", DOCS)
 def test_docs_name_only_files_that_exist(doc):
-    named = set(re.findall(r"simple_grpo/[\w/]+\.py", (ROOT / doc).read_text()))
+    named = set(NAMED_PATH.findall((ROOT / doc).read_text()))
     missing = sorted(p for p in named if not (ROOT / p).exists())
     assert named and not missing, f"{doc} names files that do not exist: {missing}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from test_docs import undocumented_metrics
 from test_workers import SMALL, _rows, _spawn, _wait_for
 
 from simple_grpo.train.reward_registry import register
@@ -55,6 +56,7 @@ def test_worker_run_with_tis_reports_it_on_every_step(tiny_model_dir, ref_server
         assert r["offpolicy_token_frac"] == float(r["batch_staleness"] > 0)
         assert r["ratio_max"] == 1.0  # one pass: pi_old is the training forward's value
     assert all("logprob_mismatch" in r for r in steps if r["batch_staleness"] == 0)
+    assert not undocumented_metrics(steps), "metrics missing from docs/metrics.md"  # publishing, TIS
 
 
 def test_lora_dropout_leaves_the_mismatch_at_noise(tiny_model_dir, tmp_path):

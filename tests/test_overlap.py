@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_docs import undocumented_metrics  # tests/ is on sys.path
 
 from simple_grpo.train import rollout_source, sampler
 
@@ -54,6 +55,7 @@ def test_overlap_trains_the_samplers_batches_one_step_stale(tiny_model_dir, tmp_
     assert max(staleness) <= 1 and staleness[0] == 0 and staleness.count(1) >= 4, staleness
     # --tis=auto is token with overlap: every step reports it
     assert all("tis_weight_mean" in r and "tis_ratio_max" in r for r in rows)
+    assert not undocumented_metrics(rows), "metrics missing from docs/metrics.md"  # the sampler's
     (s,) = started
     assert s.proc.poll() is not None, "the sampler is stopped at the end"
     assert not s.folder.exists(), "the shared-memory folder is removed"

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import rewards  # noqa: F401  (the built-in rewards, registered before any test's snapshot)
+from test_docs import undocumented_metrics  # tests/ is on sys.path
 from simple_grpo import models
 from simple_grpo.cli import parse_config
 from simple_grpo.errors import UserError
@@ -262,5 +263,7 @@ def test_a_run_with_every_option(tiny_model_dir, tmp_path, monkeypatch, clean_re
         # --lr_scheduler and --adam_betas reach the engine, over steps x num_iterations updates
         ((built["lr_scheduler"], built["betas"], built["total_steps"]) == ("cosine", (0.8, 0.9), 2),
          f"engine options {built}"),
+        # every key the run logged is in docs/metrics.md
+        (not undocumented_metrics(rows), f"metrics missing from docs/metrics.md: {undocumented_metrics(rows)}"),
     ]
     assert not [why for ok, why in checks if not ok], [why for ok, why in checks if not ok]

@@ -204,7 +204,7 @@ class TrainConfig:
 
     # --- distributed: processes, the reference server, the process group
     mode: Literal["train", "generate"] = "train"
-    """'train', or 'generate' (a generation worker, see the README's Generation workers)."""
+    """'train', or 'generate' (a generation worker: docs/architecture.md, "Generation workers")."""
     ref_url: str | None = None
     """Reference server URL. None with beta > 0: start one on a free loopback port."""
     ref_token: str | None = None

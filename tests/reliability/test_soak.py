@@ -1,6 +1,6 @@
 """Soak: trainer + reference server + one generation worker on loopback at the default run's
 sizes (2 prompts x G=8, 48 new tokens, beta 0.04, weights published every step, checkpoints,
-evaluation, plots) with the tiny model, for SOAK_SECONDS (CI: 120; the issue's long run: 1200).
+evaluation, plots) with the tiny model, for SOAK_SECONDS (CI: 120; the long run in BENCHMARKS.md: 1200).
 Memory of every process stays flat (least-squares slope over the second half, reported), the
 queue stays within its bound, and no process prints an error. Marked slow; CI runs it.
 
