@@ -46,10 +46,10 @@ def test_two_nodes_one_rank_each_with_the_reference_started_for_them(tiny_model_
 def test_workers_on_a_third_host_join_late_and_leave(tiny_model_dir, hosts, procs, tmp_path):
     server_cmd, trainer_cmd, worker_cmd = recipe("workers")
     assert server_cmd.background and option(server_cmd, "host") == "0.0.0.0"
-    assert option(worker_cmd, "mode") == "generate"
+    assert option(worker_cmd, "mode") == "generate" and option(worker_cmd, "trainer_ranks") == "$RANKS"
     h = hosts(3)  # 0: reference server, 1: trainer, 2: generation box
     token, port = "recipe-token", option(server_cmd, "port")
-    subs = {"$TOKEN": token, "HOST": h.addr[0]}
+    subs = {"$TOKEN": token, "HOST": h.addr[0], "$RANKS": "1"}
     procs(scale(server_cmd, model=tiny_model_dir, subs=subs, port=int(port), extra={"torch_threads": "1"}),
           tmp_path / "server.log", prefix=h.prefix(0))
     client = RefClient(f"http://{h.addr[0]}:{port}", token=token)
