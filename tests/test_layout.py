@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_docs import ALL_DOCS  # tests/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "simple_grpo"
@@ -128,7 +129,6 @@ def test_modules_stay_small():
 
 
 ARCHITECTURE = ROOT / "docs" / "architecture.md"  # holds the "## Files" tree
-DOCS = ["README.md", "BENCHMARKS.md"] + sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))
 
 
 def architecture_tree() -> set[str]:
@@ -171,7 +171,7 @@ def test_architecture_tree_lists_exactly_the_files():
 NAMED_PATH = re.compile(r"(?<![\w./-])((?:simple_grpo|benchmarks|tests|tools|configs|images|docs)/[\w./-]*\w/?)")
 
 
-@pytest.mark.parametrize("doc", DOCS)
+@pytest.mark.parametrize("doc", ALL_DOCS)
 def test_docs_name_only_files_that_exist(doc):
     named = set(NAMED_PATH.findall((ROOT / doc).read_text()))
     missing = sorted(p for p in named if not (ROOT / p).exists())

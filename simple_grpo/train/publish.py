@@ -44,9 +44,6 @@ from simple_grpo.wire import delta
 from simple_grpo.wire.client import RefClient, RefServerError, RefServerUnavailable
 from simple_grpo.wire.weights import iter_state_dict_safetensors
 
-FULL_EVERY = 0  # --weights_full_every's default: full files only when needed
-
-
 def published_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a publish sends: the state dict, or a LoRA model's (PEFT) adapter tensors only."""
     return lora.adapter_state_dict(module) if lora.is_peft(module) else module.state_dict()
@@ -87,7 +84,7 @@ class WeightPublisher:
     """Publishes snapshots of a module's weights in a background thread; see the module doc."""
 
     def __init__(self, client: RefClient, dtype: torch.dtype | None = None,
-                 log=lambda msg: print(msg, file=sys.stderr, flush=True), full_every: int = FULL_EVERY):
+                 log=lambda msg: print(msg, file=sys.stderr, flush=True), full_every: int = 0):
         self.client, self.dtype, self.log, self.full_every = client, dtype, log, full_every
         self._base: dict | None = None  # the last version the server accepted: snapshot, version, size
         self._deltas_in_row = 0  # deltas since the last full upload

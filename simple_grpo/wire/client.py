@@ -265,7 +265,8 @@ class RefClient:
                                     got = {"version": int(r.headers["X-Weight-Version"]),
                                            "sha256": etag.strip('"')}
                                 total = have + int(r.headers["Content-Length"])
-                                have += _write_body(r, f)
+                                _write_body(r, f)
+                                have = f.tell()
                                 if have == total:
                                     break
                                 last = f"body ended after {have} of {total} bytes"
