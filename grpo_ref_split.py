@@ -62,8 +62,9 @@ def main(argv: list[str]) -> dict:
     tokenizer = models.load_tokenizer(cfg.model, **models.hub_options(cfg))
     model = models.load_model(cfg.model, cfg.dtype, str(dist.device), cfg.attn_implementation,
                               **models.hub_options(cfg))
-    # what every batch we train must have been made with (workers' too): settings and base model
-    contract = batch_contract.expected_contract(cfg, specs, batch_contract.model_id(model))
+    # what every batch we train must have been made with (workers' too): settings, base model,
+    # prompt rendering, task and reward code
+    contract = batch_contract.expected_contract(cfg, specs, batch_contract.model_id(model), tokenizer)
     if cfg.disable_dropout:  # the policy trained is the one that sampled (--lora_dropout stays)
         dropout.disable(model)
     if cfg.lora_r > 0:  # only the adapters train; the same adapter on every rank (and worker)
@@ -98,7 +99,8 @@ def main(argv: list[str]) -> dict:
                                  loss_kw=loss_kwargs(cfg), ref=ref, settings=sample_settings(cfg),
                                  filter_metric=dynamic_filter_metric(cfg, specs), contract=contract,
                                  overlap=sampler.start_overlap(cfg, dist, ref_target, engine.module,
-                                                               state["weight_version"]))  # --overlap
+                                                               state["weight_version"],
+                                                               state["step"]))  # --overlap
     publisher = publish.publisher_for(cfg, dist, ref, state["weight_version"])  # rank 0, if workers
     if publisher is not None:  # workers already polling start from this run's current weights
         publisher.step_end(engine.module, state["weight_version"], state["step"], cfg.publish_every,
@@ -113,11 +115,12 @@ def main(argv: list[str]) -> dict:
         if ctx.overlap is not None:  # is the sampler still there? (else: generate here again)
             ctx.overlap.begin_step(step)
         metrics, roll, trained = train_loop.step(ctx, state["weight_version"])
-        state.update(step=step, weight_version=state["weight_version"] + cfg.num_iterations)
-        if ctx.overlap is not None:  # the sampler's next batch uses these weights
-            ctx.overlap.publish(engine.module, state["weight_version"])
+        state["step"] = step
+        updated = train_loop.advance(state, metrics, cfg, dist.rank)  # an empty step keeps the version
+        if ctx.overlap is not None:  # the weights of this step, for the sampler's batch after next
+            ctx.overlap.publish(engine.module, state["weight_version"], step)
             metrics.update(ctx.overlap.metrics())
-        if publisher is not None:  # a background upload, when a generation worker is there
+        if publisher is not None and updated:  # a background upload, when a generation worker is there
             publisher.step_end(engine.module, state["weight_version"], step, cfg.publish_every)
         metrics.update(weight_version=state["weight_version"],
                        step_seconds=time.perf_counter() - t0,

@@ -127,6 +127,8 @@ def _tuple(name: str, tp, raw):
     kind = args[0] if args else str
     if args and args[-1] is not Ellipsis and len(items) != len(args):
         raise UserError(f"--{name}={raw!r}: expected {len(args)} comma-separated values")
+    if kind in (int, float) and any(isinstance(x, bool) for x in items):  # float(True) is 1.0
+        raise UserError(f"--{name}={raw!r}: expected numbers, got a boolean")
     try:
         return tuple(kind(x) for x in items)
     except ValueError as e:

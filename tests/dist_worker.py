@@ -5,7 +5,8 @@ built from the trainer's own DeepSpeed config (micro-batches, gradient accumulat
 The optimizer is plain SGD (lr LR, no momentum, no weight decay, no clipping), so the update is
 exactly -LR * gradient: the test reads the gradient DeepSpeed applied from the weights, which AdamW
 would hide (its first step is about lr * sign(g), blind to a uniform scale). Each rank writes its
-initial and final parameters per case."""
+initial and final parameters per case, and rank 0 the step's metrics reduced over the ranks."""
+import json
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from simple_grpo.models import build_tiny_model  # noqa: E402
 from simple_grpo.train import engine as eng  # noqa: E402
+from simple_grpo.train.loop import average  # noqa: E402
 from simple_grpo.train.policy_step import train_on_batch  # noqa: E402
 from simple_grpo.wire.codec import RolloutBatch  # noqa: E402
 
@@ -72,18 +74,22 @@ def sgd_engine(model, world_size: int):
 
 def main(out_dir: str) -> None:
     dist = eng.init_distributed()
+    metrics = {}
     for name, (agg, iterations, overlong_filter) in CASES.items():
         torch.manual_seed(0)
         model = build_tiny_model(seed=1)
         init = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         engine = sgd_engine(model, dist.world_size)
         part = rank_slice(fixed_batch(), dist.rank, dist.world_size)
-        train_on_batch(engine, part, micro_batch=MICRO, num_iterations=iterations,
-                       loss_kw=dict(LOSS_KW, agg=agg), eos_ids=[EOS], overlong_filter=overlong_filter,
-                       temperature=1.0, world_size=dist.world_size, device=dist.device)
+        m, _ = train_on_batch(engine, part, micro_batch=MICRO, num_iterations=iterations,
+                              loss_kw=dict(LOSS_KW, agg=agg), eos_ids=[EOS], overlong_filter=overlong_filter,
+                              temperature=1.0, world_size=dist.world_size, device=dist.device)
+        metrics[name] = average(m, dist)
         final = {k: v.detach().clone().contiguous() for k, v in engine.module.state_dict().items()}
         save_file(init, str(Path(out_dir) / f"{name}.init.rank{dist.rank}.safetensors"))
         save_file(final, str(Path(out_dir) / f"{name}.rank{dist.rank}.safetensors"))
+    if dist.rank == 0:
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics))
 
 
 if __name__ == "__main__":

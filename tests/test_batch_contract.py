@@ -1,18 +1,22 @@
 """The batch contract: what a config's contract holds (the model id too), and the trainer's
 RefConnection dropping, counting and naming each batch made with other settings, over real HTTP on
-127.0.0.1 (a table with one row per contract field, and a real Worker started with another preset)."""
+127.0.0.1 (a table with one row per contract field, a table of worker options that change the
+prompts, the task or the reward code, and a real Worker started with another preset)."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 import torch
 
+import rewards  # noqa: F401  (the built-in rewards, registered before any test's snapshot)
 from simple_grpo.cli import parse_config
-from simple_grpo.models import build_tiny_model
-from simple_grpo.train.batch_contract import expected_contract, model_id
+from simple_grpo.models import build_tiny_model, build_tiny_tokenizer, load_tokenizer
+from simple_grpo.train.batch_contract import FIXES, expected_contract, model_id
 from simple_grpo.train.config import TrainConfig, resolve
 from simple_grpo.train.loop import reward_specs
+from simple_grpo.train.reward_registry import REWARDS
 from simple_grpo.train.rollout_source import RefConnection
 from simple_grpo.train.worker import Worker
 from simple_grpo.wire.client import RefClient
@@ -20,14 +24,18 @@ from simple_grpo.wire.codec import RolloutBatch
 from simple_grpo.wire.contract import BatchContract, contract_differences
 
 SMALL = dict(prompts_per_step=2, num_generations=4, micro_batch_size=4, max_new_tokens=8)
+# the tiny byte-level tokenizer, its ChatML template also reading Qwen3's enable_thinking variable
+TOKENIZER = build_tiny_tokenizer()
+TOKENIZER.chat_template += ("{% if enable_thinking is defined and not enable_thinking %}"
+                            "<think>\n\n</think>\n\n{% endif %}")
 
 
 def config(**kw) -> TrainConfig:
     return resolve(parse_config(TrainConfig, [f"--{k}={v}" for k, v in kw.items()]))
 
 
-def contract_of(cfg: TrainConfig, model: str = "m") -> BatchContract:
-    return expected_contract(cfg, reward_specs(cfg), model)
+def contract_of(cfg: TrainConfig, model: str = "m", tokenizer=TOKENIZER) -> BatchContract:
+    return expected_contract(cfg, reward_specs(cfg), model, tokenizer)
 
 
 @pytest.mark.parametrize("options, want", [
@@ -52,6 +60,9 @@ def contract_of(cfg: TrainConfig, model: str = "m") -> BatchContract:
 def test_contract_of_a_config(options, want):
     base = contract_of(config())
     got = contract_of(config(**options))
+    if want.get("rewards", base.rewards) != base.rewards:  # other reward functions: other code
+        assert got.reward_code != base.reward_code
+        want = {**want, "reward_code": got.reward_code}
     assert got == dataclasses.replace(base, **want)
     assert got.model == "m"
 
@@ -80,7 +91,9 @@ def test_model_id_is_the_base_checkpoint_in_any_float_dtype():
 
 OURS = BatchContract(scale="std", rewards="overlong:1.0", dynamic_sampling=False, filter_metric="off",
                      max_new_tokens=8, min_new_tokens=0, top_p=1.0, temperature=1.0, group_size=4,
-                     overlong_cache=2, model="0123456789abcdef")
+                     overlong_cache=2, model="0123456789abcdef", prompt="0f1e2d3c4b5a6978",
+                     task="arithmetic;question_field=question;answer_field=answer",
+                     reward_code="89abcdef01234567;failure_value=0.0")
 
 
 def _batch(producer: str, contract: BatchContract | None) -> RolloutBatch:
@@ -104,6 +117,11 @@ CASES = [  # (field, the worker's value, the option the warning tells to share),
     ("group_size", 2, "--num_generations"),  # 8 rows as 4 groups of 2: the row count agrees
     ("overlong_cache", 4, "--overlong_cache and --max_new_tokens"),  # another length penalty
     ("model", "fedcba9876543210", "--model"),  # another base model
+    ("prompt", "1111222233334444", "--system_prompt, --chat_template_kwargs and --model"),  # prompts
+    ("task", "arithmetic2;question_field=question;answer_field=answer",  # other questions
+     "--task, --question_field and --answer_field"),
+    ("reward_code", "89abcdef01234567;failure_value=-1.0",  # failures scored otherwise
+     "rewards.py, --rewards_file and --reward_failure_value"),
 ]
 assert [c[0] for c in CASES] == [f.name for f in dataclasses.fields(BatchContract)], "one row per field"
 
@@ -152,7 +170,8 @@ def test_a_worker_started_with_another_preset_is_refused(tiny_model_dir, tiny_mo
     common = {"model": tiny_model_dir, "ref_url": srv.url, "rewards": "overlong", "ref_timeout": 20,
               **SMALL}
     trainer_cfg = config(**common)
-    ours = expected_contract(trainer_cfg, reward_specs(trainer_cfg), model_id(tiny_model))
+    ours = expected_contract(trainer_cfg, reward_specs(trainer_cfg), model_id(tiny_model),
+                             load_tokenizer(str(tiny_model_dir)))
     for preset, index in (("dr_grpo", 0), ("grpo", 1)):  # the refused one first in the queue
         w = Worker(config(**common, preset=preset, worker_index=index), RefClient(srv.url))
         batch, _ = w.make_batch()
@@ -165,4 +184,92 @@ def test_a_worker_started_with_another_preset_is_refused(tiny_model_dir, tiny_mo
     warnings = [x for x in capsys.readouterr().err.splitlines() if "dropping a batch" in x]
     assert warnings == [f"[trainer] dropping a batch from {w.id}: its scale is 'none', this trainer's "
                         f"is 'std' (start workers with the trainer's --preset and --scale)"]
+    conn.close()
+
+
+# --- worker options that change the prompts, the task or the reward code
+
+MINE = """from simple_grpo.train.reward_registry import register
+
+@register("contract_mine")
+def mine(completion, example):
+    return {body}
+"""
+REWARD_FILES = {"a/mine.py": MINE.format(body="len(completion) / 100.0"),  # the trainer's
+                "b/mine.py": MINE.format(body="len(completion) / 100.0"),  # a copy in another folder
+                "c/mine.py": MINE.format(body="-len(completion) / 100.0")}  # the same name, other code
+MINE_A, MINE_B, MINE_C = ({"rewards_file": f, "rewards": "contract_mine"} for f in REWARD_FILES)
+
+OPTION_CASES = [  # (the trainer's options, the worker's, the fields that differ)
+    # identical configs: the contracts agree
+    ({}, {}, []),
+    # the same data file, at another path on the worker's box: the same task
+    (dict(task="/data/run/train.jsonl"), dict(task="/mnt/shared/train.jsonl"), []),
+    # the same reward code, from a copy of the trainer's --rewards_file in another folder
+    (MINE_A, MINE_B, []),
+    # a chat template variable the template never reads: the same prompts
+    ({}, dict(chat_template_kwargs='{"unused": 1}'), []),
+    # --system_prompt: another system turn
+    ({}, dict(system_prompt="Answer with a number."), ["prompt"]),
+    # --system_prompt= (empty): no system turn at all
+    ({}, dict(system_prompt=""), ["prompt"]),
+    # --chat_template_kwargs that the template reads: an empty think block after the header
+    ({}, dict(chat_template_kwargs='{"enable_thinking": false}'), ["prompt"]),
+    # --task: other questions and answers
+    ({}, dict(task="arithmetic2"), ["task"]),
+    # --question_field: the question read from another field of each row
+    ({}, dict(question_field="problem"), ["task"]),
+    # --answer_field: the gold answer read from another field
+    ({}, dict(answer_field="solution"), ["task"]),
+    # --reward_failure_value: a reward that fails scored otherwise
+    ({}, dict(reward_failure_value=-1.0), ["reward_code"]),
+    # --rewards_file: the same reward name, other code
+    (MINE_A, MINE_C, ["reward_code"]),
+]
+
+
+@pytest.fixture
+def own_process(tmp_path):
+    """-> contract(options): the contract a producer started with `options` computes, its
+    --rewards_file (a path under tmp_path) loaded into a registry of the built-in rewards alone,
+    as in a process of its own; the registry and the loaded files are restored afterwards."""
+    for name, text in REWARD_FILES.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    saved, mods = dict(REWARDS), set(sys.modules)
+
+    def contract(options: dict) -> BatchContract:
+        REWARDS.clear()
+        REWARDS.update(saved)
+        if "rewards_file" in options:
+            options = {**options, "rewards_file": str(tmp_path / options["rewards_file"])}
+        return contract_of(config(**options))
+
+    yield contract
+    REWARDS.clear()
+    REWARDS.update(saved)
+    for name in set(sys.modules) - mods:
+        if name.startswith("user_rewards_"):
+            del sys.modules[name]
+
+
+@pytest.mark.parametrize("trainer, worker, fields", OPTION_CASES, ids=[
+    f"{'+'.join(w) or 'same'}-{'-'.join(f) or 'match'}" for _, w, f in OPTION_CASES])
+def test_a_worker_with_other_prompts_task_or_reward_code_is_refused(own_process, ref_server, capsys,
+                                                                     trainer, worker, fields):
+    """The worker's contract from its own options: each changed option is a difference in the
+    field that covers it, and the trainer drops its batch, counted, with one line naming it."""
+    ours, theirs = own_process(trainer), own_process(worker)
+    assert contract_differences(ours, theirs) == fields
+    srv = ref_server()
+    client = RefClient(srv.url)
+    client.upload(_batch("w-other", theirs))
+    client.upload(_batch("w-same", ours))
+    conn = RefConnection(srv.url, None, timeout=10, batch_rows=8, contract=ours)
+    assert conn.next_batch(weight_version=0).meta["producer"] == ("w-same" if fields else "w-other")
+    assert conn.counts["rejected_batches"] == len(fields)
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "dropping a batch" in x]
+    assert warnings == [f"[trainer] dropping a batch from w-other: its {f} is {getattr(theirs, f)!r}, "
+                        f"this trainer's is {getattr(ours, f)!r} (start workers with the trainer's "
+                        f"{FIXES[f]})" for f in fields]
     conn.close()

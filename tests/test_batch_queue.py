@@ -158,3 +158,31 @@ def test_a_rank_gets_its_own_batch_back():
     assert q.get(wait_s=0.05, prefer="late") is None, "not the worker's batch while ours computes"
     assert q.get(wait_s=5.0, prefer="late").batch_id == "late"
     assert q.get(wait_s=0.0, prefer="late").batch_id == "worker", "ours is gone: queue order"
+
+
+def test_a_new_run_forgets_the_versions_seen_under_max_staleness(ref_server):
+    """--max_staleness=1 over real HTTP: run a reaches version 6 (a worker's upload at 5, the
+    trainer's /get at 6); run b's trainer starts (POST /run, another id): the queue drops run a's
+    batches and the versions it counted, so run b's batches of version 0 are queued, not stale."""
+    from test_codec import make_batch  # tests/ is on sys.path
+
+    from simple_grpo.wire.client import RefClient
+
+    def batch(seed: int, version: int):
+        b = make_batch(2, 3, 3, gen=False, ref=False, seed=seed, weight_version=version)
+        b.prompt_ids %= 320  # the tiny model's vocabulary
+        b.completion_ids %= 320
+        return b
+
+    client = RefClient(ref_server(max_staleness=1).url)
+    client.start_run("a")
+    client.upload(batch(0, 5))
+    client.upload(batch(1, 5))
+    assert client.get(weight_version=6) is not None and client.stats()["current_version"] == 6
+    assert client.start_run("b") == {"run_id": "b", "reset": True, "dropped": 1}
+    assert client.stats()["current_version"] == 0
+    ids = [client.upload(batch(2 + i, 0)) for i in range(2)]
+    assert client.last_upload["status"] == "queued"
+    assert [client.get(weight_version=0).batch_id for _ in ids] == ids
+    s = client.stats()
+    assert s["dropped_stale"] == 0 and s["dropped_run"] == 1 and s["batches_out"] == 3

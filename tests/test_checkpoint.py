@@ -280,3 +280,28 @@ def test_resume_modes(mode, saved, expect, make_engine, tmp_path, capsys):
     assert torch.equal(torch.rand(4), want_rand), "the RNG state"
     assert all(torch.equal(v, saved_params[k]) for k, v in params(b).items()), "the weights"
     assert b.global_steps == a.global_steps == 2
+
+
+def test_each_rank_resumes_its_own_rng_and_data_position(make_engine, tmp_path):
+    """The checkpoint holds one RNG state and one data position per rank: rank 1 resumes rank 1's
+    (its next random numbers and prompts are those it would have drawn), not rank 0's."""
+    np = pytest.importorskip("numpy")
+    rngs, positions, want = [], [], []
+    for rank, seed in ((0, 10), (1, 11)):
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+        stream = _stream()
+        stream.next_batch(2 + 3 * rank)
+        rngs.append(ck.rng_state())
+        positions.append(stream.state_dict())
+        want.append((random.random(), float(np.random.rand()), torch.rand(4),
+                     [x["question"] for x in stream.next_batch(2)]))
+    state = dict(step=3, weight_version=3, run_id="run-r", rng=rngs, stream=positions)
+    ck.save_checkpoint(make_engine(), tmp_path, 3, state)
+    for rank in (1, 0):
+        random.seed(999), np.random.seed(999), torch.manual_seed(999)
+        stream = _stream()
+        assert ck.resume(make_engine(seed=5), tmp_path, "true", stream, rank=rank)["step"] == 3
+        got = (random.random(), float(np.random.rand()), torch.rand(4),
+               [x["question"] for x in stream.next_batch(2)])
+        assert got[:2] == want[rank][:2] and torch.equal(got[2], want[rank][2]), rank
+        assert got[3] == want[rank][3], rank

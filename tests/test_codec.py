@@ -111,7 +111,7 @@ def test_temperature_round_trips_in_the_header(temperature):
     assert codec.encode(codec.decode(data)) == data  # byte-stable
     n = int.from_bytes(data[:8], "little")
     header = json.loads(json.loads(data[8:8 + n])["__metadata__"]["simple_grpo"])
-    assert header["schema_version"] == 3 and header["temperature"] == temperature
+    assert header["schema_version"] == 4 and header["temperature"] == temperature
     req = LogprobRequest(b.prompt_ids, b.prompt_lens, b.completion_ids, b.completion_lens,
                          temperature=temperature)
     assert_same(req, codec.decode(codec.encode(req), LogprobRequest))
@@ -164,7 +164,7 @@ def test_schema_1_body_is_refused_naming_both_versions_and_the_temperature():
     req = LogprobRequest(b.prompt_ids, b.prompt_lens, b.completion_ids, b.completion_lens)
     for obj in (b, req):
         with pytest.raises(CodecError, match=r"schema version 1 is not supported \(this side "
-                                             r"speaks 3; schema 2 carries the sampling temperature") as e:
+                                             r"speaks 4; schema 2 carries the sampling temperature") as e:
             codec.decode(schema1_body(obj), type(obj))
         assert "schema 3 carries the batch contract" in str(e.value) and "\n" not in str(e.value)
 
@@ -212,8 +212,8 @@ def _tensors(b: RolloutBatch) -> dict[str, torch.Tensor]:
     (lambda t: t.update(completion_lens=t["completion_lens"][:2]), {}, "mismatched shapes"),
     (lambda t: t.pop("advantages"), {}, "advantages is missing"),
     (lambda t: t.update(extra=torch.zeros(2)), {}, "unexpected tensor"),
-    (lambda t: None, {"schema_version": 4}, r"schema version 4 is not supported \(this side speaks 3\)$"),
-    (lambda t: None, {"schema_version": 3.0}, "schema version 3.0 is not supported"),
+    (lambda t: None, {"schema_version": 5}, r"schema version 5 is not supported \(this side speaks 4\)$"),
+    (lambda t: None, {"schema_version": 4.0}, "schema version 4.0 is not supported"),
     (lambda t: None, {"kind": "weights"}, "unknown message kind"),
     (lambda t: None, {"weight_version": "3"}, "weight_version"),
     (lambda t: None, {"meta": "x"}, "meta must be a dict"),
@@ -280,7 +280,9 @@ def test_corrupted_bytes_decode_or_raise_codec_error(edits):
 
 CONTRACT = BatchContract(scale="std", rewards="correct_lenient:1.0,overlong:1.0", dynamic_sampling=True,
                          filter_metric="correct_lenient", max_new_tokens=48, min_new_tokens=0, top_p=1.0,
-                         temperature=0.7, group_size=8, overlong_cache=10, model="0123456789abcdef")
+                         temperature=0.7, group_size=8, overlong_cache=10, model="0123456789abcdef",
+                         prompt="0f1e2d3c4b5a6978", task="arithmetic;question_field=question;answer_field=answer",
+                         reward_code="89abcdef01234567;failure_value=0.0")
 
 
 @pytest.mark.parametrize("contract,loss_rows", list(itertools.product(
@@ -298,15 +300,30 @@ def test_contract_and_loss_rows_round_trip(contract, loss_rows):
         assert out.loss_rows.dtype == torch.bool and out.loss_rows.tolist() == loss_rows.tolist()
 
 
-def test_schema_2_body_is_refused_saying_what_schema_3_adds():
+def test_schema_2_body_is_refused_saying_what_schemas_3_and_4_add():
     """A schema-2 sender (before the contract and loss_rows) gets a one-line 400 saying so."""
     body = with_header(codec.encode(make_batch()), drop=("contract",), schema_version=2)
     with pytest.raises(CodecError) as e:
         codec.decode(body)
     assert str(e.value) == (
-        "schema version 2 is not supported (this side speaks 3; schema 3 carries the batch contract "
+        "schema version 2 is not supported (this side speaks 4; schema 3 carries the batch contract "
         "(the sampling, reward and advantage settings and the model a batch was made with, which the "
-        "trainer checks) and loss_rows (rows outside the loss): upgrade simple_grpo on the sending side)")
+        "trainer checks) and loss_rows (rows outside the loss); schema 4 carries the sampling log-probs "
+        "under the whole tempered softmax (gen_logprobs_full: the old policy of a late batch, whose ratio "
+        "then starts at 1 whatever top_p and min_new_tokens) and the contract's prompt, task and "
+        "reward_code (how prompts are rendered and rewards computed): upgrade simple_grpo on the sending "
+        "side)")
+
+
+def test_gen_logprobs_full_round_trips():
+    """Schema 4's optional [B, C] tensor: bit-exact both ways; a wrong width is refused."""
+    b = make_batch()
+    b.gen_logprobs_full = -torch.rand(b.completion_ids.shape)
+    out = codec.decode(codec.encode(b))
+    assert torch.equal(out.gen_logprobs_full, b.gen_logprobs_full)
+    b.gen_logprobs_full = b.gen_logprobs_full[:, :-1]
+    with pytest.raises(CodecError, match="gen_logprobs_full has shape"):
+        codec.encode(b)
 
 
 def test_a_header_without_the_contract_key_decodes_as_none():
@@ -323,10 +340,15 @@ BAD_CONTRACTS = [  # (header value of "contract", the one-line error)
     ({k: v for k, v in dataclasses.asdict(CONTRACT).items() if k != "top_p"},
      r"contract lacks field\(s\) top_p"),
     ({**dataclasses.asdict(CONTRACT), "seed": 1}, r"contract has unknown field\(s\) seed"),
+    # an older sender's contract, without the prompt, task and reward-code fields: one line saying so
+    ({k: v for k, v in dataclasses.asdict(CONTRACT).items() if k not in ("prompt", "task", "reward_code")},
+     r"^contract lacks field\(s\) prompt, task, reward_code \(an older sender: upgrade simple_grpo on "
+     r"the sending side\)$"),
     # each type: str, bool, int (not bool, >= 0), float (finite, not bool)
     ({**dataclasses.asdict(CONTRACT), "scale": 1}, "contract field scale must be str, got int"),
     ({**dataclasses.asdict(CONTRACT), "rewards": None}, "contract field rewards must be str, got NoneType"),
     ({**dataclasses.asdict(CONTRACT), "model": "x" * 1001}, "contract field model is longer than 1000"),
+    ({**dataclasses.asdict(CONTRACT), "reward_code": 0.0}, "contract field reward_code must be str, got float"),
     ({**dataclasses.asdict(CONTRACT), "dynamic_sampling": 1}, "contract field dynamic_sampling must be bool"),
     ({**dataclasses.asdict(CONTRACT), "max_new_tokens": 48.0},
      "contract field max_new_tokens must be int, got float"),

@@ -120,11 +120,28 @@ def test_errors_are_user_errors(argv, message):
     ('{"mode": "quick"}', "--mode must be one of: fast, slow"),             # a choice, checked too
     ('{"port": "x"}', "--port='x'"),                                        # a string that is no int
     ('{"port": 1.5}', "expected int"),                                      # a float for an int
+    ('{"lr": true}', r"--lr=True: expected float"),                        # a boolean for a number
+    ('{"port": false}', r"--port=False: expected int"),
+    ('{"betas": [true, 0.5]}', r"--betas=\[True, 0.5\]: expected numbers"),  # ...also inside a tuple
 ])
 def test_config_file_errors(content, message, tmp_path):
     (tmp_path / "c.json").write_text(content)
     with pytest.raises(UserError, match=message):
         parse_config(Demo, [f"--config={tmp_path / 'c.json'}"])
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("lr", True, r"--lr=True: expected float"),
+    ("steps", False, r"--steps=False: expected int"),
+    ("adam_betas", [0.9, True], r"--adam_betas=\[0.9, True\]: expected numbers, got a boolean"),
+])
+def test_booleans_for_numeric_options_in_a_trainer_config_file_are_refused(option, value, message, tmp_path):
+    """A JSON true / false where the trainer wants a number is one error line, not 1 or 0."""
+    from simple_grpo.train.config import TrainConfig
+
+    (tmp_path / "run.json").write_text(json.dumps({option: value}))
+    with pytest.raises(UserError, match=message):
+        parse_config(TrainConfig, [f"--config={tmp_path / 'run.json'}"])
 
 
 def test_help_lists_fields_with_docstrings_in_sections(capsys):

@@ -67,6 +67,7 @@ def test_config_resolves_and_divides_over_its_ranks(config, tiny_model_dir, loca
 
 
 def test_generation_box_file_makes_batches_the_trainer_accepts(tiny_model_dir, local_task):
+    from simple_grpo.models import load_tokenizer
     from simple_grpo.train.batch_contract import expected_contract
     from simple_grpo.train.loop import reward_specs
 
@@ -74,7 +75,8 @@ def test_generation_box_file_makes_batches_the_trainer_accepts(tiny_model_dir, l
     trainer = load(config, tiny_model_dir, local_task)
     worker = load(config, tiny_model_dir, local_task, "--mode=generate", "--worker_index=0")
     assert worker.ref_url == trainer.ref_url and worker.ref_token == trainer.ref_token
-    contracts = [expected_contract(c, reward_specs(c), "tiny") for c in (trainer, worker)]
+    tokenizer = load_tokenizer(str(tiny_model_dir))  # each side renders the prompts with its own
+    contracts = [expected_contract(c, reward_specs(c), "tiny", tokenizer) for c in (trainer, worker)]
     assert contracts[0] == contracts[1]
 
 

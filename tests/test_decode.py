@@ -148,15 +148,21 @@ def test_recorded_logprobs_are_the_sampled_distributions(eos_tok_model, temperat
     s = SampleSettings(num_generations=4, max_new_tokens=8, temperature=temperature, top_p=top_p,
                        min_new_tokens=min_new, sampler=sampler)
     torch.manual_seed(2)
-    p_ids, p_lens, c_ids, c_lens, logp = sample(model, tok, ["hello", "a b c"], s, eos, record_logprobs=True)
+    p_ids, p_lens, c_ids, c_lens, logp, full = sample(model, tok, ["hello", "a b c"], s, eos,
+                                                      record_logprobs=True)
     assert (c_lens >= min(min_new + 1, c_ids.shape[1])).all(), "no EOS before min_new_tokens"
     want, _ = sampled_distribution_logprobs(model, p_ids, p_lens, c_ids, c_lens, eos, temperature, top_p,
                                             min_new)
     assert torch.isfinite(logp).all(), "sampled tokens lie in the distribution they were drawn from"
     assert torch.allclose(logp, want, atol=1e-5), (logp - want).abs().max()
+    # the whole tempered softmax's log-probs are the trainer's, whatever top-p and the EOS mask did
+    trainer = completion_logprobs(model, p_ids, p_lens, c_ids, c_lens, temperature=temperature)
+    assert torch.allclose(full, trainer, atol=1e-5), (full - trainer).abs().max()
     if top_p == 1.0 and min_new == 0:
-        trainer = completion_logprobs(model, p_ids, p_lens, c_ids, c_lens, temperature=temperature)
         assert torch.allclose(logp, trainer, atol=1e-5), (logp - trainer).abs().max()
+    else:  # the nucleus / EOS-masked distribution puts more mass on the tokens it kept
+        m = mask_from_lengths(c_lens, c_ids.shape[1])
+        assert ((logp - full)[m] >= -1e-6).all() and ((logp - full)[m] > 1e-3).any()
 
 
 @pytest.mark.parametrize("sampler", ["loop", "generate"])
@@ -167,7 +173,7 @@ def test_top_p_recorded_minus_trainer_is_minus_log_nucleus_mass(eos_tok_model, s
     eos = eos_token_ids(tok, model)
     s = SampleSettings(num_generations=4, max_new_tokens=8, temperature=0.8, top_p=0.6, sampler=sampler)
     torch.manual_seed(3)
-    p_ids, p_lens, c_ids, c_lens, logp = sample(model, tok, ["hello", "a b c"], s, eos, record_logprobs=True)
+    p_ids, p_lens, c_ids, c_lens, logp, _ = sample(model, tok, ["hello", "a b c"], s, eos, record_logprobs=True)
     trainer = completion_logprobs(model, p_ids, p_lens, c_ids, c_lens, temperature=0.8)
     _, mass = sampled_distribution_logprobs(model, p_ids, p_lens, c_ids, c_lens, eos, 0.8, 0.6, 0)
     m = mask_from_lengths(c_lens, c_ids.shape[1])
@@ -215,3 +221,4 @@ def test_host_reads_every_k_tokens_give_the_same_tokens():
     for k in (3, 16):
         assert torch.equal(runs[k].completion_ids_NC, ids_NC), k
         assert torch.equal(runs[k].logprobs_NC, runs[1].logprobs_NC), k
+        assert torch.equal(runs[k].full_logprobs_NC, runs[1].full_logprobs_NC), k

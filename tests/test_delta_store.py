@@ -200,3 +200,86 @@ def test_hostile_delta_requests_get_4xx_and_change_nothing(ref_server, tmp_path)
     assert client.weights_version()["version"] == 1 and client.stats()["weight_deltas"] == []
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["weights.json", "weights.safetensors"]
     assert client.publish_delta(good, version=2, base=1)["sha256"] == sha(v[1])
+
+
+def test_bytes_after_a_delta_or_after_a_chains_last_link_are_refused(ref_server, tmp_path):
+    """A delta upload with bytes after its body is refused (400) and changes nothing; a chain file
+    with bytes after its last link does not apply (DeltaError), and the worker's file is untouched."""
+    v = files(3)
+    srv = ref_server(weights_dir=str(tmp_path / "w"), weight_deltas=2)
+    client = RefClient(srv.url, retries=0)
+    client.publish_weights(v[0], version=1)
+    with pytest.raises(RefServerError) as e:
+        client.publish_delta(frame(v[0], v[1], 1, 2) + b"\x00" * 3, version=2, base=1)
+    assert e.value.status == 400 and "trailing bytes" in e.value.message, e.value.message
+    assert client.weights_version()["version"] == 1 and client.stats()["weight_deltas"] == []
+    for u in (1, 2):
+        client.publish_delta(frame(v[u - 1], v[u], u, u + 1), version=u + 1, base=u)
+    assert client.download_delta(1, tmp_path / "chain", sha256=sha(v[0]))["links"] == 2
+    chain = (tmp_path / "chain").read_bytes()
+    (tmp_path / "base").write_bytes(v[0])
+    for extra in (b"\x00", b"junk" * 100):
+        (tmp_path / "chain").write_bytes(chain + extra)
+        with pytest.raises(delta.DeltaError, match="trailing bytes"):
+            apply_chain_file(tmp_path / "base", tmp_path / "chain", base_sha256=sha(v[0]), from_version=1)
+        assert (tmp_path / "base").read_bytes() == v[0]
+    (tmp_path / "chain").write_bytes(chain)  # the chain as sent applies
+    apply_chain_file(tmp_path / "base", tmp_path / "chain", base_sha256=sha(v[0]), from_version=1)
+    assert (tmp_path / "base").read_bytes() == v[2]
+
+
+def test_two_uploads_racing_for_one_version(tmp_path):
+    """Two uploads of version 2 start while the store holds 1 (both pass the check at the start);
+    the first to commit becomes version 2, the other is refused (409) when it commits and leaves
+    the first one's file and no temporary file behind; of two deltas of version 3 the second finds
+its base replaced (412)."""
+    v = files(4)
+    store = WeightStore(tmp_path, keep_deltas=2)
+    store.publish([v[0]], 1)
+    first, second = store.begin(2), store.begin(2)
+    first.write(v[1])
+    second.write(v[2])
+    meta = first.commit()
+    with pytest.raises(ApiError) as e:
+        second.commit()
+    assert e.value.status == 409 and "not newer" in e.value.message
+    assert store.current() == meta and meta["sha256"] == sha(v[1])
+    assert (tmp_path / "weights.safetensors").read_bytes() == v[1]
+    first, second = store.begin_delta(3, 2), store.begin_delta(3, 2)
+    first.write(frame(v[1], v[2], 2, 3))
+    second.write(frame(v[1], v[3], 2, 3))
+    assert first.commit()["sha256"] == sha(v[2])
+    with pytest.raises(ApiError) as e:
+        second.commit()
+    assert e.value.status == 412 and "holds version 3" in e.value.message  # its base is gone
+    assert store.current()["sha256"] == sha(v[2]) and (tmp_path / "weights.safetensors").read_bytes() == v[2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["delta-2-3.sgwd", "weights.json",
+                                                          "weights.safetensors"]
+
+
+def test_uploaded_and_rebuilt_weight_files_are_fsynced(ref_server, tmp_path, monkeypatch):
+    """Every file the server makes current is on disk first: the full upload, the file it rebuilds
+    from a delta, and the delta it keeps (os.fsync on each, seen by the inode it syncs)."""
+    import os
+
+    synced, real = set(), os.fsync
+
+    def spy(fd):
+        st = os.fstat(fd)
+        synced.add((st.st_dev, st.st_ino))
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", spy)
+
+    def inode(path):
+        st = path.stat()
+        return st.st_dev, st.st_ino
+    v = files(2)
+    folder = tmp_path / "w"
+    client = RefClient(ref_server(weights_dir=str(folder), weight_deltas=2).url, retries=0)
+    client.publish_weights(v[0], version=1)
+    assert inode(folder / "weights.safetensors") in synced
+    synced.clear()
+    assert client.publish_delta(frame(v[0], v[1], 1, 2), version=2, base=1)["sha256"] == sha(v[1])
+    assert (folder / "weights.safetensors").read_bytes() == v[1]
+    assert inode(folder / "weights.safetensors") in synced, "the rebuilt file was not fsynced"
+    assert inode(folder / "delta-1-2.sgwd") in synced, "the kept delta was not fsynced"

@@ -249,3 +249,41 @@ def test_a_new_run_sends_workers_back_to_the_full_file(tiny_model_dir, tiny_mode
     assert w1.sync_weights() and w1.counts["delta_syncs"] == 3  # run b's version 1 -> 4: a chain
     assert_bit_identical(w1, 4, published(b, torch.bfloat16, 4))
     pub.close()
+
+
+def test_versions_two_apart_go_up_as_deltas_and_workers_sync_across_the_gaps(tiny_model_dir, tiny_model,
+                                                                           ref_server, tmp_path):
+    """--publish_every=2: the trainer publishes its step numbers 2, 4, 6, 8, each as a delta
+    against the one before; the server keeps the links 2->4, 4->6, 6->8 (a restart too), a worker
+    that syncs at every publish takes one link at a time, one that was away takes the whole chain."""
+    srv = ref_server(weights_dir=str(tmp_path / "w"), weight_deltas=K)
+    client = RefClient(srv.url)
+    trainer, g = trainer_copy(tiny_model), torch.Generator().manual_seed(3)
+    pub = WeightPublisher(RefClient(srv.url), dtype=torch.bfloat16, full_every=0)
+    each, away = worker(tiny_model_dir, srv.url, 0), worker(tiny_model_dir, srv.url, 1)
+    steps, want = [], None
+    for step in range(1, 9):
+        optimizer_step(trainer, g, 5e-6, 1.0)
+        if step == 2:  # the workers' first polls: nothing published yet
+            assert not each.sync_weights() and not away.sync_weights()
+        if not pub.step_end(trainer, version=step, step=step, every=2, wait=True):
+            continue
+        steps.append(step)
+        want = published(trainer, torch.bfloat16, step)
+        assert pub.metrics()["publish_delta"] == float(step > 2) and pub.metrics()["publish_failures"] == 0
+        assert each.sync_weights()
+        assert_bit_identical(each, step, want)
+        if step == 2:
+            assert away.sync_weights()
+    pub.close()
+    assert steps == [2, 4, 6, 8]
+    links = [(d["from_version"], d["to_version"]) for d in client.stats()["weight_deltas"]]
+    assert links == [(2, 4), (4, 6), (6, 8)]
+    assert (each.counts["full_syncs"], each.counts["delta_syncs"], each.counts["delta_links"]) == (1, 3, 3)
+    assert away.sync_weights()  # version 2 -> 8: one chain of three links
+    assert_bit_identical(away, 8, want)
+    assert (away.counts["full_syncs"], away.counts["delta_syncs"], away.counts["delta_links"]) == (1, 1, 3)
+    assert each.counts["delta_fallbacks"] == away.counts["delta_fallbacks"] == 0
+    from simple_grpo.server.weight_store import WeightStore
+
+    assert WeightStore(tmp_path / "w", keep_deltas=K).deltas() == client.stats()["weight_deltas"]

@@ -16,6 +16,9 @@ from simple_grpo.train import engine as eng
     (3, 4, 4, "nccl", 3),
     (3, 1, 1, "nccl", 0),   # SLURM one-GPU-per-task: LOCAL_RANK 3, one visible device
     (1, 2, 1, "gloo", 0),   # two ranks sharing one GPU (gloo moves CUDA tensors)
+    (2, 4, 2, "gloo", 0),   # more ranks than GPUs (gloo): ranks wrap around, 0 1 0 1
+    (3, 4, 2, "gloo", 1),
+    (5, 6, 4, "gloo", 1),   # 6 ranks on 4 GPUs: 0 1 2 3 0 1
     (3, 4, 2, "cpu:gloo,cuda:nccl", None),  # NCCL refuses two ranks on one GPU: one line
     (2, 3, 2, "nccl", None),
 ])

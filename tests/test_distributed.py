@@ -104,6 +104,20 @@ def test_two_ranks_apply_the_full_batch_gradient(case, runs):
     assert err_two < 1e-4, f"{case}: 2 ranks vs the full-batch gradient: relative error {err_two:.3g}"
 
 
+@pytest.mark.parametrize("case", list(dw.CASES))
+def test_token_mean_metrics_of_two_ranks_are_the_whole_batch_ones(case, runs):
+    """kl, ratio_mean and the clip fractions of a 2-rank step are token means over the whole batch,
+    as one process computes them: rank 1 holds fewer loss tokens than rank 0 (the overlong filter),
+    so a mean of the ranks' own means is off."""
+    import json
+
+    one, two = (json.loads((runs[n] / "metrics.json").read_text())[case] for n in (1, 2))
+    assert one["kl"] > 0.1, "a KL of its own size on each rank"
+    for k in ("kl", "ratio_mean", "clip_low_frac", "clip_high_frac"):
+        assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-7), (k, one[k], two[k])
+    assert two["loss_tokens"] == one["loss_tokens"], "tokens in the loss, summed over the ranks"
+
+
 def test_trainer_script_on_two_ranks(tiny_model_dir, tmp_path):
     """`torchrun --nproc_per_node 2 grpo_ref_split.py`: both ranks train, evaluate half the held-out
     prompts each, checkpoint and export;

@@ -160,6 +160,27 @@ def test_gspo_sequence_level_ratio():
     assert torch.allclose(logp.grad[0], torch.full((3,), -(1.155 ** (1 / 3)) / 6, dtype=F64))
 
 
+@pytest.mark.parametrize("adv,old_shift", [
+    (1.0, 0.0),    # identical weights, A > 0: s = 1 inside the clip range
+    (-1.0, 0.0),   # identical weights, A < 0
+    (1.0, 1e-4),   # s = exp(-1e-4), still inside GSPO's [1 - 3e-4, 1 + 4e-4]
+])
+def test_gspo_token_weights_weight_each_token(adv, old_shift):
+    # GSPO-token: token t's gradient is -A * s * w_t / |y| (its own TIS weight), not the sequence's
+    # mean weight -A * s * mean(w) / |y|. w = [0.25, 2, 1, 0.5], |y| = 4, one sequence:
+    # A = 1, s = 1 -> [-0.0625, -0.5, -0.25, -0.125] (a mean weight would give -0.234 x 4)
+    logp = torch.zeros(1, 4, dtype=F64, requires_grad=True)
+    old = torch.full((1, 4), old_shift, dtype=F64)
+    w = torch.tensor([[0.25, 2.0, 1.0, 0.5]], dtype=F64)
+    loss, m = policy_loss(logp, old, None, torch.tensor([adv], dtype=F64), torch.ones(1, 4, dtype=torch.bool),
+                          ratio_level="sequence", agg="seq-mean-token-mean", eps_low=3e-4, eps_high=4e-4,
+                          token_weight=w)
+    loss.backward()
+    s = math.exp(-old_shift)
+    torch.testing.assert_close(logp.grad, -adv * s * w / 4, atol=1e-12, rtol=0)
+    assert m["clip_low_frac"] == 0.0 and m["clip_high_frac"] == 0.0
+
+
 def test_on_policy_old_logp_none_has_ratio_one():
     logp, _, ref, adv, mask = inputs()
     loss, m = policy_loss(logp, None, ref, adv, mask, agg="token-mean")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from simple_grpo.algo.logprobs import completion_logprobs
-from simple_grpo.algo.tis import TISSettings, tis_sums, tis_weights
+from simple_grpo.algo.tis import TISSettings, ratio_max, tis_sums, tis_weights
 from simple_grpo.models import build_tiny_model
 from simple_grpo.train import engine as eng
 from simple_grpo.train.offpolicy import correction, finish_ratios
@@ -75,6 +75,19 @@ def test_tis_metrics(level, mode, cap, weight_mean, clipped_frac):
     w, clipped = tis_weights(old, sampler, m, level=level, mode=mode, cap=cap)
     got = finish_ratios(tis_sums(w, clipped, m))
     assert got == pytest.approx({"tis_weight_mean": weight_mean, "tis_clipped_frac": clipped_frac})
+
+
+@pytest.mark.parametrize("raw, mask, level, want", [
+    (RAW, MASK, "token", 4.0),          # the largest token ratio
+    (RAW, MASK, "sequence", 3.2),       # the largest sequence ratio: seq 1 0.8 * 4.0 (seq 0: 2.7)
+    ([[0.5, 0.5]], [[1, 1]], "token", 0.5),
+    ([[0.5, 0.5]], [[1, 1]], "sequence", 0.25),
+])
+def test_tis_ratio_max_at_each_level(raw, mask, level, want):
+    """tis_ratio_max is the largest ratio TIS weights by, before the cap: of a token, or of a
+    sequence at sequence level; padding's garbage is never the maximum."""
+    old, sampler, m = _inputs(raw, mask)
+    assert ratio_max(old, sampler, m, level) == pytest.approx(want, rel=1e-9)
 
 
 def test_finish_ratios():

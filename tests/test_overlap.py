@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,31 @@ def test_overlap_trains_the_samplers_batches_one_step_stale(tiny_model_dir, tmp_
     assert saved["overlap"] == "true" and saved["tis"] == "token"
 
 
+def test_overlap_with_two_iterations_is_one_step_stale(tiny_model_dir, tmp_path, monkeypatch):
+    """--num_iterations=2: a step advances the weights 2 versions, and the sampler's gate waits
+    for the weights of the step before last, counted in steps: every trained batch is exactly one
+    step (2 versions) old. The trainer pauses after each publish so that the sampler runs as far
+    ahead as its gate lets it (a gate counting versions as steps would let it run further)."""
+    publish = sampler.Overlap.publish
+
+    def slow(self, *a, **kw):
+        publish(self, *a, **kw)
+        time.sleep(1.5)
+
+    monkeypatch.setattr(sampler.Overlap, "publish", slow)
+    grpo_ref_split.main(_args(tiny_model_dir, tmp_path, steps=6, overlap="true", num_iterations=2))
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(r["overlap_batch"] == 1.0 for r in rows), [r["overlap_batch"] for r in rows]
+    assert [r["batch_staleness"] for r in rows] == [0, 2, 2, 2, 2, 2], [r["batch_staleness"] for r in rows]
+    assert all(r["stale_dropped"] == 0 for r in rows), [r["stale_dropped"] for r in rows]
+    # batches.jsonl: the version each trained batch was sampled with, against the trainer's
+    # version when the step began (the previous row's, 0 for the first step)
+    trained = [json.loads(x) for x in (tmp_path / "batches.jsonl").read_text().splitlines()]
+    before = {r["step"] + 1: r["weight_version"] for r in rows} | {1: 0}
+    assert [before[b["step"]] - b["weight_version"] for b in trained] == [0, 2, 2, 2, 2, 2], trained
+
+
 @pytest.mark.parametrize("when", [
     "between_steps",  # found dead when step 3 begins
     "while_waiting",  # killed while the trainer waits for step 3's batch: the wait ends at once
@@ -112,6 +138,8 @@ def test_a_dead_sampler_falls_back_to_local_generation(tiny_model_dir, tmp_path,
     ({"overlap": "auto", "lora_r": 4}, "false"),            # auto: LoRA's reference is in-process
     ({"overlap": "auto", "ref_url": "http://x:1"}, "false"),  # auto: a server of the user's
     ({"overlap": "true", "beta": 0.0}, "true"),             # asked on: a server is started for it
+    ({"overlap": "auto", "num_iterations": 5}, "false"),    # auto: 5 versions a step > --max_staleness
+    ({"overlap": "true", "num_iterations": 5, "max_staleness": -1}, "true"),  # nothing dropped
 ])
 def test_overlap_auto_and_its_tis(overrides, want):
     from types import SimpleNamespace
@@ -138,11 +166,23 @@ def test_overlap_true_with_a_users_server_is_one_line():
         sampler.finalize(cfg, dist)
 
 
+def test_overlap_true_whose_batches_max_staleness_drops_is_one_line():
+    from types import SimpleNamespace
+
+    from simple_grpo.cli import parse_config
+    from simple_grpo.errors import UserError
+    from simple_grpo.train.config import TrainConfig, resolve
+
+    cfg = resolve(parse_config(TrainConfig, ["--overlap=true", "--num_iterations=3", "--max_staleness=2"]))
+    dist = SimpleNamespace(device=SimpleNamespace(type="cpu"), local_world_size=1, world_size=1, rank=0)
+    with pytest.raises(UserError, match="raise --max_staleness to 3 or -1"):
+        sampler.finalize(cfg, dist)
+
+
 def test_a_killed_trainer_leaves_no_shared_memory(tiny_model_dir, tmp_path):
     """kill -9 of the trainer: its sampler gets SIGTERM (PDEATHSIG) and removes the weights folder
     in /dev/shm (the trainer had no chance to)."""
     import subprocess
-    import time
 
     from simple_grpo.train.engine import standalone_env
 

@@ -91,3 +91,23 @@ def test_a_new_run_resets_the_server_and_a_resumed_run_keeps_it(tiny_model_dir, 
     out = run(tmp_path / "b", 1)  # another run: was refused ("holds weight version 3, newer than 0")
     assert "new run" in out and "dropped the previous run's weights" in out
     assert client.weights_version()["version"] == 1, "run b's own weights"
+
+
+def test_the_size_check_uses_the_publish_dtype(tiny_model, ref_server):
+    """A server limit between the policy's bf16 and fp32 sizes: --publish_dtype=bfloat16 fits and
+    publishes (a BF16 file), the fp32 publisher is refused in one line and uploads nothing."""
+    fp32 = publish_bytes(tiny_model.state_dict(), None)
+    srv = ref_server(max_weights_mb=0.75 * fp32 / 2**20)
+    RefClient(srv.url).weights_version("gen-0", 0)
+    lines = []
+    full = WeightPublisher(RefClient(srv.url), dtype=None, log=lines.append)
+    assert not full.step_end(tiny_model, version=1, step=1, every=1, wait=True)
+    full.close()
+    assert len(lines) == 1 and "--publish_dtype=bfloat16" in lines[0] and full.disabled, lines
+    half = WeightPublisher(RefClient(srv.url), dtype=torch.bfloat16, log=lines.append)
+    assert half.step_end(tiny_model, version=1, step=1, every=1, wait=True)
+    half.close()
+    assert len(lines) == 1 and half.disabled is None
+    meta = RefClient(srv.url).weights_version()
+    assert meta["version"] == 1 and meta["dtype"] == "BF16" and meta["bytes"] < 0.75 * fp32
+    assert half.metrics()["publishes"] == 1 and half.metrics()["publish_failures"] == 0

@@ -293,3 +293,39 @@ def test_resumed_download_after_a_publish_never_mixes_versions(ref_server, tmp_p
     assert dest.read_bytes() == v2
     assert client.last_weights == {"version": 2, "sha256": sha(v2), "bytes": len(v2)}
     assert sorted(tmp_path.iterdir()) == [dest]
+
+
+def test_a_resumed_download_appends_the_rest_and_egress_counts_bytes_sent(ref_server, tmp_path):
+    """The connection breaks after the first MiB; the resume (206, the same ETag) appends exactly
+    the missing bytes: two GETs, no third one from the start. /stats egress counts what each
+    response sends: the whole file for the first, the rest for the resume, a range's length."""
+    srv = ref_server()
+    client = RefClient(srv.url, retries=3, backoff_s=0.01)
+    data = state_dict_safetensors_bytes({"w": torch.randn(600_000)})  # 2.4 MB
+    client.publish_weights(data, version=1)
+    real_get, calls = client.session.get, []
+
+    def flaky_get(*a, **kw):
+        resp = real_get(*a, **kw)
+        calls.append(((kw.get("headers") or {}).get("Range"), resp.status_code))
+        if len(calls) == 1:
+            def broken(n, _it=resp.iter_content):
+                yield next(_it(n))
+                raise requests.exceptions.ChunkedEncodingError("connection broken")
+            resp.iter_content = broken
+        return resp
+
+    client.session.get = flaky_get
+    dest = tmp_path / "p.safetensors"
+    client.download_weights(dest)
+    assert calls == [(None, 200), ("bytes=1048576-", 206)]
+    assert dest.read_bytes() == data and client.last_weights["bytes"] == len(data)
+    egress = client.stats()["weights_egress"]
+    assert egress["full_downloads"] == 2 and egress["full_bytes"] == 2 * len(data) - (1 << 20)
+
+    sent = [requests.get(srv.url + "/weights", headers={"Range": r}).content
+            for r in ("bytes=10-19", "bytes=2000000-", f"bytes=100-{10 ** 9}")]
+    assert sent == [data[10:20], data[2_000_000:], data[100:]]
+    egress2 = client.stats()["weights_egress"]
+    assert egress2["full_downloads"] == 5
+    assert egress2["full_bytes"] - egress["full_bytes"] == sum(map(len, sent))

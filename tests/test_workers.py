@@ -153,7 +153,9 @@ def test_worker_takes_the_version_sent_when_publishes_land_mid_sync(tiny_model_d
 # the contract of the batches below (G = 4, temperature 1.0 unless a test says otherwise)
 CONTRACT = BatchContract(scale="std", rewards="overlong:1.0", dynamic_sampling=False, filter_metric="off",
                          max_new_tokens=8, min_new_tokens=0, top_p=1.0, temperature=1.0, group_size=4,
-                         overlong_cache=2, model="tiny")
+                         overlong_cache=2, model="tiny", prompt="0f1e2d3c4b5a6978",
+                         task="arithmetic;question_field=question;answer_field=answer",
+                         reward_code="89abcdef01234567;failure_value=0.0")
 
 
 def _batch(version: int, rows: int = 8, G: int = 4, producer: str = "test",

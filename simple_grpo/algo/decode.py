@@ -15,8 +15,11 @@ Greedy decoding is bit-identical to `generate(do_sample=False)` (tests/test_deco
 With `record_logprobs` each sampled token's log-prob is taken under the distribution it was drawn
 from: log_softmax of logits / T, EOS at -inf before `min_new_tokens`, top-p applied (the
 renormalised nucleus). That is the behaviour policy pi_sampler of importance weights
-pi_trainer / pi_sampler (truncated IS, off-policy ratios); with top_p < 1 it exceeds the trainer's
-whole-vocabulary log-prob by -log Z per token (Z: the nucleus mass), and the weights must see that.
+pi_trainer / pi_sampler (truncated IS); with top_p < 1 it exceeds the trainer's whole-vocabulary
+log-prob by -log Z per token (Z: the nucleus mass), and the weights must see that. Beside it the
+same token's log-prob under the whole tempered softmax, log_softmax(logits / T) (no EOS mask, no
+nucleus), is recorded: what the trainer's forward computes with the sampler's weights, the old
+policy of a late batch's ratio (simple_grpo/train/offpolicy.py), which then starts at 1.
 `model.generate` stays available as `--sampler=generate` for models whose forward the loop does
 not fit (e.g. caches other than HF's DynamicCache).
 """
@@ -36,6 +39,7 @@ class Decoded:
     completion_ids_NC: torch.Tensor  # [N, C] C <= max_new_tokens, pad after each row's first EOS
     logprobs_NC: torch.Tensor | None  # [N, C] log-prob of each sampled token under the distribution it
     #                                   was drawn from (logits / T, EOS mask, top-p); 0 after a row's end
+    full_logprobs_NC: torch.Tensor | None = None  # [N, C] the same tokens under log_softmax(logits / T)
 
 
 class _InPlaceLayer(DynamicLayer):
@@ -126,12 +130,12 @@ def decode(model, prompt_ids_nP: torch.Tensor, attn_nP: torch.Tensor, *, repeat:
     pos_N1 = attn_nP.sum(1).repeat_interleave(repeat, 0)[:, None]  # position of the next token
     eos_E = torch.tensor(eos_ids, dtype=torch.long, device=device)
     N = attn_NT.shape[0]
-    tokens, logps = [], []
+    tokens, logps, full_logps = [], [], []
     done_N = torch.zeros(N, dtype=torch.bool, device=device)
     ended_at = torch.full((), max_new_tokens, dtype=torch.long, device=device)  # first step all done
     sync_every = sync_every or (16 if device.type == "cuda" else 1)
     for t in range(max_new_tokens):
-        scores_NV = logits_NV if greedy or temperature == 1.0 else logits_NV / temperature
+        scores_NV = tempered_NV = logits_NV if greedy or temperature == 1.0 else logits_NV / temperature
         if t < min_new_tokens and len(eos_ids):
             scores_NV = scores_NV.index_fill(1, eos_E, float("-inf"))
         if not greedy:
@@ -142,6 +146,8 @@ def decode(model, prompt_ids_nP: torch.Tensor, attn_nP: torch.Tensor, *, repeat:
         if record_logprobs:  # pad after a row's end may lie outside the nucleus: 0, not -inf
             logp_N = token_logprobs(scores_NV[:, None], tok_N[:, None])[:, 0]
             logps.append(logp_N.masked_fill(done_N, 0.0))
+            full_N = token_logprobs(tempered_NV[:, None], tok_N[:, None])[:, 0]
+            full_logps.append(full_N.masked_fill(done_N, 0.0))
         done_N |= torch.isin(tok_N, eos_E)
         ended_at = torch.where(done_N.all() & (ended_at == max_new_tokens), t + 1, ended_at)
         if t + 1 == max_new_tokens or ((t + 1) % sync_every == 0 and int(ended_at) < max_new_tokens):
@@ -150,4 +156,7 @@ def decode(model, prompt_ids_nP: torch.Tensor, attn_nP: torch.Tensor, *, repeat:
                     use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
         cache, logits_NV = output_cache(out), out.logits[:, -1].float()
     width = int(ended_at)  # one host read: steps after every row ended are cut
-    return Decoded(torch.stack(tokens, 1)[:, :width], torch.stack(logps, 1)[:, :width] if record_logprobs else None)
+    if not record_logprobs:
+        return Decoded(torch.stack(tokens, 1)[:, :width], None)
+    return Decoded(torch.stack(tokens, 1)[:, :width], torch.stack(logps, 1)[:, :width],
+                   torch.stack(full_logps, 1)[:, :width])

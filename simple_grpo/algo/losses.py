@@ -5,6 +5,9 @@ temperatures, KL estimator, aggregation) and a ratio level:
 
     r_t    = exp(logp_t - old_logp_t)                                 ratio_level="token"
     s_i    = exp(mean_{t valid} (logp_t - old_logp_t))                ratio_level="sequence" (GSPO)
+    s_it   = sg(s_i) * exp(logp_t - sg(logp_t))   the ratio a sequence-level token sees (GSPO-token):
+             the value of s_i; token t's gradient flows through its own logp_t only, so a per-token
+             weight w_t (TIS) weights that token's gradient, not its sequence's mean (verl's GSPO)
     pg_t   = -min(r_t * A_i, clip(r_t, 1 - eps_low, 1 + eps_high) * A_i)    pg_loss="clip" (PPO/GRPO)
              dual-clip (clip_ratio_c = c > 1): for A_i < 0, pg_t = min(pg_t, -c * A_i)
     pg_t   = -sg(clip(r_t, 1 - eps_low, 1 + eps_high)) * A_i * logp_t     pg_loss="cispo" (MiniMax-M1)
@@ -167,10 +170,10 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: tor
     logp_BT = torch.where(mask_BT, logp, zero)
     old_BT = logp_BT.detach() if old_logp is None else torch.where(mask_BT, old_logp.to(logp.dtype), zero)
     log_ratio_BT = (logp_BT - old_BT).clamp(-_MAX_LOG, _MAX_LOG)
-    if ratio_level == "sequence":
+    if ratio_level == "sequence":  # GSPO-token: the value of s_i, each token's own gradient
         n_B = mask_BT.sum(1).clamp(min=1)
-        seq_log_ratio_B = (log_ratio_BT * mask_BT).sum(1) / n_B
-        log_ratio_BT = seq_log_ratio_B[:, None].expand(B, T)
+        seq_log_ratio_B = ((log_ratio_BT * mask_BT).sum(1) / n_B).detach()
+        log_ratio_BT = logp_BT - logp_BT.detach() + seq_log_ratio_B[:, None]
     ratio_BT = torch.exp(log_ratio_BT)
     adv_B1 = advantages.to(logp.dtype)[:, None]
     pg_BT, token_stats = pg_terms(ratio_BT, logp_BT, adv_B1, pg_loss=pg_loss, eps_low=eps_low,

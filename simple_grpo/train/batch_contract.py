@@ -3,11 +3,16 @@ it expects and every producer (the trainer's own rollouts, each generation worke
 uploads, from the same config fields, so a worker started with other options is told apart.
 
 `model_id` names the base model: it is computed once when the model is loaded, before any update
-(a worker's later weight downloads and a resumed trainer's checkpoint do not change it)."""
+(a worker's later weight downloads and a resumed trainer's checkpoint do not change it).
+`expected_contract` is computed once at start-up, after the tokenizer and the rewards are loaded:
+it renders a probe prompt with the tokenizer (`prompt_id`) and reads the rewards' source
+(`reward_code`)."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+from pathlib import Path
 
 import torch
 
@@ -26,7 +31,19 @@ FIXES: dict[str, str] = {
     "group_size": "--num_generations",
     "overlong_cache": "--overlong_cache and --max_new_tokens",
     "model": "--model",
+    "prompt": "--system_prompt, --chat_template_kwargs and --model",
+    "task": "--task, --question_field and --answer_field",
+    "reward_code": "rewards.py, --rewards_file and --reward_failure_value",
 }
+
+# the question of the probe example every producer renders for its `prompt` field
+PROBE_QUESTION = "What is 12 + 30? Show your reasoning."
+
+
+def _digest(obj) -> str:
+    """16 hex digits of the sha256 of `obj` as canonical JSON."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def model_id(model) -> str:
@@ -55,9 +72,54 @@ def overlong_cache(cfg) -> int:
     return max(1, round(DEFAULT_OVERLONG_CACHE_FRACTION * cfg.max_new_tokens))
 
 
-def expected_contract(cfg, specs, model: str) -> BatchContract:
+def prompt_id(cfg, tokenizer) -> str:
+    """16 hex digits of the sha256 of a fixed probe example made into a prompt the way every
+    prompt is: a row holding PROBE_QUESTION in --question_field, its fields renamed as
+    data.load_examples renames them, rendered by data.prompt_renderer (--system_prompt, the
+    tokenizer's chat template, --chat_template_kwargs), tokenized as rollout.sample tokenizes
+    prompts; the text and the token ids are hashed."""
+    from simple_grpo.train import data
+
+    row = {cfg.answer_field: "42", cfg.question_field: PROBE_QUESTION}
+    example = data._rename_fields([row], "the contract's probe", cfg.question_field, cfg.answer_field)[0]
+    text = data.prompt_renderer(tokenizer, cfg.system_prompt, cfg.chat_template_kwargs)(example)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return _digest({"text": text, "ids": [int(i) for i in ids]})
+
+
+def task_id(cfg) -> str:
+    """--task normalised (surrounding spaces dropped; a local file by its file name alone: one
+    file sits in other folders on other boxes) with --question_field and --answer_field."""
+    from simple_grpo.train.data import FILE_SUFFIXES
+
+    task = cfg.task.strip()
+    if task.endswith(FILE_SUFFIXES):
+        task = Path(task).name
+    text = f"{task};question_field={cfg.question_field};answer_field={cfg.answer_field}"
+    return text if len(text) <= 300 else f"sha256:{_digest(text)}"
+
+
+def reward_code(specs, failure_value: float) -> str:
+    """16 hex digits of the sha256 of each reward's name and its function's source code
+    (inspect.getsource; the function's qualified name where no source can be read), in order,
+    then ";failure_value=" and --reward_failure_value."""
+    from simple_grpo.train.reward_registry import _qualname, get_reward
+
+    code = []
+    for spec in specs:
+        fn = get_reward(spec.name)
+        try:
+            source = inspect.getsource(fn).replace("\r\n", "\n")
+        except (OSError, TypeError):  # built in, made at run time, a callable object
+            source = _qualname(fn)
+        code.append([spec.name, source])
+    return f"{_digest(code)};failure_value={float(failure_value)!r}"
+
+
+def expected_contract(cfg, specs, model: str, tokenizer) -> BatchContract:
     """The contract of batches made with resolved config `cfg`, reward specs `specs`
-    (loop.reward_specs(cfg)) and a model whose `model_id` is `model`. Without dynamic sampling
+    (loop.reward_specs(cfg)), a model whose `model_id` is `model` and prompts rendered with
+    `tokenizer` (the trainer's and every worker's one function). Without dynamic sampling
     the filter metric is "off" (it changes nothing then)."""
     from simple_grpo.train.config import dynamic_filter_metric
 
@@ -67,4 +129,5 @@ def expected_contract(cfg, specs, model: str) -> BatchContract:
                          max_new_tokens=int(cfg.max_new_tokens), min_new_tokens=int(cfg.min_new_tokens),
                          top_p=float(cfg.top_p), temperature=float(cfg.temperature),
                          group_size=int(cfg.num_generations), overlong_cache=overlong_cache(cfg),
-                         model=model)
+                         model=model, prompt=prompt_id(cfg, tokenizer), task=task_id(cfg),
+                         reward_code=reward_code(specs, cfg.reward_failure_value))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 import uuid
 from concurrent.futures import Future
@@ -124,6 +125,26 @@ def step(ctx: StepContext, weight_version: int):
     return metrics, (roll if ours else None), gather(info, ctx.dist)
 
 
+def advance(state: dict, metrics: dict, cfg, rank: int) -> bool:
+    """After step `state["step"]`: the weight version moves on by num_iterations, unless the step was
+    empty (nothing in the loss on any rank: no update, policy_step.train_on_batch), which is
+    counted (`empty_steps`) and said in one line -> whether the weights changed."""
+    empty = metrics.pop("empty_step", 0.0) > 0
+    state["empty_steps"] = state.get("empty_steps", 0) + int(empty)
+    metrics["empty_steps"] = float(state["empty_steps"])
+    if not empty:
+        state["weight_version"] += cfg.num_iterations
+    elif rank == 0:
+        why = ("every group was flat after --max_refill_rounds={} refill rounds".format(cfg.max_refill_rounds)
+               if metrics.get("topped_up_frac", 0.0) >= 1.0 else
+               "the overlong filter dropped every row" if cfg.overlong_filter and
+               metrics.get("truncated_frac", 0.0) >= 1.0 else "--tis_mode=mask rejected every sequence"
+               if cfg.tis_mode == "mask" and cfg.tis != "off" else "no row had a token in the loss")
+        print(f"[trainer] step {state['step']}: nothing to learn from ({why}); no update, weight "
+              f"version stays {state['weight_version']}", file=sys.stderr, flush=True)
+    return not empty
+
+
 def batch_stats(batch: RolloutBatch, weight_version: int, eval_reward: str) -> dict[str, float]:
     """What the logs say about the batch actually trained (ours or a worker's)."""
     lens = batch.completion_lens.float()
@@ -141,19 +162,29 @@ def batch_stats(batch: RolloutBatch, weight_version: int, eval_reward: str) -> d
 
 
 def average(metrics: dict[str, float], dist) -> dict[str, float]:
-    """Mean of every metric over ranks (maxima for *_max; sums for the loss, whose per-rank parts
-    are already normalised by the whole step's counts); identity for one process."""
+    """Every metric over ranks: maxima for *_max; sums for the loss (whose per-rank parts are
+    already normalised by the whole step's counts) and counters; token means (policy_step.
+    TOKEN_MEANS) as the ratio of their sums over ranks to the step's loss tokens, so a rank with
+    few or no tokens weighs what it holds; the mean for the rest. Identity for one process."""
     if dist.world_size == 1:
         return metrics
     key_sets = collectives.all_gather_objects(sorted(metrics), dist.device)
     keys = sorted(set.intersection(*map(set, key_sets)))  # e.g. a worker's batch lacks a reward
-    values = [float(metrics[k]) for k in keys]
-    t = collectives.all_reduce(values, dist.device)
+    n = float(metrics.get("loss_tokens", 0.0))
+    values = [float(metrics[k]) * (n if k in policy_step.TOKEN_MEANS else 1.0) for k in keys]
+    t = collectives.all_reduce(values + [n], dist.device)
     mx = collectives.all_reduce(values, dist.device, op="max")
-    summed = ("loss", "pg_loss", "stale_dropped", "rejected_batches", "duplicates_dropped",
+    tokens = float(t[-1])
+    summed = ("loss", "pg_loss", "loss_tokens", "stale_dropped", "rejected_batches", "duplicates_dropped",
               "rollouts_resent", "queue_full_bypass")  # server_restarts: every rank sees the same ones (mean)
-    return {k: float(mx[i] if k.endswith("_max") else t[i] if k in summed else t[i] / dist.world_size)
-            for i, k in enumerate(keys)}
+
+    def reduce(i: int, k: str) -> float:
+        if k.endswith("_max"):
+            return float(mx[i])
+        if k in policy_step.TOKEN_MEANS:
+            return float(t[i]) / tokens if tokens > 0 else 0.0
+        return float(t[i]) if k in summed else float(t[i]) / dist.world_size
+    return {k: reduce(i, k) for i, k in enumerate(keys)}
 
 
 def gather(obj: dict, dist) -> list[dict]:

@@ -6,6 +6,8 @@ own that came back late from the queue), and its sampler's numerics differ from 
 worker's dtype or device, a KV-cached decode step, the nucleus of top-p). Three policies meet:
 
     pi_sampler  the batch's recorded sampling log-probs (`gen_logprobs`): what drew the tokens
+                (with top_p < 1 or min_new_tokens the renormalised nucleus / EOS-masked softmax;
+                beside them `gen_logprobs_full`: the same tokens under the whole tempered softmax)
     pi_old      the proximal policy of the clipped ratio r = pi / pi_old
     pi          the policy being differentiated (the training forward)
 
@@ -16,7 +18,11 @@ worker's dtype or device, a KV-cached decode step, the nucleus of top-p). Three 
     With one pass over the batch pi_old is the training forward's value (ratio 1): the whole
     off-policy correction is w, bounded by C.
   * --tis=off (bypass, verl's "bypass" mode): a late batch (and a worker's fresh batch) uses its
-    sampling log-probs as pi_old, so r = pi / pi_sampler absorbs how far the weights moved. Its
+    sampling log-probs as pi_old, so r = pi / pi_sampler absorbs how far the weights moved. They
+    are taken under the whole tempered softmax (`sampling_old`: gen_logprobs_full), the
+    distribution the trainer's forward computes: with identical weights r starts at 1, whatever
+    top_p and min_new_tokens (the nucleus log-probs exceed it by -log Z per token, so a tight
+    clip such as GSPO's 1 - 3e-4 would drop every negative-advantage sequence of the batch). Its
     negative-advantage tokens' loss r * |A| has no bound of its own, so these batches get the dual
     clip --offpolicy_clip_c (default 3, as verl's clip_ratio_c): loss <= c * |A|. A fresh trainer
     batch is on-policy: pi_old = pi detached.
@@ -82,6 +88,12 @@ def correction(batch: RolloutBatch, weight_version: int | None, *, tis, num_iter
         (offpolicy_clip_c if bypass and offpolicy_clip_c else None)
     return Correction(old=old, recompute=recompute, tis=use_tis,
                       clip_ratio_c=dual if pg_loss == "clip" else None, late=late, fresh=fresh)
+
+
+def sampling_old(batch: RolloutBatch):
+    """[B, C] the sampler's log-probs that serve as pi_old in bypass (and for logprob_mismatch):
+    the whole tempered softmax's when recorded, else the sampling distribution's; None without."""
+    return batch.gen_logprobs_full if batch.gen_logprobs_full is not None else batch.gen_logprobs
 
 
 def finish_ratios(metrics: dict[str, float]) -> dict[str, float]:

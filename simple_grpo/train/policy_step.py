@@ -22,6 +22,11 @@ from simple_grpo.train import collectives, dropout, offpolicy
 from simple_grpo.wire.codec import RolloutBatch
 
 
+# token means of the policy loss's metrics: per rank over its loss tokens (`loss_tokens`), reduced
+# over ranks as sums and counts (train/loop.average), never as a mean of the ranks' means
+TOKEN_MEANS = ("kl", "ratio_mean", "clip_low_frac", "clip_high_frac", "dual_clip_frac", "soft_gate_mean")
+
+
 def loss_mask(batch: RolloutBatch, truncated_B: torch.Tensor, overlong_filter: bool) -> torch.Tensor:
     """[B, C] bool: completion tokens that enter the loss (DAPO's overlong filter drops the rows
     `truncated_B` marks: masks.truncated of the batch, computed once per step; rows whose
@@ -68,6 +73,11 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
     fresh batch's mean |pi_old - pi_sampler|: sampling-vs-training numerics), tis_* (every batch
     TIS weighted), offpolicy_tokens / trained_tokens (tokens of late batches, corrected); ratio_max (the
     largest r = pi / pi_old) and tis_ratio_max (the largest pi_old / pi_sampler before the cap).
+    TOKEN_MEANS are this rank's means over its `loss_tokens` (tokens in the loss, per pass).
+
+    A step in which no rank has a token in the loss (every row a top-up, rejected by TIS's mask
+    mode or dropped by the overlong filter) is empty: no backward, no optimizer or schedule step
+    (`empty_step` 1; the trainer then keeps its weight version).
     """
     tis = tis or TISSettings()
     lp_kw = dict(temperature=temperature, max_logits_bytes=max_logits_bytes)  # completion_logprobs
@@ -104,8 +114,9 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
         with torch.no_grad(), dropout.eval_mode(module):
             trainer_BC = torch.cat([completion_logprobs(engine, *_micro(batch, sl, device), **lp_kw).cpu()
                                     for sl in slices])
-    old_BC = batch.gen_logprobs if plan.old == "sampling" else trainer_BC  # None: pi detached
-    gen_BC = batch.gen_logprobs
+    old_BC = offpolicy.sampling_old(batch) if plan.old == "sampling" else trainer_BC  # None: pi detached
+    gen_BC = batch.gen_logprobs  # the behaviour policy of the TIS weight (nucleus, EOS mask)
+    numerics_BC = offpolicy.sampling_old(batch)  # logprob_mismatch: the same distribution as pi_old's
     sums: dict[str, float] = {"mismatch_sum": 0.0, "mismatch_tokens": 0.0, "offpolicy_tokens": 0.0,
                               "trained_tokens": 0.0}
     maxes: dict[str, float] = {"ratio_max": 0.0}
@@ -118,12 +129,13 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
         sums["tis_masked"] = sums["tis_seen"] = float(rejected_BC.sum())
         mask_BC = valid_BC & ~rejected_BC
     num_tokens, num_seqs = global_counts(mask_BC, device)
+    empty = num_tokens == 0  # on every rank alike: nothing in the loss anywhere, no update at all
     if loss_kw["agg"] == "seq-mean-token-sum-norm":
         num_tokens = num_seqs * loss_kw["max_tokens"]  # Dr.GRPO's constant normaliser
     sums["trained_tokens"] = float(mask_BC.sum())
     corrected = plan.old == "sampling" or plan.tis  # a late batch without sampling log-probs is not
     sums["offpolicy_tokens"] = sums["trained_tokens"] if plan.late and corrected else 0.0
-    for it in range(num_iterations):
+    for it in range(0 if empty else num_iterations):
         for sl in slices:
             if sl.start in prefetched:
                 logp_bC = prefetched.pop(sl.start)
@@ -133,7 +145,8 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
             old = None if old_BC is None else old_BC[sl].to(device)
             m_bC, weight_bC = mask_BC[sl].to(device), None
             if plan.fresh and it == 0:  # over every valid token, before any TIS rejection
-                v_bC, gen_bC = valid_BC[sl].to(device), gen_BC[sl].to(device)
+                v_bC = valid_BC[sl].to(device)
+                gen_bC = numerics_BC[sl].to(device)
                 sums["mismatch_sum"] += float(((pi_old_bC - gen_bC).abs() * v_bC).sum())
                 sums["mismatch_tokens"] += float(v_bC.sum())
             if plan.tis:  # the trainer's pi_old vs the sampler's
@@ -159,15 +172,18 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
                     sums[k] = sums.get(k, 0.0) + (v if k in ("loss", "pg_loss") else v * w)
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             sums["tokens"] = sums.get("tokens", 0.0) + w
-    tok = max(sums.pop("tokens", 0.0), 1.0)
+    loss_tokens = sums.pop("tokens", 0.0)
+    tok = max(loss_tokens, 1.0)
     pairs = {k: sums.pop(k) for k in offpolicy.SUM_KEYS if k in sums}  # divided in offpolicy.finish_ratios
     out = {k: (v / num_iterations if k in ("loss", "pg_loss") else v / tok) for k, v in sums.items()}
-    out.update(pairs, **maxes)
+    out.update(pairs, **maxes, loss_tokens=loss_tokens / num_iterations, empty_step=float(empty))
+    if empty:
+        out.update(loss=0.0, pg_loss=0.0)
     if step_kw.get("pg_loss", "clip") == "clip":
         out.setdefault("dual_clip_frac", 0.0)  # on every step: ranks and steps log the same keys
     out["truncated_frac"] = float(truncated_B.float().mean())  # of the batch trained (ours or not)
     out["train_seconds"] = time.perf_counter() - t0 - ref_wait
     out["ref_seconds"] = ref_wait
-    out["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+    out["grad_norm"] = 0.0 if empty else float(engine.get_global_grad_norm() or 0.0)
     out["lr"] = float(engine.get_lr()[0])
     return out, batch

@@ -62,7 +62,8 @@ def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: lis
     token's log-prob under the distribution it was drawn from (logits / temperature, EOS at -inf
     before min_new_tokens, the top-p nucleus renormalised; 0 past each length). They are the
     behaviour policy of importance weights, so with top_p < 1 they differ from the trainer's
-    whole-vocabulary log-probs by -log(nucleus mass) per token.
+    whole-vocabulary log-probs by -log(nucleus mass) per token; and the same tokens' log-probs
+    under the whole tempered softmax [n*G, C] (what the trainer's forward computes).
     `s.sampler` picks our decode loop (simple_grpo.algo.decode) or HF `generate`."""
     G = s.num_generations if repeat is None else repeat
     device = next(model.parameters()).device
@@ -76,9 +77,9 @@ def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: lis
         d = decode(model, ids_nP, attn_nP, repeat=G, max_new_tokens=s.max_new_tokens,
                    min_new_tokens=s.min_new_tokens, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id,
                    temperature=temperature, top_p=s.top_p, greedy=greedy, record_logprobs=record_logprobs)
-        completion_ids_NC, logp_NC = d.completion_ids_NC, d.logprobs_NC
+        completion_ids_NC, logp_NC, full_NC = d.completion_ids_NC, d.logprobs_NC, d.full_logprobs_NC
     else:
-        completion_ids_NC, logp_NC = _hf_generate(model, tokenizer, ids_nP, attn_nP, G, s, eos_ids, greedy,
+        completion_ids_NC, logp_NC, full_NC = _hf_generate(model, tokenizer, ids_nP, attn_nP, G, s, eos_ids, greedy,
                                                   share_prefill, record_logprobs)
     model.train(was_training)
     completion_lens_N = lengths_from_eos(completion_ids_NC, eos_ids)
@@ -87,14 +88,16 @@ def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: lis
     if not record_logprobs:
         return result
     mask_NC = mask_from_lengths(completion_lens_N.cpu(), logp_NC.shape[1])
-    return (*result, torch.where(mask_NC, logp_NC.float().cpu(), 0.0))
+    return (*result, torch.where(mask_NC, logp_NC.float().cpu(), 0.0),
+            torch.where(mask_NC, full_NC.float().cpu(), 0.0))
 
 
 class _RecordLogprobs:
-    """The last logits processor: it sees each step's scores after the EOS mask, temperature and
-    top-p, i.e. the distribution generate samples from, and keeps one step's log_softmax [N, V]: at
-    the next step (or `finish`) it takes the log-prob of the token sampled from it. Memory: one
-    step's scores, not every step's (`output_logits`)."""
+    """A logits processor that keeps one step's log_softmax [N, V] of the scores it sees: at the
+    next step (or `finish`) it takes the log-prob of the token sampled from it. Last, it sees the
+    distribution generate samples from (after the EOS mask, temperature and top-p); right after
+    the temperature, the whole tempered softmax. Memory: one step's scores, not every step's
+    (`output_logits`)."""
 
     def __init__(self):
         self.prev_NV, self.logps = None, []
@@ -118,26 +121,32 @@ class _RecordLogprobs:
 
 def _hf_generate(model, tokenizer, ids_nP, attn_nP, G, s: SampleSettings, eos_ids, greedy, share_prefill,
                  record_logprobs):
-    """`model.generate` -> (completion ids [n*G, C], sampling log-probs [n*G, C] or None).
+    """`model.generate` -> (completion ids [n*G, C], sampling log-probs [n*G, C] or None, whole
+    tempered softmax log-probs [n*G, C] or None).
 
-    The processors are ours, in this order: hold EOS back for min_new_tokens, temperature, top-p
-    (generate's own ones stay off), then record. So the recorded log-probs are those of the
-    distribution sampled from (the renormalised nucleus), the behaviour policy of importance
-    weights: with top_p < 1 they exceed the trainer's whole-vocabulary log_softmax(logits / T) by
-    -log Z per token (Z: the nucleus mass)."""
+    The processors are ours, in this order: temperature, record the whole tempered softmax, hold
+    EOS back for min_new_tokens, top-p (generate's own ones stay off), then record again. So the
+    last recorded log-probs are those of the distribution sampled from (the renormalised nucleus),
+    the behaviour policy of importance weights: with top_p < 1 they exceed the trainer's
+    whole-vocabulary log_softmax(logits / T) by -log Z per token (Z: the nucleus mass), which the
+    first recorder holds."""
     from transformers import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor, TemperatureLogitsWarper,
                               TopPLogitsWarper)
 
     prompt_ids_NP, attn_NP = ids_nP.repeat_interleave(G, 0), attn_nP.repeat_interleave(G, 0)
     recorder = _RecordLogprobs() if record_logprobs else None
+    full = _RecordLogprobs() if record_logprobs else None
     procs = LogitsProcessorList()
-    if s.min_new_tokens:
-        procs.append(MinNewTokensLengthLogitsProcessor(prompt_ids_NP.shape[1], s.min_new_tokens, eos_ids,
-                                                       device=str(ids_nP.device)))
     kw = dict(do_sample=False)
     if not greedy:
         kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
         procs.append(TemperatureLogitsWarper(s.temperature))
+    if full is not None:
+        procs.append(full)  # the whole tempered softmax: before the EOS mask and the nucleus
+    if s.min_new_tokens:
+        procs.append(MinNewTokensLengthLogitsProcessor(prompt_ids_NP.shape[1], s.min_new_tokens, eos_ids,
+                                                       device=str(ids_nP.device)))
+    if not greedy:
         if s.top_p < 1.0:
             procs.append(TopPLogitsWarper(s.top_p))
     if recorder is not None:
@@ -150,7 +159,9 @@ def _hf_generate(model, tokenizer, ids_nP, attn_nP, G, s: SampleSettings, eos_id
                             max_new_tokens=s.max_new_tokens, eos_token_id=eos_ids,
                             pad_token_id=tokenizer.pad_token_id, use_cache=True, **kw)
     completion_ids_NC = out_NT[:, prompt_ids_NP.shape[1]:]
-    return completion_ids_NC, recorder.finish(completion_ids_NC) if recorder else None
+    if recorder is None:
+        return completion_ids_NC, None, None
+    return completion_ids_NC, recorder.finish(completion_ids_NC), full.finish(completion_ids_NC)
 
 
 def decode_completions(tokenizer, completion_ids_NC: torch.Tensor, lens_N: torch.Tensor) -> list[str]:
@@ -190,10 +201,11 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
     their rows get advantage 0 and loss_rows False, outside the loss and its counts (flat in the
     metric, what differs is noise: DAPO's length penalty alone, scaled by 1 / std); loss_rows is
     None when nothing was topped up.
-    `record_logprobs` stores the sampling log-probs as the batch's gen_logprobs (workers)."""
+    `record_logprobs` stores the sampling log-probs as the batch's gen_logprobs and
+    gen_logprobs_full (the whole tempered softmax's)."""
     G = s.num_generations
     kept: list[tuple] = []  # (example, prompt_ids, prompt_lens, comp_ids, comp_lens, rewards, texts,
-    #                          breakdown, sampling log-probs or None)
+    #                          breakdown, sampling log-probs or None, whole-softmax log-probs or None)
     spare: list[tuple] = []  # zero-variance groups, used to top up when refills run out
     stats = {"refill_rounds": 0.0, "zero_var_frac": 0.0, "reward_failures": 0.0,
              "topped_up_groups": 0.0}
@@ -219,7 +231,8 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
         for g, ex in enumerate(examples):
             sl = slice(g * G, (g + 1) * G)
             group = (ex, p_ids[sl], p_lens[sl], c_ids[sl], c_lens[sl], rewards_N[sl], texts[sl],
-                     {k: v[sl] for k, v in breakdown.items()}, gen[0][sl] if gen else None)
+                     {k: v[sl] for k, v in breakdown.items()}, gen[0][sl] if gen else None,
+                     gen[1][sl] if gen else None)
             (spare if dynamic_sampling and flat[g] else kept).append(group)
         if len(kept) >= n_prompts or not dynamic_sampling:
             break
@@ -248,6 +261,8 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
                          weight_version=weight_version, meta={"group_size": G},
                          temperature=s.temperature,
                          gen_logprobs=pad_cat([g[8] for g in kept], 0, left=False) if record_logprobs
+                         else None,
+                         gen_logprobs_full=pad_cat([g[9] for g in kept], 0, left=False) if record_logprobs
                          else None, loss_rows=loss_rows_N)
     breakdown = {k: [x for g in kept for x in g[7][k]] for k in kept[0][7]}
     stats.update(generated_groups=float(generated_groups), gen_seconds=time.perf_counter() - t0,

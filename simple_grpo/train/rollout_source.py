@@ -7,11 +7,15 @@ Every batch taken from the queue is checked before it is trained on:
   * shape: a batch of another size than one rank's share of a step (a worker started with other
     --prompts_per_step / --num_generations / --trainer_ranks) -> dropped, counted in
     `counts["rejected_batches"]`, with a one-line warning naming the fix;
+  * numbers: a NaN or an infinity in a floating field where the trainer reads it (codec
+    `nonfinite_fields`: sampling or reference log-probs at completion tokens, rewards, advantages;
+    padding may hold anything) -> dropped the same way, one warning line naming the fields;
   * contract: a batch made with other settings than the trainer's (its BatchContract,
     simple_grpo/wire/contract.py: advantage scale, rewards and weights, dynamic sampling and its
-    filter metric, max/min new tokens, top-p, temperature, group size, overlong cache, base model),
-    or carrying none -> dropped the same way, one warning line per differing field naming both
-    values, the producer and the option to fix.
+    filter metric, max/min new tokens, top-p, temperature, group size, overlong cache, base model,
+    prompt rendering, task and fields, reward code and failure value), or carrying none ->
+    dropped the same way, one warning line per differing field naming both values, the producer
+    and the option to fix.
 Each distinct warning is printed once.
 The server hands each uploaded batch out at most once, and the trainer also remembers the ids it
 took (a worker that re-sends a batch to a restarted server cannot make it train one twice).
@@ -35,7 +39,7 @@ import torch
 from simple_grpo.errors import UserError
 from simple_grpo.train import collectives
 from simple_grpo.train.batch_contract import FIXES
-from simple_grpo.wire.codec import RolloutBatch
+from simple_grpo.wire.codec import RolloutBatch, nonfinite_fields
 from simple_grpo.wire.contract import BatchContract, contract_differences
 
 
@@ -121,6 +125,12 @@ class RefConnection:
             self._reject(b, f"{b.batch_size} rows, this trainer takes {self.batch_rows}",
                          "--prompts_per_step, --num_generations and --trainer_ranks=<its ranks>")
             return False
+        bad = nonfinite_fields(b)
+        if bad:  # one NaN would make the loss NaN, or the gradient norm inf (a skipped step)
+            self._reject(b, f"its {', '.join(bad)} hold NaN or inf at valid positions", None,
+                         how="a numerical fault where it was made: check that producer's model and "
+                             "dtype (ref_logprobs: the reference server's)")
+            return False
         if self.contract is None:
             return True
         if b.contract is None:
@@ -134,15 +144,17 @@ class RefConnection:
             self.counts["rejected_batches"] += 1
         return not fields
 
-    def _reject(self, b: RolloutBatch, why: str, fix: str | None, count: bool = True) -> None:
-        """Count a dropped batch (unless `count` is False) and warn once per distinct `why`."""
+    def _reject(self, b: RolloutBatch, why: str, fix: str | None, count: bool = True,
+                how: str | None = None) -> None:
+        """Count a dropped batch (unless `count` is False) and warn once per distinct `why` (with
+        `how` to fix it, by default: start workers with the trainer's `fix`)."""
         if count:
             self.counts["rejected_batches"] += 1
         if why in self._warned:
             return
         self._warned.add(why)
-        how = f"start workers with the trainer's {fix}" if fix else \
-            "start workers with this version's grpo_ref_split.py --mode=generate"
+        how = how or (f"start workers with the trainer's {fix}" if fix else
+                      "start workers with this version's grpo_ref_split.py --mode=generate")
         print(f"[trainer] dropping a batch from {b.meta.get('producer', '?')}: {why} ({how})",
               file=sys.stderr, flush=True)
 

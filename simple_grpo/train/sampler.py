@@ -2,8 +2,8 @@
 reference's device, generates and scores the next batch while the trainer trains this one.
 
     sampler = Sampler.start(cfg, ref_url, token, device, world_size)  # global rank 0
-    sampler.publish(engine.module, version)   # at once (the sampler waits for it), then after
-                                              # each step: a CPU snapshot, written behind
+    sampler.publish(engine.module, version, step)  # at once (the sampler waits for it), then
+                                              # after each step: a CPU snapshot, written behind
     sampler.alive()                           # False after a crash: the trainer generates again
     sampler.stop()                            # at exit (also atexit; the child dies with us)
 
@@ -12,13 +12,20 @@ the trainer's own config, posting to the trainer's reference server; two things 
 worker on another box:
   * weights come through a folder in shared memory (/dev/shm), not HTTP: after each step the
     trainer copies its weights to the CPU (the step waits only for that copy) and a background
-    thread writes them as `weights-<version>.safetensors`, then `latest.json` naming it (written
-    atomically, so a reader never sees a partial file; the two newest files are kept);
-  * `--max_ahead=1`: the sampler's n-th batch (n = 1, 2, ...; trainer_ranks batches per step)
-    waits for weight version >= first + ceil(n / trainer_ranks) - 2 (first: the version of the
-    first weights it reads, the trainer's at start), so batch k+1 is sampled with the weights of
-    step k-1 while step k trains: never more than one step stale, corrected by
-    the off-policy machinery (TIS on by default in this mode).
+    thread writes them as `weights-<version>.safetensors`, then `latest.json` naming it with the
+    trainer step they belong to (written atomically, so a reader never sees a partial file; the
+    files of the two newest versions are kept, and latest.json maps each recent step to its
+    file). A step that left the weights as they were (its version unchanged: nothing trained)
+    publishes only its step, in latest.json, pointing at the same file;
+  * `--max_ahead=1`, counted in trainer steps, not weight versions (a step advances the version
+    by --num_iterations, or not at all when it trained nothing): the sampler's n-th batch
+    (n = 1, 2, ...; trainer_ranks batches per step) is sampled with the weights of trainer step
+    first + ceil(n / trainer_ranks) - 2 (first: the step of the first weights published, the
+    trainer's at start; `required_step`), waiting until that step is published and loading that
+    step's file (`pick_weights`; a newer one only if it is gone, never an older one). So batch k+1
+    is sampled with the weights of step k-1 while step k trains: never more than one step
+    (--num_iterations versions) stale, corrected by the off-policy machinery (TIS on by default
+    in this mode).
 """
 from __future__ import annotations
 
@@ -57,22 +64,41 @@ class LocalWeights:
         self.snapshot_seconds, self.write_seconds, self.version = 0.0, 0.0, None
         self._thread: threading.Thread | None = None
         self.failure: str | None = None
+        self.first: int | None = None  # the first step published
+        self.steps: dict[int, tuple[int, str]] = {}  # recent step -> (version, file) while kept
 
-    def publish(self, module: torch.nn.Module, version: int) -> None:
-        """Copy the weights to the CPU now, write them in the background (waiting first for the
-        previous write: at most one in flight)."""
+    def publish(self, module: torch.nn.Module, version: int, step: int) -> None:
+        """The weights of trainer `step` (at `version`): copy them to the CPU now, write them in
+        the background (waiting first for the previous write: at most one in flight). When the
+        version is the one last written (the step trained nothing), only latest.json changes."""
         from simple_grpo.train import lora, publish
 
         self.wait()
+        self.first = step if self.first is None else self.first
+        if version == self.version:
+            self.snapshot_seconds = 0.0
+            try:
+                self._record(step, version, f"weights-{version}.safetensors")
+            except OSError as e:
+                self.failure = f"{type(e).__name__}: {e}"
+            return
         t = time.perf_counter()
         state, aliases = publish.cpu_snapshot(module, self.dtype)
         self.snapshot_seconds = time.perf_counter() - t
         metadata = {"aliases": json.dumps(aliases), **lora.publish_metadata(module)}
-        self._thread = threading.Thread(target=self._write, args=(state, metadata, version), daemon=True,
-                                        name="sampler-weights")
+        self._thread = threading.Thread(target=self._write, args=(state, metadata, version, step),
+                                        daemon=True, name="sampler-weights")
         self._thread.start()
 
-    def _write(self, state, metadata, version: int) -> None:
+    def _record(self, step: int, version: int, name: str) -> None:
+        """latest.json: `step`'s weights are in file `name`; the recent steps whose file is kept."""
+        self.steps[step] = (version, name)
+        self.steps = {s: vn for s, vn in self.steps.items() if (self.folder / vn[1]).exists()}
+        write_text_atomic(self.folder / LATEST, json.dumps({
+            "version": version, "step": step, "file": name, "first": self.first,
+            "steps": {str(s): list(vn) for s, vn in sorted(self.steps.items())}}))
+
+    def _write(self, state, metadata, version: int, step: int) -> None:
         from simple_grpo.wire.weights import iter_state_dict_safetensors
 
         t = time.perf_counter()
@@ -83,11 +109,11 @@ class LocalWeights:
                 for chunk in iter_state_dict_safetensors(state, None, metadata):
                     f.write(chunk)
             os.replace(tmp, self.folder / name)
-            write_text_atomic(self.folder / LATEST, json.dumps({"version": version, "file": name}))
             for old in self.folder.glob("weights-*.safetensors"):  # keep this one and the one before
                 v = int(old.name.split("-")[1].split(".")[0])
                 if v < (self.version if self.version is not None else version):
                     old.unlink(missing_ok=True)
+            self._record(step, version, name)
             self.version = version
         except OSError as e:  # /dev/shm full: the sampler keeps its weights, the trainer is told
             self.failure = f"{type(e).__name__}: {e}"
@@ -100,20 +126,49 @@ class LocalWeights:
             self._thread = None
 
 
-def read_latest(folder: str | Path) -> tuple[int, Path] | None:
-    """The reader side: (version, file) of the newest complete weights, or None yet."""
+@dataclasses.dataclass(frozen=True)
+class Published:
+    """What latest.json says: the newest step's weights, and the recent steps' (module docstring)."""
+    version: int
+    step: int
+    path: Path
+    first: int  # the first step published (the trainer's at start)
+    steps: dict[int, tuple[int, Path]]  # recent step -> (version, file), the newest included
+
+
+def read_latest(folder: str | Path) -> Published | None:
+    """The reader side: the newest complete weights and the recent steps', or None yet."""
+    folder = Path(folder)
     try:
-        info = json.loads((Path(folder) / LATEST).read_text())
+        info = json.loads((folder / LATEST).read_text())
     except (OSError, ValueError):
         return None
-    return int(info["version"]), Path(folder) / info["file"]
+    step, version = int(info["step"]), int(info["version"])
+    steps = {int(s): (int(v), folder / name) for s, (v, name) in info.get("steps", {}).items()}
+    steps[step] = (version, folder / info["file"])
+    return Published(version, step, folder / info["file"], int(info.get("first", step)), steps)
 
 
-def required_version(first: int, n: int, ranks: int, ahead: int) -> int:
-    """The weight version the n-th batch (1-based) must be sampled with: batch n belongs to step
-    ceil(n / ranks) of the sampler's run, which may be at most `ahead` steps ahead of the weights."""
+def required_step(first: int, n: int, ranks: int, ahead: int) -> int:
+    """The trainer step whose weights the n-th batch (1-based) must be sampled with: batch n
+    belongs to step ceil(n / ranks) of the sampler's run (counted from `first`, the first step
+    published), which may be at most `ahead` steps ahead of the weights. In steps, not versions:
+    a step advances the version by --num_iterations, or not at all when it trained nothing."""
     step = -(-n // ranks)
     return first + max(step - 1 - ahead, 0)
+
+
+def pick_weights(got: Published, need: int | None) -> tuple[int, int, Path] | None:
+    """-> (step, version, file) to sample with: the weights of step `need` (None: the newest),
+    from its own file while that is kept, else the newest (never older than `need`); None while
+    step `need` is not published yet (wait)."""
+    if need is None:
+        return got.step, got.version, got.path
+    if got.step < need:
+        return None
+    if need in got.steps:
+        return (need, *got.steps[need])
+    return got.step, got.version, got.path
 
 
 class Sampler:
@@ -142,9 +197,9 @@ class Sampler:
                                 stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=_die_with_parent)
         return cls(proc, LocalWeights(folder, dtype), folder, log)
 
-    def publish(self, module: torch.nn.Module, version: int) -> None:
+    def publish(self, module: torch.nn.Module, version: int, step: int) -> None:
         if self.alive():
-            self.weights.publish(module, version)
+            self.weights.publish(module, version, step)
 
     def alive(self) -> bool:
         return self.proc.poll() is None and self.weights.failure is None
@@ -171,7 +226,8 @@ class Sampler:
 def enabled(cfg, dist) -> bool:
     """Whether this run overlaps generation with training (--overlap). auto: when the trainer
     starts its own reference server (beta > 0 without LoRA, no --ref_url, generating itself) and
-    there is a device for it beside the training ranks: a spare GPU, or a spare CPU core."""
+    there is a device for it beside the training ranks: a spare GPU, or a spare CPU core; never
+    when --max_staleness would drop its one-step-stale batches (an error with --overlap=true)."""
     from simple_grpo.errors import UserError
 
     if cfg.overlap == "false" or cfg.mode != "train":
@@ -181,6 +237,12 @@ def enabled(cfg, dist) -> bool:
             raise UserError("--overlap=true starts a sampler beside the trainer's own reference server: "
                             "drop --ref_url and --generate_locally=false (generation workers on other "
                             "boxes feed that server's queue instead)")
+        return False
+    if 0 <= cfg.max_staleness < cfg.num_iterations:  # its batches would all be dropped as stale
+        if cfg.overlap == "true":
+            raise UserError(f"--overlap=true trains each batch one step (--num_iterations="
+                            f"{cfg.num_iterations} weight versions) stale, more than --max_staleness="
+                            f"{cfg.max_staleness}: raise --max_staleness to {cfg.num_iterations} or -1")
         return False
     if cfg.overlap == "true":
         return True
@@ -212,10 +274,11 @@ class Overlap:
         self.running = bool(alive)
         return self.running
 
-    def publish(self, module: torch.nn.Module, version: int) -> None:
-        """After a step (rank 0): the new weights for the sampler, written behind."""
+    def publish(self, module: torch.nn.Module, version: int, step: int) -> None:
+        """After a step (rank 0): the weights of `step` for the sampler, written behind (only
+        the step, when the version is unchanged)."""
         if self.sampler is not None and self.running:
-            self.sampler.publish(module, version)
+            self.sampler.publish(module, version, step)
 
     def metrics(self) -> dict[str, float]:
         return self.sampler.metrics() if self.sampler is not None else {}
@@ -248,10 +311,11 @@ def finalize(cfg, dist):
     return dataclasses.replace(cfg, overlap="true" if on else "false", tis=resolved_tis(cfg.tis, on))
 
 
-def start_overlap(cfg, dist, ref, module: torch.nn.Module, version: int) -> Overlap | None:
+def start_overlap(cfg, dist, ref, module: torch.nn.Module, version: int,
+                  step: int = 0) -> Overlap | None:
     """With --overlap (finalized): global rank 0 starts the sampler on the reference's device
-    (`ref`: rollout_source.RefTarget) and writes the current weights for it; every rank gets
-    the Overlap view (the sampler's pid for ranks on its node). None without overlap."""
+    (`ref`: rollout_source.RefTarget) and writes the current weights (of `step`) for it; every
+    rank gets the Overlap view (the sampler's pid for ranks on its node). None without overlap."""
     from simple_grpo.train import collectives
 
     if cfg.overlap != "true":
@@ -260,7 +324,7 @@ def start_overlap(cfg, dist, ref, module: torch.nn.Module, version: int) -> Over
     if dist.rank == 0:
         device = ref.device or "cpu"
         sampler = Sampler.start(cfg, ref.url, ref.token, device, dist.world_size)
-        sampler.publish(module, version)
+        sampler.publish(module, version, step)
         pid = sampler.proc.pid
         print(f"[trainer] overlap: a sampler on {device} samples each next batch while this one "
               f"trains (log: {sampler.log})", flush=True)

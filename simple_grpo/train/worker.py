@@ -85,9 +85,11 @@ class Worker:
         self.eos_ids = rollout.eos_token_ids(self.tokenizer, self.model)
         self.settings = sample_settings(cfg)
         self.filter_metric = dynamic_filter_metric(cfg, self.specs)
-        self.contract = batch_contract.expected_contract(cfg, self.specs, model_id)  # on every batch
+        self.contract = batch_contract.expected_contract(cfg, self.specs, model_id,  # on every batch
+                                                         self.tokenizer)
         self.version = 0  # the base model is version 0 of a fresh run
-        self.first_version: int | None = None  # --weights_dir: the first version read (the trainer's)
+        self.step: int | None = None  # --weights_dir: the trainer step of the weights we sample with
+        self.first_step: int | None = None  # --weights_dir: the first step the trainer published
         self.dir = Path(tempfile.mkdtemp(prefix="simple_grpo-worker-"))  # our weights file; removed at
         atexit.register(shutil.rmtree, self.dir, ignore_errors=True)  # exit (SIGTERM runs it too)
         self.counts = {"batches": 0, "weight_updates": 0, "download_failures": 0, "stale": 0,
@@ -183,26 +185,32 @@ class Worker:
             chain.unlink(missing_ok=True)
 
     def sync_local(self, required: int | None = None) -> bool:
-        """--weights_dir (the overlap sampler): load the newest weights the trainer wrote to that
-        local folder when they differ from ours -> updated; with `required`, first wait until a
-        version >= it is there (the trainer writes each step's weights after the step)."""
-        from simple_grpo.train.sampler import read_latest
+        """--weights_dir (the overlap sampler): load weights the trainer wrote to that local
+        folder when they differ from ours -> updated. Without `required`: the newest. With it (a
+        trainer step): wait until that step is published, then take its weights (sampler.py
+        `pick_weights`), unless ours are already of that step or a later one."""
+        from simple_grpo.train.sampler import pick_weights, read_latest
 
+        if required is not None and self.step is not None and self.step >= required:
+            return False
         while True:
             got = read_latest(self.cfg.weights_dir)
-            if got is not None and (required is None or got[0] >= required):
+            pick = pick_weights(got, required) if got is not None else None
+            if pick is not None:
                 break
             exit_if_terminated()
             time.sleep(0.02)
-        version, path = got
-        if version == self.version and self.first_version is not None:
+        step, version, path = pick
+        self.first_step = got.first if self.first_step is None else self.first_step
+        if version == self.version and self.step is not None:  # the same weights (a step that
+            self.step = max(self.step, step)  # trained nothing, or no new step)
             return False
         try:
             load_into(self.model, path)
-        except FileNotFoundError:  # replaced by a newer one while we looked: take that one
+        except FileNotFoundError:  # removed (two newer versions written) while we looked
             return self.sync_local(required)
-        self.version, self.counts["weight_updates"] = version, self.counts["weight_updates"] + 1
-        self.first_version = version if self.first_version is None else self.first_version
+        self.version, self.step = version, step
+        self.counts["weight_updates"] += 1
         return True
 
     def make_batch(self):
@@ -268,12 +276,13 @@ def run_worker(cfg) -> dict:
     while cfg.worker_batches == 0 or w.counts["batches"] < cfg.worker_batches:
         exit_if_terminated()  # a SIGTERM whose exit was swallowed (simple_grpo/errors.py)
         if cfg.weights_dir:  # the overlap sampler: at most --max_ahead steps ahead of the weights
-            from simple_grpo.train.sampler import required_version
+            from simple_grpo.train.sampler import required_step
 
-            need = None if w.first_version is None or cfg.max_ahead < 0 else \
-                required_version(w.first_version, w.counts["batches"] + 1, cfg.trainer_ranks, cfg.max_ahead)
+            need = None if w.first_step is None or cfg.max_ahead < 0 else \
+                required_step(w.first_step, w.counts["batches"] + 1, cfg.trainer_ranks, cfg.max_ahead)
         if w.sync_local(need) if cfg.weights_dir else w.sync_weights():
-            log(f"[{w.id}] loaded weight version {w.version}")
+            log(f"[{w.id}] loaded weight version {w.version}" +
+                (f" (trainer step {w.step})" if cfg.weights_dir else ""))
         t0 = time.perf_counter()
         batch, stats = w.make_batch()
         status = w.upload(batch)

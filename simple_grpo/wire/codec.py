@@ -7,7 +7,7 @@ A message is exactly one safetensors file held in memory (`safetensors.torch.sav
 The tensors are stored under their field names. The safetensors `__metadata__` dict holds one
 key, "simple_grpo", whose value is our own JSON header:
 
-    {"schema_version": 3, "kind": "rollout" | "logprob_request" | "logprob_response",
+    {"schema_version": 4, "kind": "rollout" | "logprob_request" | "logprob_response",
      "weight_version": 3, "meta": {...}, "batch_id": "a1b2..." | null,
      "temperature": 0.7, "contract": {...} | null}   # the scalar fields of that kind
 
@@ -16,7 +16,8 @@ scores log_softmax(logits / temperature), as the trainer scores its policy. Sche
 Schema 3 added a rollout's `contract` (simple_grpo/wire/contract.py: the sampling, reward and
 advantage settings and the model the batch was made with; every field present and of its type, its
 temperature the batch's; a header without the key decodes as null, which the trainer refuses) and
-the optional `loss_rows` tensor. A body of an older schema is refused with a message naming both
+the optional `loss_rows` tensor. Schema 4 added the optional `gen_logprobs_full` tensor and the
+contract's `prompt`, `task` and `reward_code` fields. A body of an older schema is refused with a message naming both
 versions and what the newer ones carry.
 
 No pickle anywhere: tensors are raw little-endian bytes with a declared dtype and shape, and the
@@ -30,6 +31,10 @@ Batch layout (see simple_grpo/algo/logprobs.py):
     completion_ids   [B, C] int64   right-padded completions; row i's is its first completion_lens[i]
     *_lens           [B]    int64   in [0, P] and [0, C]
     loss_rows        [B]    bool    optional; False: the row is outside the loss and every count
+    gen_logprobs     [B, C] float32 optional; each token's log-prob under the distribution it was
+                                    drawn from (logits / T, EOS held back, the top-p nucleus)
+    gen_logprobs_full [B, C] float32 optional; the same tokens under the whole tempered softmax
+                                    log_softmax(logits / T), what the trainer's forward computes
 """
 from __future__ import annotations
 
@@ -46,11 +51,14 @@ from safetensors.torch import save as _st_save
 
 from simple_grpo.wire.contract import BatchContract, check_contract, contract_from_json, contract_to_json
 
-SCHEMA_VERSION = 3  # 2: the sampling temperature; 3: a rollout's contract and loss_rows
+SCHEMA_VERSION = 4  # 2: the sampling temperature; 3: a rollout's contract and loss_rows; 4: gen_logprobs_full
 _ADDED = {  # schema version -> what it added, for the refusal of an older sender's body
     2: "the sampling temperature the reference scores at",
     3: "the batch contract (the sampling, reward and advantage settings and the model a batch was "
        "made with, which the trainer checks) and loss_rows (rows outside the loss)",
+    4: "the sampling log-probs under the whole tempered softmax (gen_logprobs_full: the old policy of "
+       "a late batch, whose ratio then starts at 1 whatever top_p and min_new_tokens) and the contract's "
+       "prompt, task and reward_code (how prompts are rendered and rewards computed)",
 }
 _META_KEY = "simple_grpo"
 _MAX_HEADER_BYTES = 16 << 20  # a header this large is garbage, not a batch
@@ -70,6 +78,7 @@ class RolloutBatch:
     rewards: torch.Tensor  # [B] float32
     advantages: torch.Tensor  # [B] float32
     gen_logprobs: torch.Tensor | None = None  # [B, C] float32, from the generator (optional)
+    gen_logprobs_full: torch.Tensor | None = None  # [B, C] float32, the same tokens, whole softmax
     ref_logprobs: torch.Tensor | None = None  # [B, C] float32, filled by the reference server
     weight_version: int = 0  # version of the policy weights that generated the batch
     meta: dict = field(default_factory=dict)  # JSON-able extras (prompts' ids, timings, ...)
@@ -116,9 +125,9 @@ _IDS = {"prompt_ids": (_I64, ("B", "P")), "prompt_lens": (_I64, ("B",)),
 # kind -> (class, {tensor field: (dtype, symbolic shape)}, optional tensor fields)
 _KINDS: dict[str, tuple[type, dict[str, tuple[torch.dtype, tuple[str, ...]]], frozenset]] = {
     "rollout": (RolloutBatch, {**_IDS, "rewards": (_F32, ("B",)), "advantages": (_F32, ("B",)),
-                               "gen_logprobs": (_F32, ("B", "C")),
+                               "gen_logprobs": (_F32, ("B", "C")), "gen_logprobs_full": (_F32, ("B", "C")),
                                "ref_logprobs": (_F32, ("B", "C")), "loss_rows": (_BOOL, ("B",))},
-                frozenset({"gen_logprobs", "ref_logprobs", "loss_rows"})),
+                frozenset({"gen_logprobs", "gen_logprobs_full", "ref_logprobs", "loss_rows"})),
     "logprob_request": (LogprobRequest, dict(_IDS), frozenset()),
     "logprob_response": (LogprobResponse, {"logprobs": (_F32, ("B", "C"))}, frozenset()),
 }
@@ -286,3 +295,21 @@ def decode(data: bytes | bytearray | memoryview, expect: type = RolloutBatch) ->
 
 __all__ = ["SCHEMA_VERSION", "CodecError", "RolloutBatch", "LogprobRequest", "LogprobResponse",
            "encode", "decode", "validate"]
+
+
+def nonfinite_fields(batch: RolloutBatch) -> list[str]:
+    """The floating tensor fields of a rollout holding a NaN or an infinity where it is read:
+    [B, C] fields at each row's completion tokens (its first completion_lens), [B, P] ones at its
+    prompt tokens (its last prompt_lens), others everywhere; padding may hold anything. Every
+    floating field of the rollout kind is checked, optional ones when present. [] when all finite."""
+    P, C = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+    valid = {("B", "C"): torch.arange(C)[None, :] < batch.completion_lens[:, None],
+             ("B", "P"): torch.arange(P)[None, :] >= (P - batch.prompt_lens)[:, None]}
+    bad = []
+    for name, (_, dims) in _KINDS["rollout"][1].items():
+        t = getattr(batch, name)
+        if t is None or not t.is_floating_point():
+            continue
+        if not bool(torch.isfinite(t[valid[dims]] if dims in valid else t).all()):
+            bad.append(name)
+    return bad

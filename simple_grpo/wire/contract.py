@@ -1,13 +1,20 @@
 """The batch contract: the settings a rollout batch was made with that change the math the trainer
 does with it. A producer (the trainer's own rollouts, a generation worker) puts its contract in
-every RolloutBatch it uploads (the JSON header, codec schema 3); the trainer drops a batch whose
-contract differs from its own (simple_grpo/train/rollout_source.py), naming each differing field.
+every RolloutBatch it uploads (the JSON header, simple_grpo/wire/codec.py); the trainer drops a
+batch whose contract differs from its own (simple_grpo/train/rollout_source.py), naming each
+differing field.
 
 On the wire it is a JSON object with exactly the fields below, each of its declared type:
 
     {"scale": "std", "rewards": "format:0.5,correct:1.0", "dynamic_sampling": false,
      "filter_metric": "off", "max_new_tokens": 48, "min_new_tokens": 0, "top_p": 1.0,
-     "temperature": 1.0, "group_size": 8, "overlong_cache": 10, "model": "3f2a..."}
+     "temperature": 1.0, "group_size": 8, "overlong_cache": 10, "model": "3f2a...",
+     "prompt": "9c41...", "task": "arithmetic;question_field=question;answer_field=answer",
+     "reward_code": "d07e...;failure_value=0.0"}
+
+The fields up to `model` came with codec schema 3; `prompt`, `task` and `reward_code` are newer. A
+contract that lacks fields (an older sender) or has unknown ones (a newer sender) is refused with
+one line naming them.
 
 How a config becomes a contract (simple_grpo/train/batch_contract.py) is the trainer's business;
 this module only defines, checks and compares the record, so both ends of the wire read one
@@ -37,6 +44,9 @@ class BatchContract:
     group_size: int  # G completions per prompt
     overlong_cache: int  # DAPO's L_cache in tokens, resolved (never None)
     model: str  # a short id of the base model the producer loaded
+    prompt: str  # a short id of a fixed probe question rendered and tokenized as every prompt is
+    task: str  # the task (a local file by its name) with its question and answer fields
+    reward_code: str  # a short id of the reward functions' source, then ";failure_value=<value>"
 
 
 # field -> the Python types its value may have (bool is not an int here, nor a float)
@@ -44,6 +54,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "scale": (str,), "rewards": (str,), "dynamic_sampling": (bool,), "filter_metric": (str,),
     "max_new_tokens": (int,), "min_new_tokens": (int,), "top_p": (int, float),
     "temperature": (int, float), "group_size": (int,), "overlong_cache": (int,), "model": (str,),
+    "prompt": (str,), "task": (str,), "reward_code": (str,),
 }
 assert list(FIELD_TYPES) == [f.name for f in dataclasses.fields(BatchContract)], \
     "FIELD_TYPES must list BatchContract's fields in order"
@@ -88,9 +99,11 @@ def contract_from_json(obj: Any) -> BatchContract:
     missing = [k for k in FIELD_TYPES if k not in obj]
     unknown = sorted(str(k) for k in obj if k not in FIELD_TYPES)
     if missing:
-        raise ValueError(f"contract lacks field(s) {', '.join(missing)}")
+        raise ValueError(f"contract lacks field(s) {', '.join(missing)} (an older sender: upgrade "
+                         f"simple_grpo on the sending side)")
     if unknown:
-        raise ValueError(f"contract has unknown field(s) {', '.join(unknown)[:100]}")
+        raise ValueError(f"contract has unknown field(s) {', '.join(unknown)[:100]} (a newer sender: "
+                         f"upgrade simple_grpo on this side)")
     c = BatchContract(**obj)
     check_contract(c)
     return c
