@@ -1,12 +1,15 @@
-"""BatchQueue: order, bound policies, staleness, duplicates and exact counters, also under threads."""
+"""BatchQueue: order, bound policies, staleness, duplicates and exact counters, also under threads;
+over real HTTP, the trainer drops queued batches holding NaN or inf where it reads them."""
 from __future__ import annotations
 
 import threading
 import time
 
 import pytest
+import torch
 
 from simple_grpo.server.queue import BatchQueue, Busy, QueueFull
+from simple_grpo.wire.codec import RolloutBatch
 
 
 def push(q: BatchQueue, bid: str, version: int = 0) -> str:
@@ -186,3 +189,86 @@ def test_a_new_run_forgets_the_versions_seen_under_max_staleness(ref_server):
     assert [client.get(weight_version=0).batch_id for _ in ids] == ids
     s = client.stats()
     assert s["dropped_stale"] == 0 and s["dropped_run"] == 1 and s["batches_out"] == 3
+
+
+def _poison(t: torch.Tensor, value: float, col: int) -> None:
+    """`value` into row 0 of `t`, at completion column `col` of a [B, C] field."""
+    if t.dim() == 1:
+        t[0] = value
+    else:
+        t[0, col] = value
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field, value, col, at_upload, rejected", [
+    ("gen_logprobs", NAN, 1, True, True),    # a worker's NaN sampling log-prob at a completion token
+    ("gen_logprobs", NAN, 3, False, False),  # ... in the padding (past completion_lens = 3): unread
+    ("gen_logprobs", INF, 3, False, False),  # ... an infinity there: unread too
+    ("gen_logprobs", -INF, 0, True, True),   # -inf at the first completion token
+    ("advantages", INF, 0, True, True),      # an infinite advantage ([B]: every entry is read)
+    ("rewards", NAN, 0, True, True),         # a NaN reward
+    ("ref_logprobs", NAN, 2, False, True),   # the reference server scored a NaN (its own fault)
+    ("ref_logprobs", NAN, 3, False, False),  # ... in the padding: unread
+    pytest.param("gen_logprobs_full", NAN, 2, False, True,  # any floating [B, C] field, optional too
+                 marks=pytest.mark.skipif("gen_logprobs_full" not in RolloutBatch.__dataclass_fields__,
+                                          reason="no gen_logprobs_full field in this codec")),
+])
+def test_batches_with_nonfinite_values_where_read_are_rejected(ref_server, monkeypatch, capsys, field,
+                                                               value, col, at_upload, rejected):
+    """Over real HTTP: a poisoned batch is uploaded, then a clean one; the trainer's RefConnection
+    takes the first usable one. The server already refuses (400) some poisons at upload
+    (`at_upload`); those are then put in past its check (in its scoring hook, as a server of another
+    version, or a fault after the check, would queue them), so the trainer's own check is tested
+    for every field. A NaN or inf where the trainer reads it drops the batch, counted in
+    rejected_batches, with one warning line naming the field; one in the padding does not."""
+    from test_codec import make_batch  # tests/ is on sys.path
+
+    from simple_grpo.train.rollout_source import RefConnection
+    from simple_grpo.wire.client import RefClient, RefServerError
+
+    srv = ref_server()
+    compute = srv.state.compute
+
+    def scored(obj):  # the server's scoring, poisoning the batch that asks for it
+        lp, dt = compute(obj)
+        if getattr(obj, "meta", {}).get("poison"):
+            if field == "ref_logprobs":
+                lp = lp.clone()  # not the inference-mode tensor itself
+            _poison(lp if field == "ref_logprobs" else getattr(obj, field), value, col)
+        return lp, dt
+
+    monkeypatch.setattr(srv.state, "compute", scored)
+
+    def batch(seed: int, poison: bool = False):
+        b = make_batch(2, 3, 4, ref=False, seed=seed, completion_lens=torch.tensor([3, 3]),
+                       meta={"poison": poison, "producer": f"w{seed}"})
+        b.prompt_ids %= 320  # the tiny model's vocabulary
+        b.completion_ids %= 320
+        if field == "gen_logprobs_full":
+            b.gen_logprobs_full = b.gen_logprobs.clone()
+        return b
+
+    client = RefClient(srv.url)
+    b, refused = batch(1, poison=field == "ref_logprobs"), False
+    if field != "ref_logprobs":
+        _poison(getattr(b, field), value, col)
+    try:
+        bad = client.upload(b)
+    except RefServerError as e:
+        assert e.status == 400 and "NaN or inf" in str(e), e
+        refused, bad = True, client.upload(batch(1, poison=True))
+    assert refused == at_upload
+    good = client.upload(batch(2))
+    conn = RefConnection(srv.url, None, timeout=10, batch_rows=2)
+    got = conn.next_batch(weight_version=0)
+    assert got.batch_id == (good if rejected else bad)
+    assert conn.counts["rejected_batches"] == int(rejected)
+    lines = [x for x in capsys.readouterr().err.splitlines() if "dropping a batch" in x]
+    assert len(lines) == int(rejected), lines
+    if rejected:
+        assert f"from w1: its {field} hold NaN or inf" in lines[0], lines
+    else:
+        assert int(torch.isfinite(getattr(got, field)).sum()) == getattr(got, field).numel() - 1
+    conn.close()
