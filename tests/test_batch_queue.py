@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from simple_grpo.server.queue import BatchQueue, Busy, QueueFull
-from simple_grpo.wire.codec import RolloutBatch
 
 
 def push(q: BatchQueue, bid: str, version: int = 0) -> str:
@@ -211,9 +210,7 @@ NAN, INF = float("nan"), float("inf")
     ("rewards", NAN, 0, True, True),         # a NaN reward
     ("ref_logprobs", NAN, 2, False, True),   # the reference server scored a NaN (its own fault)
     ("ref_logprobs", NAN, 3, False, False),  # ... in the padding: unread
-    pytest.param("gen_logprobs_full", NAN, 2, False, True,  # any floating [B, C] field, optional too
-                 marks=pytest.mark.skipif("gen_logprobs_full" not in RolloutBatch.__dataclass_fields__,
-                                          reason="no gen_logprobs_full field in this codec")),
+    ("gen_logprobs_full", NAN, 2, True, True),  # the whole-softmax sampling log-probs (optional) too
 ])
 def test_batches_with_nonfinite_values_where_read_are_rejected(ref_server, monkeypatch, capsys, field,
                                                                value, col, at_upload, rejected):

@@ -117,10 +117,10 @@ class ServerState:
             for name in ("rewards", "advantages"):
                 if not bool(torch.isfinite(getattr(obj, name)).all()):
                     raise ApiError(400, f"{name} contain NaN or inf")
-            if obj.gen_logprobs is not None:
-                valid = obj.gen_logprobs[mask_from_lengths(obj.completion_lens, C)]
-                if not bool(torch.isfinite(valid).all()):
-                    raise ApiError(400, "gen_logprobs contain NaN or inf inside the completions")
+            for name in ("gen_logprobs", "gen_logprobs_full"):
+                t = getattr(obj, name)
+                if t is not None and not bool(torch.isfinite(t[mask_from_lengths(obj.completion_lens, C)]).all()):
+                    raise ApiError(400, f"{name} contain NaN or inf inside the completions")
 
     def compute(self, obj: codec.RolloutBatch | codec.LogprobRequest) -> tuple[torch.Tensor, float]:
         """Reference log-probs [B, C] float32 on CPU, and the seconds spent under the model lock."""
