@@ -50,7 +50,7 @@ def test_worker_batch_records_the_trainers_logprobs(tiny_model_dir, ref_server):
     """Sampling log-probs recorded during generate() == a fresh forward pass (fp32, atol 1e-4)."""
     srv = ref_server()
     w = Worker(worker_cfg(tiny_model_dir, srv.url, temperature=0.7), RefClient(srv.url))
-    batch, _ = w.make_batch()
+    [(batch, _)] = w.make_batches()
     assert batch.gen_logprobs is not None and batch.gen_logprobs.shape == batch.completion_ids.shape
     with torch.no_grad():
         want = completion_logprobs(w.model, batch.prompt_ids, batch.prompt_lens, batch.completion_ids,
@@ -60,6 +60,40 @@ def test_worker_batch_records_the_trainers_logprobs(tiny_model_dir, ref_server):
     assert w.upload(batch) == "queued"
     got = RefClient(srv.url).get(wait_s=30)
     assert got.batch_id == batch.batch_id and torch.equal(got.gen_logprobs, batch.gen_logprobs)
+
+
+@pytest.mark.parametrize("ranks, dynamic", [
+    (1, False),  # one rank: one batch of the step's 4 prompts
+    (2, False),  # two ranks: both shares from one sampling call, split by group
+    (4, False),  # four ranks: still one call
+    (2, True),   # dynamic sampling (refills when groups are flat): calls = 1 + refill rounds, never per rank
+])
+def test_a_step_of_every_rank_is_sampled_in_one_call(tiny_model_dir, ref_server, monkeypatch, ranks, dynamic):
+    """A worker (and the overlap sampler, which is one) samples all the trainer ranks' rows of a
+    step in one engine call and splits them into per-rank batches of whole groups; each batch
+    says how many calls made its step (`gen_calls`), which the trainer logs."""
+    from simple_grpo.train import loop, rollout
+
+    srv = ref_server()
+    cfg = worker_cfg(tiny_model_dir, srv.url, trainer_ranks=ranks, prompts_per_step=4, max_new_tokens=4,
+                     **({"preset": "dapo", "max_refill_rounds": 2} if dynamic else {}))
+    w = Worker(cfg, RefClient(srv.url))
+    calls, sample = [], rollout.sample
+    monkeypatch.setattr(rollout, "sample", lambda *a, **kw: calls.append(len(a[2])) or sample(*a, **kw))
+    got = w.make_batches()
+    assert len(got) == ranks and calls[0] == 4, "every rank's prompts in the first call"
+    G = cfg.num_generations
+    assert len(calls) == 1 + got[0][1]["refill_rounds"] and len(calls) <= (3 if dynamic else 1)
+    ids = set()
+    for batch, stats in got:
+        assert batch.batch_size == 4 // ranks * G and batch.meta["gen_calls"] == len(calls)
+        assert batch.gen_logprobs.shape == batch.completion_ids.shape
+        assert batch.completion_ids.shape[1] == int(batch.completion_lens.max()), "trimmed to its rows"
+        assert len(batch.meta["reward_breakdown"]["overlong"]) == batch.batch_size
+        assert loop.batch_stats(batch, 0, "correct")["gen_calls"] == len(calls)
+        ids.add(batch.batch_id)
+    assert len(ids) == ranks, "each batch its own id"
+    assert w.upload(got[-1][0]) == "queued"
 
 
 def test_publisher_then_worker_sync_and_interrupted_download(tiny_model_dir, tiny_model, ref_server,

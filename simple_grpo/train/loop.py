@@ -158,7 +158,8 @@ def batch_stats(batch: RolloutBatch, weight_version: int, eval_reward: str) -> d
             "batch_staleness": float(weight_version - batch.weight_version),
             "topped_up_frac": 0.0 if batch.loss_rows is None else  # rows outside the loss
             float((~batch.loss_rows).float().mean()),
-            "remote_batch": float(not offpolicy.is_trainer_batch(batch))}
+            "remote_batch": float(not offpolicy.is_trainer_batch(batch)),
+            "gen_calls": float(batch.meta.get("gen_calls", 0))}
 
 
 def average(metrics: dict[str, float], dist) -> dict[str, float]:

@@ -258,7 +258,7 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
     batch = RolloutBatch(prompt_ids=pad_cat([g[1] for g in kept], pad, left=True),
                          prompt_lens=torch.cat([g[2] for g in kept]), completion_ids=c_ids,
                          completion_lens=c_lens, rewards=rewards_N, advantages=adv_N,
-                         weight_version=weight_version, meta={"group_size": G},
+                         weight_version=weight_version, meta={"group_size": G, "gen_calls": rounds + 1},
                          temperature=s.temperature,
                          gen_logprobs=pad_cat([g[8] for g in kept], 0, left=False) if record_logprobs
                          else None,
@@ -272,6 +272,28 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
     for name, values in breakdown.items():
         stats[f"reward/{name}"] = sum(values) / len(values)
     return Rollout(batch, [g[0] for g in kept], [t for g in kept for t in g[6]], breakdown, stats)
+
+
+def split(roll: Rollout, parts: int) -> list[Rollout]:
+    """One rollout of every rank's prompts -> `parts` rollouts of whole groups, group g in part
+    g % parts (so dynamic sampling's top-ups, the last groups, spread over the parts). Each part's
+    batch is the rows of its groups, its completion width trimmed to its own longest row; stats and
+    meta are the whole rollout's (its `gen_calls`: the sampling calls that made every part)."""
+    b, G = roll.batch, int(roll.batch.meta.get("group_size", 1))
+    n_groups = b.batch_size // G
+    assert n_groups % parts == 0, f"{n_groups} groups do not split into {parts} parts"
+    out = []
+    for r in range(parts):
+        rows = torch.tensor([g * G + j for g in range(r, n_groups, parts) for j in range(G)])
+        width = max(int(b.completion_lens[rows].max()), 1)
+        kw = {k: (v[rows][:, :width] if k in ("completion_ids", "gen_logprobs", "gen_logprobs_full",
+                                               "ref_logprobs") else v[rows])
+              if isinstance(v, torch.Tensor) else v for k, v in vars(b).items()}
+        part = RolloutBatch(**{**kw, "meta": dict(b.meta)})
+        out.append(Rollout(part, roll.examples[r::parts], [roll.completions[i] for i in rows.tolist()],
+                           {k: [v[i] for i in rows.tolist()] for k, v in roll.breakdown.items()},
+                           dict(roll.stats)))
+    return out
 
 
 def json_breakdown(breakdown: dict[str, list[float]]) -> dict[str, list[float]]:

@@ -60,7 +60,7 @@ def log(msg: str) -> None:
 
 
 class Worker:
-    """One worker's model, prompt stream and connection; `sync_weights`, `make_batch`, `upload`."""
+    """One worker's model, prompt stream and connection; `sync_weights`, `make_batches`, `upload`."""
 
     def __init__(self, cfg, client: RefClient):
         from simple_grpo.train.config import dynamic_filter_metric, sample_settings
@@ -213,23 +213,29 @@ class Worker:
         self.counts["weight_updates"] += 1
         return True
 
-    def make_batch(self):
-        """One rank's share of a trainer step: scored groups with sampling log-probs."""
+    def make_batches(self, parts: int | None = None):
+        """A trainer step's rows, every rank's share, in one sampling call (refill rounds aside),
+        split into `parts` batches of whole groups (default --trainer_ranks: one per rank) ->
+        [(batch, stats)]: scored groups with sampling log-probs, each its own batch id."""
         c = self.cfg
+        parts = c.trainer_ranks if parts is None else parts
         roll = rollout.make_rollout(self.model, self.tokenizer, self.stream,
-                                    c.prompts_per_step // c.trainer_ranks, self.settings, self.specs,
+                                    c.prompts_per_step // c.trainer_ranks * parts, self.settings, self.specs,
                                     system_render=self.render, eos_ids=self.eos_ids,
                                     dynamic_sampling=c.dynamic_sampling,
                                     filter_metric=self.filter_metric,
                                     max_refill_rounds=c.max_refill_rounds,
                                     failure_value=c.reward_failure_value, scale=c.scale,
                                     weight_version=self.version, record_logprobs=True)
-        batch = roll.batch
-        batch.batch_id = uuid.uuid4().hex
-        batch.contract = self.contract  # the trainer drops it when its settings differ
-        batch.meta.update(producer=self.id, reward_breakdown=rollout.json_breakdown(roll.breakdown),
-                          gen_seconds=roll.stats["gen_seconds"])
-        return batch, roll.stats
+        out = []
+        for part in rollout.split(roll, parts):
+            batch = part.batch
+            batch.batch_id = uuid.uuid4().hex
+            batch.contract = self.contract  # the trainer drops it when its settings differ
+            batch.meta.update(producer=self.id, reward_breakdown=rollout.json_breakdown(part.breakdown),
+                              gen_seconds=roll.stats["gen_seconds"])
+            out.append((batch, part.stats))
+        return out
 
     def upload(self, batch) -> str:
         """-> the server's answer: queued, duplicate (an earlier attempt got through) or stale."""
@@ -284,9 +290,10 @@ def run_worker(cfg) -> dict:
             log(f"[{w.id}] loaded weight version {w.version}" +
                 (f" (trainer step {w.step})" if cfg.weights_dir else ""))
         t0 = time.perf_counter()
-        batch, stats = w.make_batch()
-        status = w.upload(batch)
-        log(f"[{w.id}] batch {w.counts['batches']}: version {batch.weight_version}, reward "
-            f"{stats['reward_mean']:.3f}, {batch.batch_size} rows, {time.perf_counter() - t0:.1f} s, "
-            f"{status}")
+        left = cfg.worker_batches - w.counts["batches"] if cfg.worker_batches else cfg.trainer_ranks
+        for batch, stats in w.make_batches(min(cfg.trainer_ranks, left)):  # one step's shares at once
+            status = w.upload(batch)
+            log(f"[{w.id}] batch {w.counts['batches']}: version {batch.weight_version}, reward "
+                f"{stats['reward_mean']:.3f}, {batch.batch_size} rows, {time.perf_counter() - t0:.1f} s, "
+                f"{status}")
     return {"worker_id": w.id, **w.counts, "weight_version": w.version}
