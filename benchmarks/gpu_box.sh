@@ -6,6 +6,7 @@
 # `run` installs the wheels into /tmp/site and runs benchmarks/gpu_check.py with one overall deadline
 # (--deadline_s, default 480 s: inside a 10-minute call); the table, the JSON and each part's log are
 # written to $OUT (when set) as each part finishes, so a call cut short still brings back what ran.
+# `run --parts=gen` times decoding alone (benchmarks/gen_speed.py: tokens/s vs the bandwidth floor).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in

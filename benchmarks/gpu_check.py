@@ -1,10 +1,11 @@
 """One script that proves the GPU path in a single call (no network, about 5 minutes on one GPU).
 
     python benchmarks/gpu_check.py                       # a Qwen2.5-1.5B-shaped model on cuda
+    python benchmarks/gpu_check.py --parts=gen           # the decode-speed table alone (3-5 minutes)
     python benchmarks/gpu_check.py --device=cpu --tiny   # the same path on a CPU, in seconds
                                                          # (tests/test_gpu_check.py runs it in CI)
 
-It does, each part in its own process and each failure a row of the table rather than the end:
+It does, each failure a row of a table rather than the end:
   1. numerics on the device (benchmarks/gpu_check_numerics.py): decode loop vs HF generate (greedy,
      fp32 and bf16), shared-prompt log-probs vs the plain forward, sampling vs training log-probs,
      every preset's loss vs float64;
@@ -12,9 +13,15 @@ It does, each part in its own process and each failure a row of the table rather
      model of the chosen shape, bf16 and sdpa on a GPU, fixed-length completions, beta > 0;
   3. the trainer as 2 ranks sharing that device (`--dist_backend=gloo`: NCCL refuses two ranks on
      one GPU), under tests/strict_collectives.py, so every collective must see the rank's device;
-and prints one table: seconds per step split into generate / reference (exposed wait) / train,
+  4. decode speed (benchmarks/gen_speed.py, in this process, the shape's model with random weights):
+     tokens/s and ms per step of each sampler engine (our loop, HF generate) at --gen_batches x
+     --gen_new_tokens forced-length rows and one variable-length row set, against the bandwidth floor
+     of a step (weights + KV cache read once / a measured copy's bandwidth);
+and prints the tables: seconds per step split into generate / reference (exposed wait) / train,
 generation and training tokens/s, peak GPU memory of trainer and server, the reference server's
-compute per step. The table and the raw numbers go to --out (gpu_check.md, gpu_check.json).
+compute per step; decode speed vs its floor. The tables and the raw numbers go to --out
+(gpu_check.md, gpu_check.json), rewritten as each part (each decode row) ends. --parts picks parts:
+the whole decode table needs about 3-5 minutes of its own, `--parts=gen` runs it alone.
 """
 from __future__ import annotations
 
@@ -68,6 +75,14 @@ class CheckConfig:
     report_dir: str = ""
     """Where gpu_check.md, gpu_check.json and the parts' logs are written after each part ("":
     --out). Models stay in --out."""
+    parts: str = "numerics,train,gen"
+    """Which parts run, in this order: numerics (1), train (2 and 3), gen (4)."""
+    gen_batches: str = "16,64,128"
+    """Batch sizes of the decode-speed rows (the tiny mode: 4,8)."""
+    gen_new_tokens: str = "256,1024"
+    """New tokens of the decode-speed rows (the tiny mode: 8,16)."""
+    gen_variable: str = "64x1024"
+    """BxN of the variable-length decode row set (the tiny mode: 8x16; "": none)."""
 
 
 def child_env(c: CheckConfig) -> dict:
@@ -80,29 +95,34 @@ def child_env(c: CheckConfig) -> dict:
     return env
 
 
-def build_model(c: CheckConfig, shape: str, folder: Path) -> Path:
-    """A random-weight model of `shape` with the tiny byte-level tokenizer, saved as an HF folder."""
+def random_model(c: CheckConfig, shape: str, tok):
+    """A random-weight Qwen2 model of `shape` on the device: bf16 on a GPU, fp32 on a CPU, sdpa."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from simple_grpo.models import build_tiny_tokenizer
-
-    if (folder / "config.json").exists():
-        return folder
-    tok = build_tiny_tokenizer()
     hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
                       tie_word_embeddings=shape in ("tiny", "qwen2.5-0.5b", "qwen2.5-1.5b"),
                       rope_theta=1e6, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
-    dtype = torch.bfloat16 if c.device == "cuda" else torch.float32
     torch.manual_seed(0)
     with torch.device(c.device):
-        model = Qwen2ForCausalLM._from_config(cfg, dtype=dtype)
-    model.save_pretrained(folder)
+        return Qwen2ForCausalLM._from_config(cfg, dtype=torch.bfloat16 if c.device == "cuda" else torch.float32,
+                                             attn_implementation="sdpa")
+
+
+def build_model(c: CheckConfig, shape: str, folder: Path) -> Path:
+    """A random-weight model of `shape` with the tiny byte-level tokenizer, saved as an HF folder."""
+    import torch
+
+    from simple_grpo.models import build_tiny_tokenizer
+
+    if (folder / "config.json").exists():
+        return folder
+    tok = build_tiny_tokenizer()
+    random_model(c, shape, tok).save_pretrained(folder)
     tok.save_pretrained(folder)
-    del model
     if c.device == "cuda":
         torch.cuda.empty_cache()
     return folder
@@ -215,23 +235,58 @@ def training(c: CheckConfig, model: Path, out: Path, two_ranks: bool, url: str, 
     return res
 
 
+def generation(c: CheckConfig, report: dict, save_now) -> None:
+    """Part 4 in this process (benchmarks/gen_speed.py): the shape's model, decode rows saved as each ends."""
+    import gen_speed  # beside this file
+    from simple_grpo.models import build_tiny_tokenizer
+
+    def ints(text: str, sep: str = ",") -> list[int]:
+        return [int(x) for x in text.split(sep) if x]
+
+    tok = build_tiny_tokenizer()
+    sizes = ([4, 8], [8, 16], (8, 16)) if c.tiny else \
+        (ints(c.gen_batches), ints(c.gen_new_tokens), tuple(ints(c.gen_variable, "x")) or None)
+    report["gen"] = {"rows": []}
+    gen_speed.check_part(report["gen"], lambda: random_model(c, "tiny" if c.tiny else c.shape, tok), tok,
+                         report["device_name"], sizes, tiny=c.tiny, save=save_now,
+                         time_left=lambda: DEADLINE[0] - time.monotonic())
+
+
 def main(argv: list[str]) -> int:
-    import requests
-
-    from simple_grpo.train.engine import free_port
-
     c = parse_config(CheckConfig, argv, prog="benchmarks/gpu_check.py")
     DEADLINE[0] = time.monotonic() + c.deadline_s
+    parts = set(c.parts.split(","))
+    assert parts <= {"numerics", "train", "gen"}, f"--parts: numerics, train, gen; got {c.parts}"
     out = Path(c.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     report_dir = Path(c.report_dir).resolve() if c.report_dir else out
     report_dir.mkdir(parents=True, exist_ok=True)
-    shape = "tiny" if c.tiny else c.shape
     report: dict = {"config": dataclasses.asdict(c), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "completion_tokens": completion_len(c)}
     report["device_name"] = _device_name(c)
-    report["numerics"] = numerics(c)
-    save(report, out, report_dir)
+    if "numerics" in parts:
+        report["numerics"] = numerics(c)
+        save(report, out, report_dir)
+    if "train" in parts:
+        train_parts(c, report, out, report_dir)
+        save(report, out, report_dir)
+    if "gen" in parts:
+        generation(c, report, lambda: save(report, out, report_dir))
+    report["seconds"] = round(time.monotonic() - DEADLINE[0] + c.deadline_s, 1)
+    print(save(report, out, report_dir))
+    rows = report.get("numerics", []) + report.get("train", []) + report.get("gen", {}).get("rows", [])
+    ok = all(r["ok"] for r in rows)
+    print("gpu_check:", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+def train_parts(c: CheckConfig, report: dict, out: Path, report_dir: Path) -> None:
+    """Parts 2 and 3: the reference server and the trainer on one rank, then on 2 ranks."""
+    import requests
+
+    from simple_grpo.train.engine import free_port
+
+    shape = "tiny" if c.tiny else c.shape
     model = build_model(c, shape, out / f"model-{shape}")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -259,11 +314,6 @@ def main(argv: list[str]) -> int:
         if server is not None:
             server.terminate()
             server.wait(timeout=60)
-    report["seconds"] = round(time.monotonic() - DEADLINE[0] + c.deadline_s, 1)
-    print(save(report, out, report_dir))
-    ok = all(r["ok"] for r in report["numerics"]) and all(r["ok"] for r in report["train"])
-    print("gpu_check:", "PASS" if ok else "FAIL")
-    return 0 if ok else 1
 
 
 def save(report: dict, out: Path, report_dir: Path) -> str:
@@ -317,11 +367,13 @@ def render(report: dict) -> str:
     c = report["config"]
     lines = [f"device: {report['device_name']}; shape {'tiny' if c['tiny'] else c['shape']}, "
              f"{c['prompts_per_step']} prompts x G={c['num_generations']} x "
-             f"{report['completion_tokens']} tokens, beta 0.04, T 0.7", "",
-             "| check | ok | detail |", "|---|---|---|"]
-    lines += [f"| {r['check']} | {'yes' if r['ok'] else 'NO'} | {r['detail']} |" for r in report["numerics"]]
-    lines += ["", "| run | ok | s/step | generate | reference (exposed) | train | gen tok/s | train tok/s | "
-              "peak GPU GB (trainer) | KL step 1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{report['completion_tokens']} tokens, beta 0.04, T 0.7"]
+    if "numerics" in report:
+        lines += ["", "| check | ok | detail |", "|---|---|---|"]
+        lines += [f"| {r['check']} | {'yes' if r['ok'] else 'NO'} | {r['detail']} |" for r in report["numerics"]]
+    if "train" in report:
+        lines += ["", "| run | ok | s/step | generate | reference (exposed) | train | gen tok/s | train tok/s | "
+                  "peak GPU GB (trainer) | KL step 1 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("train", []):
         if "s_per_step" not in r:
             lines.append(f"| {r['part']} | NO | {r.get('error', '')[:300]} | | | | | | | |")
@@ -336,6 +388,10 @@ def render(report: dict) -> str:
         lines += ["", f"reference server: {s['compute_s_per_call']:.3f} s of compute per batch "
                       f"({100 * share:.1f}% of a one-rank step; exposed wait {t1.get('ref_wait_s', 0.0):.3f} s), "
                       f"peak GPU memory {s['gpu_mem_gb']:.1f} GB"]
+    if report.get("gen"):
+        import gen_speed  # beside this file
+
+        lines += ["", gen_speed.render_part(report["gen"])]
     return "\n".join(lines)
 
 

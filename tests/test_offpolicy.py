@@ -267,3 +267,14 @@ def test_tis_token_weights_the_loss_of_a_fresh_worker_batch(dist_env, mode, loss
     assert r["tis_clipped_frac"] == pytest.approx(clipped) and r["tis_masked_frac"] == pytest.approx(masked)
     assert r["offpolicy_token_frac"] == 0.0
     assert m["tis_ratio_max"] == pytest.approx(4.0, rel=1e-5)  # the largest pi_old / pi_sampler, uncapped
+
+
+def test_a_sequence_level_step_reports_the_largest_sequence_ratio(dist_env):
+    """--tis=sequence: the step's tis_ratio_max is its largest sequence ratio, seq 1's 0.8 * 4.0 =
+    3.2 (seq 0: 0.6 * 1.5 * 3.0 = 2.7), not the largest token ratio 4.0; the cap does not lower it."""
+    batch = _batch("gen-7", [1.0, -2.0], [[0.6, 1.5, 3.0, 1.0], [0.8, 4.0, 1.0, 1.0]], version=2,
+                   lens=[3, 2])
+    m, _ = _train(batch, weight_version=2, tis=TISSettings("sequence", "truncate", 2.0), agg="token-mean")
+    assert m["tis_ratio_max"] == pytest.approx(3.2, rel=1e-5)
+    # both sequences are over the cap of 2: every token is truncated, weight 2
+    assert finish_ratios(dict(m))["tis_weight_mean"] == pytest.approx(2.0, abs=1e-5)

@@ -96,6 +96,20 @@ def test_a_step_of_every_rank_is_sampled_in_one_call(tiny_model_dir, ref_server,
     assert w.upload(got[-1][0]) == "queued"
 
 
+def test_the_worker_loop_uploads_a_step_from_one_call(tiny_model_dir, ref_server, monkeypatch):
+    """run_worker with 2 trainer ranks: one sampling call, two uploads (one per rank)."""
+    from simple_grpo.train import rollout
+    from simple_grpo.train.worker import run_worker
+
+    srv = ref_server()
+    calls, sample = [], rollout.sample
+    monkeypatch.setattr(rollout, "sample", lambda *a, **kw: calls.append(len(a[2])) or sample(*a, **kw))
+    out = run_worker(worker_cfg(tiny_model_dir, srv.url, mode="generate", trainer_ranks=2, prompts_per_step=4,
+                                max_new_tokens=4, worker_batches=2))
+    assert out["batches"] == 2 and calls == [4], calls
+    assert RefClient(srv.url).stats()["queue_depth"] == 2
+
+
 def test_publisher_then_worker_sync_and_interrupted_download(tiny_model_dir, tiny_model, ref_server,
                                                              tmp_path):
     """The trainer's publisher puts its exact weights on the server; a worker loads them; a
