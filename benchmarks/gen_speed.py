@@ -303,7 +303,7 @@ def render(info: dict, rows: list[dict]) -> str:
     lines = [f"decode speed on {info['device_name']}, {info['dtype']}: {d['layers']} layers, "
              f"{d['b'] * d['weights'] / 1e6:.1f} MB of weights a step, "
              f"{d['layers'] * 2 * d['kv_heads'] * d['head_dim'] * d['b']:,} B of K and V per cached position; "
-             f"copy bandwidth {bw / 1e9:.1f} GB/s{nominal}; matmul {info['flops'] / 1e12:.2f} TFLOP/s",
+             f"copy bandwidth {bw / 1e9:.1f} GB/s{nominal}; matmul {info['flops'] / 1e9:,.0f} GFLOP/s",
              f"non-view aten ops per decode step (about one kernel launch each on a GPU): {ops}", "",
              "| engine | batch | new tokens | row lengths | tokens/s | ms/step | floor ms/step (bandwidth) | "
              "measured / floor | compute floor ms/step |", "|---|---|---|---|---|---|---|---|---|"]
@@ -326,14 +326,19 @@ class SpeedConfig:
     model: str = "smollm2-135m"
     """The bundled smollm2-135m, a model folder or hub name (real weights), or tiny (random weights)."""
     device: str = "cpu"
+    """cpu or cuda."""
     dtype: str = "float32"
+    """float32 or bfloat16 (the weights and the KV cache)."""
     threads: int = 1
     """torch threads on a CPU."""
     batches: str = "16,64"
+    """Rows per call of the forced-length rows (B/8 prompts x G=8)."""
     new_tokens: str = "64"
+    """New tokens of the forced-length rows (min_new_tokens = max_new_tokens)."""
     variable: str = "16x64"
     """BxN of the variable-length row set ("": none)."""
     engines: str = "loop,generate"
+    """Sampler engines: loop (simple_grpo/algo/decode.py), generate (HF model.generate)."""
 
 
 def main(argv: list[str]) -> int:

@@ -185,6 +185,7 @@ def test_a_chain_applies_in_place(tmp_path):
     ("a corrupted second link", "corrupt"),
     ("a link from another base", "another base"),
     ("a truncated chain", "truncated"),
+    ("bytes after the last link", "trailing"),
     ("a gap between links", "not contiguous"),
     ("another start", "starts at version"),
     ("our file is another base", "does not apply"),
@@ -202,6 +203,8 @@ def test_a_damaged_chain_is_detected(tmp_path, what, says):
     kw = {"base_sha256": sha(files[0]), "from_version": 10}
     if what == "a truncated chain":
         chain.write_bytes(chain.read_bytes()[:-3])
+    elif what == "bytes after the last link":
+        chain.write_bytes(chain.read_bytes() + b"\0" * 5)
     elif what == "a gap between links":
         raw = chain.read_bytes()
         with open(chain, "rb") as f:

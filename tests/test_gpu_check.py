@@ -5,6 +5,7 @@ its comparison is planted wrong (on a CPU both sides run on the same device)."""
 import dataclasses
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,38 @@ def test_gpu_check_cpu_mode_passes_and_reports_every_part(tmp_path):
     assert report["server"]["compute_s_per_call"] > 0
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| train_1rank | yes |" in table and "| train_2ranks | yes |" in table
+    check_decode_rows(report["gen"], table)
+
+
+# the tiny shape by hand: a layer is q 64*64+64, k and v 64*32+32 each, o 64*64, MLP 3*64*128 and 2
+# norms of 64 = 37,120; 2 layers + the tied 320 x 64 embedding + the final norm = 94,784 weights,
+# 4 bytes each in fp32; K and V of a cached position: 2 layers * 2 * 2 KV heads * 16 * 4 B = 512 B
+TINY_WEIGHTS, TINY_KV_BYTES = 2 * 37_120 + 320 * 64 + 64, 2 * 2 * 2 * 16 * 4
+
+
+def check_decode_rows(gen: dict, table: str) -> None:
+    """The decode table of the tiny mode: both engines at 4/8 x 8/16 with every row full, one
+    variable set whose rows end at different lengths, finite numbers, and the floor of each row
+    equal to the hand-computed bytes / the measured bandwidth."""
+    info, rows = gen["info"], gen["rows"]
+    assert {k: info["dims"][k] for k in ("layers", "kv_heads", "head_dim", "weights", "b")} == \
+        {"layers": 2, "kv_heads": 2, "head_dim": 16, "weights": TINY_WEIGHTS, "b": 4}
+    assert 1e8 < info["bandwidth"] < 1e13 and info["flops"] > 0 and info["nominal"] is None
+    assert [(r["engine"], r["batch"], r["new_tokens"], r["variable"]) for r in rows] == [
+        (e, b, n, False) for n in (8, 16) for b in (4, 8) for e in ("loop", "generate")] + [
+        ("loop", 8, 16, True), ("generate", 8, 16, True)]
+    for r in rows:
+        assert r["ok"], r
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("tok_s", "ms_step", "floor_ms", "ratio")), r
+        assert r["context"] == r["prompt_width"] + r["steps"] / 2
+        want = (4 * TINY_WEIGHTS + TINY_KV_BYTES * r["context"] * r["batch"]) / info["bandwidth"] * 1e3
+        assert r["floor_ms"] == pytest.approx(want, rel=1e-9), "the floor is bytes read / bandwidth"
+        assert r["ratio"] == pytest.approx(r["ms_step"] / r["floor_ms"])
+        if not r["variable"]:
+            assert r["steps"] == r["new_tokens"] and r["mean_len"] == r["new_tokens"], r
+    assert all(r["min_len"] < r["steps"] for r in rows if r["variable"]), "rows end at different lengths"
+    assert isinstance(info["ops_per_step"]["loop"], dict) and info["ops_per_step"]["loop"]["layer"] > 10
+    assert "| loop | 4 | 8 | all full |" in table and "| generate | 8 | 16 | mean " in table
 
 
 @pytest.fixture(scope="module")
@@ -112,4 +145,56 @@ def test_deadline_reports_what_ran_and_skips_the_rest(tmp_path):
     report = json.loads((report_dir / "gpu_check.json").read_text())
     assert len(report["numerics"]) == 4, "what ran before the deadline is reported"
     assert all("skipped" in run["error"] for run in report["train"]), report["train"]
+    assert len(report["gen"]["rows"]) == 10 and all("skipped" in r["error"] for r in report["gen"]["rows"])
     assert "skipped: the overall --deadline_s had passed" in (report_dir / "gpu_check.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def gen_speed():
+    saved = list(sys.path)
+    try:
+        spec = importlib.util.spec_from_file_location("gen_speed", ROOT / "benchmarks" / "gen_speed.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["gen_speed"] = mod
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path[:] = saved
+    return mod
+
+
+def test_floor_bytes_by_hand(gen_speed):
+    # 1000 weights in bf16 + 2 layers x (K, V) x 2 KV heads x head_dim 4 x context 10 x batch 3 x 2 B
+    assert gen_speed.floor_bytes(1000, 2, 2, 4, 10, 3, 2) == 2000 + 1920
+    # the docstring's Qwen2.5-1.5B row: B = 128, 1024 tokens, context 33 + 512 -> 5.088 GB a step
+    assert gen_speed.floor_bytes(1_543_714_304, 28, 2, 128, 545, 128, 2) == 3_087_428_608 + 2_000_158_720
+    assert gen_speed.nominal_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert gen_speed.nominal_bandwidth("NVIDIA H200") == 4.8e12
+    assert gen_speed.nominal_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert gen_speed.nominal_bandwidth("NVIDIA A100-SXM4-80GB") is None
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_weights_a_step_reads(gen_speed, tied):
+    """Every weight once; an untied input embedding is only gathered (B rows), so it is left out."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    dims = gen_speed.model_dims(Qwen2ForCausalLM._from_config(cfg))
+    assert dims["weights"] == TINY_WEIGHTS and dims["b"] == 4 and dims["head_dim"] == 16
+    assert dims["weights_matmul"] == TINY_WEIGHTS - (2 * 2 * 64 + 64) - 2 * (64 + 32 + 32)  # no norms, biases
+
+
+def test_forced_rows_that_end_early_fail(gen_speed, monkeypatch):
+    """A forced row must decode the full length: with min_new_tokens dropped and an end set that
+    random weights hit, the row reports failure."""
+    from simple_grpo.models import build_tiny_model, build_tiny_tokenizer
+
+    tok, model = build_tiny_tokenizer(), build_tiny_model().eval()
+    info = {"dims": gen_speed.model_dims(model), "bandwidth": 1e10, "flops": 1e10}
+    assert gen_speed.time_row(model, tok, "loop", 8, 16, False, True, info)["ok"]
+    real = gen_speed.SampleSettings
+    monkeypatch.setattr(gen_speed, "SampleSettings", lambda **kw: real(**{**kw, "min_new_tokens": 0}))
+    monkeypatch.setattr(gen_speed, "eos_token_ids", lambda tok, model: list(range(160, 320)))
+    row = gen_speed.time_row(model, tok, "loop", 8, 16, False, True, info)
+    assert row["ok"] is False and "ended early" in row["error"], row

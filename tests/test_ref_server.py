@@ -146,7 +146,7 @@ def _ids4(b: RolloutBatch | None = None) -> list[torch.Tensor]:
     return [getattr(b, f) for f in ("prompt_ids", "prompt_lens", "completion_ids", "completion_lens")]
 
 
-SCHEMA_1 = r"schema version 1 is not supported \(this side speaks 3; schema 2 carries the sampling temperature"
+SCHEMA_1 = r"schema version 1 is not supported \(this side speaks 4; schema 2 carries the sampling temperature"
 
 BAD = [  # (name, method, path, body, expected status, message regex)
     ("truncated", "POST", "/upload", lambda: _good()[:-9], 400, "corrupt|truncated"),
