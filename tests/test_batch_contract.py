@@ -174,7 +174,7 @@ def test_a_worker_started_with_another_preset_is_refused(tiny_model_dir, tiny_mo
                              load_tokenizer(str(tiny_model_dir)))
     for preset, index in (("dr_grpo", 0), ("grpo", 1)):  # the refused one first in the queue
         w = Worker(config(**common, preset=preset, worker_index=index), RefClient(srv.url))
-        batch, _ = w.make_batch()
+        [(batch, _)] = w.make_batches()
         assert batch.contract.scale == {"dr_grpo": "none", "grpo": "std"}[preset]
         assert w.upload(batch) == "queued"
     conn = RefConnection(srv.url, None, timeout=30, batch_rows=8, contract=ours)

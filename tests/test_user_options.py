@@ -16,6 +16,7 @@ import rewards  # noqa: F401  (the built-in rewards, registered before any test'
 from test_docs import undocumented_metrics  # tests/ is on sys.path
 from simple_grpo import models
 from simple_grpo.cli import parse_config
+from simple_grpo.train.batch_contract import PROBE_QUESTION
 from simple_grpo.errors import UserError
 from simple_grpo.train.config import TrainConfig, resolve
 from simple_grpo.train.reward_registry import REWARDS
@@ -239,8 +240,17 @@ def test_a_run_with_every_option(tiny_model_dir, tmp_path, monkeypatch, clean_re
     built, prompts = {}, []
     real_engine, real_renderer = eng.build_engine, data.prompt_renderer
     monkeypatch.setattr(eng, "build_engine", lambda *a, **kw: built.update(kw) or real_engine(*a, **kw))
-    monkeypatch.setattr(data, "prompt_renderer", lambda *a: (lambda render: lambda ex: prompts.append(
-        render(ex)) or prompts[-1])(real_renderer(*a)))
+    def recording_renderer(*a):
+        render = real_renderer(*a)
+
+        def record(ex):
+            text = render(ex)
+            if ex["question"] != PROBE_QUESTION:  # the batch contract's probe is not a training prompt
+                prompts.append(text)
+            return text
+        return record
+
+    monkeypatch.setattr(data, "prompt_renderer", recording_renderer)
     grpo_ref_split.main([
         f"--model={model}", "--trust_remote_code", f"--task={tmp_path / 'chat.jsonl'}",
         "--eval_task", str(tmp_path / "held.jsonl"), "--eval_every=1", "--eval_prompts=2",

@@ -187,7 +187,7 @@ def test_worker_takes_the_version_sent_when_publishes_land_mid_sync(tiny_model_d
     for k, v in versions[2].state_dict().items():
         assert torch.equal(w.model.state_dict()[k], v), k
     assert srv.state.stats()["workers"][w.id]["version"] == 2
-    batch, _ = w.make_batch()
+    [(batch, _)] = w.make_batches()
     assert batch.weight_version == 2
 
     assert w.sync_weights() and w.version == 3 and gets == ["2", "3"]
