@@ -35,14 +35,16 @@ def main(argv: list[str]) -> dict:
 
     from simple_grpo import models
     from simple_grpo.cli import parse_config
-    from simple_grpo.train import batch_contract, checkpoint, data, dropout, engine as eng, \
-        loop as train_loop, publish, rollout, rollout_source, sampler
-    from simple_grpo.train.config import TrainConfig, derive, dynamic_filter_metric, loss_kwargs, resolve, \
-        sample_settings
+    from simple_grpo.gen import batch_contract, data, rollout
+    from simple_grpo.train import checkpoint, engine as eng, loop as train_loop, publish, rollout_source, sampler
+    from simple_grpo.common import dropout
+    from simple_grpo.common.config import TrainConfig, derive, loss_kwargs, resolve
+    from simple_grpo.gen.reward_registry import reward_specs
+    from simple_grpo.gen.rollout import dynamic_filter_metric, sample_settings
 
     cfg = resolve(parse_config(TrainConfig, argv, env_prefix="GRPO_", prog="grpo_ref_split.py"))
     if cfg.mode == "generate":  # a generation worker: sample, score, upload; never trains
-        from simple_grpo.train.worker import run_worker
+        from simple_grpo.gen.worker import run_worker
 
         return run_worker(cfg)
     dist = eng.init_distributed(cfg.dist_backend, cfg.dist_timeout)
@@ -54,7 +56,7 @@ def main(argv: list[str]) -> dict:
     # The reference server first: a named one must answer, an auto-started one loads meanwhile.
     ref_target = rollout_source.start_ref(cfg, dist, overlap=cfg.overlap == "true")
     # Model, data, rewards: everything fails fast with a readable message before training starts.
-    specs = train_loop.reward_specs(cfg)
+    specs = reward_specs(cfg)
     fields = dict(question_field=cfg.question_field, answer_field=cfg.answer_field)
     train_examples = data.load_examples(cfg.task, "train", seed=cfg.seed, **fields)
     test_examples = data.load_eval_examples(cfg.task, cfg.eval_task, cfg.eval_split, seed=cfg.seed,
@@ -68,7 +70,7 @@ def main(argv: list[str]) -> dict:
     if cfg.disable_dropout:  # the policy trained is the one that sampled (--lora_dropout stays)
         dropout.disable(model)
     if cfg.lora_r > 0:  # only the adapters train; the same adapter on every rank (and worker)
-        from simple_grpo.train import lora
+        from simple_grpo.common import lora
 
         model = lora.wrap(model, cfg, seed=cfg.seed)
     if cfg.gradient_checkpointing:  # decoder layers recomputed in backward; before deepspeed.initialize

@@ -9,7 +9,7 @@ default).
 
 ``example`` is the dataset row (``example["answer"]`` is the gold answer string, e.g. ``"42"``,
 ``"\\frac{1}{2}"``, ``"$x^2$"``) plus a few keys the trainer adds (see
-``simple_grpo/train/reward_registry.py``): ``"_completion_tokens"``, ``"_max_completion_tokens"`` and
+``simple_grpo/gen/reward_registry.py``): ``"_completion_tokens"``, ``"_max_completion_tokens"`` and
 optionally ``"_overlong_cache"``. Do not modify ``example``.
 
 A reward that raises or returns NaN does not stop training: it counts as ``--reward_failure_value``
@@ -29,7 +29,7 @@ import threading
 
 from math_verify import parse, verify
 
-from simple_grpo.train.reward_registry import (
+from simple_grpo.gen.reward_registry import (
     COMPLETION_TOKENS_KEY,
     MAX_COMPLETION_TOKENS_KEY,
     OVERLONG_CACHE_KEY,

@@ -124,7 +124,7 @@ def sync_stall(model, opt, tmp: Path) -> dict:
     from simple_grpo.models import build_tiny_model
     from simple_grpo.server.app import ServerConfig, ServerState, start
     from simple_grpo.train.publish import WeightPublisher
-    from simple_grpo.train.worker import load_into
+    from simple_grpo.gen.worker import load_into
     from simple_grpo.wire.client import RefClient
     from simple_grpo.wire.delta_apply import apply_chain_file
 

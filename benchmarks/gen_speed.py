@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/gen_speed.py --model=tiny --batches=4 --new_tokens=8   # seconds
     bash benchmarks/gpu_box.sh run --parts=gen   # benchmarks/gpu_check.py's part: Qwen2.5-1.5B shape, bf16
 
-Engines, both through rollout.sample: `loop` (--sampler=loop, simple_grpo/algo/decode.py) and
+Engines, both through rollout.sample: `loop` (--sampler=loop, simple_grpo/gen/decode.py) and
 `generate` (--sampler=generate, HF model.generate). A row of batch B is B/8 prompts x G=8, as in a
 GRPO step, temperature 1, top_p 1. Forced rows: min_new_tokens = max_new_tokens, so every row
 decodes the full length (checked). Variable rows end at different lengths: a real model at its own
@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from simple_grpo.train.rollout import SampleSettings, eos_token_ids, sample  # noqa: E402
+from simple_grpo.gen.rollout import SampleSettings, eos_token_ids, sample  # noqa: E402
 
 NOMINAL_TBS = (("H200", 4.8), ("H100 NVL", 3.9), ("H100 PCIe", 2.0), ("H100", 3.35))  # H100: SXM, HBM3
 G = 8  # completions per prompt in a row
@@ -338,7 +338,7 @@ class SpeedConfig:
     variable: str = "16x64"
     """BxN of the variable-length row set ("": none)."""
     engines: str = "loop,generate"
-    """Sampler engines: loop (simple_grpo/algo/decode.py), generate (HF model.generate)."""
+    """Sampler engines: loop (simple_grpo/gen/decode.py), generate (HF model.generate)."""
 
 
 def main(argv: list[str]) -> int:

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from simple_grpo.algo.decode import decode
+from simple_grpo.gen.decode import decode
 from simple_grpo.algo.logprobs import completion_logprobs
 from simple_grpo.algo.losses import PRESETS, policy_loss
 from simple_grpo.algo.masks import lengths_from_eos, mask_from_lengths

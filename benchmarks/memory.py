@@ -103,7 +103,7 @@ def parse_variant(v: str) -> list[str]:
 
 def trainer_config(c: MemoryConfig, variant: str):
     """The TrainConfig the trainer would run this variant with (UserError: an option it lacks)."""
-    from simple_grpo.train.config import TrainConfig, resolve
+    from simple_grpo.common.config import TrainConfig, resolve
 
     mb = c.micro_batch_size or c.G
     argv = [o.format(r=c.lora_r) for o in parse_variant(variant)] + [
@@ -230,7 +230,7 @@ def run_child(c: MemoryConfig, variant: str) -> dict:
     from simple_grpo import models
 
     from simple_grpo.train import engine as eng
-    from simple_grpo.train.config import derive, loss_kwargs
+    from simple_grpo.common.config import derive, loss_kwargs
     from simple_grpo.train.grad_ckpt import decoder_layers
     from simple_grpo.train.policy_step import train_on_batch
 
@@ -249,7 +249,7 @@ def run_child(c: MemoryConfig, variant: str) -> dict:
         model, weights = build_model(c, dist.device)
         vocab = model.get_output_embeddings().weight.shape[0]
         if getattr(cfg, "lora_r", 0) > 0:  # as grpo_ref_split.py does, in its order
-            from simple_grpo.train import lora
+            from simple_grpo.common import lora
 
             model = lora.wrap(model, cfg, seed=cfg.seed)
         if getattr(cfg, "gradient_checkpointing", False):

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from simple_grpo.models import BUNDLED, load_model, load_tokenizer  # noqa: E402
-from simple_grpo.train.rollout import SampleSettings, eos_token_ids, sample  # noqa: E402
+from simple_grpo.gen.rollout import SampleSettings, eos_token_ids, sample  # noqa: E402
 
 
 def main(samplers: list[str]) -> None:

@@ -83,8 +83,8 @@ def run_trl(a, out_dir: Path) -> list[float]:
     from trl import GRPOConfig, GRPOTrainer
 
     from simple_grpo.models import resolve_model_path
-    from simple_grpo.train import data
-    from simple_grpo.train.reward_registry import get_reward
+    from simple_grpo.gen import data
+    from simple_grpo.gen.reward_registry import get_reward
 
     torch.set_num_threads(1)
     examples = data.load_examples("arithmetic", "train")

@@ -53,7 +53,7 @@ def as_worker(log: str, argv: list[str]) -> None:
     """A worker process: grpo_ref_split.py's main(), each weight sync's counters appended to `log`."""
     import grpo_ref_split
     from simple_grpo.errors import run_entry_point
-    from simple_grpo.train import worker
+    from simple_grpo.gen import worker
 
     sync = worker.Worker.sync_weights
 

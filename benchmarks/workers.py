@@ -78,7 +78,7 @@ def sync_times(name: str, model, dtype, tmp: Path) -> dict:
     from simple_grpo.models import build_tiny_model
     from simple_grpo.server.app import ServerConfig, ServerState, start
     from simple_grpo.train.publish import WeightPublisher
-    from simple_grpo.train.worker import load_into
+    from simple_grpo.gen.worker import load_into
     from simple_grpo.wire.client import RefClient
 
     state = ServerState(ServerConfig(model="tiny", port=0, weights_dir=str(tmp / f"w-{name}"),

@@ -13,12 +13,12 @@ import torch
 import rewards  # noqa: F401  (the built-in rewards, registered before any test's snapshot)
 from simple_grpo.cli import parse_config
 from simple_grpo.models import build_tiny_model, build_tiny_tokenizer, load_tokenizer
-from simple_grpo.train.batch_contract import FIXES, expected_contract, model_id
-from simple_grpo.train.config import TrainConfig, resolve
-from simple_grpo.train.loop import reward_specs
-from simple_grpo.train.reward_registry import REWARDS
+from simple_grpo.gen.batch_contract import FIXES, expected_contract, model_id
+from simple_grpo.common.config import TrainConfig, resolve
+from simple_grpo.gen.reward_registry import reward_specs
+from simple_grpo.gen.reward_registry import REWARDS
 from simple_grpo.train.rollout_source import RefConnection
-from simple_grpo.train.worker import Worker
+from simple_grpo.gen.worker import Worker
 from simple_grpo.wire.client import RefClient
 from simple_grpo.wire.codec import RolloutBatch
 from simple_grpo.wire.contract import BatchContract, contract_differences
@@ -189,7 +189,7 @@ def test_a_worker_started_with_another_preset_is_refused(tiny_model_dir, tiny_mo
 
 # --- worker options that change the prompts, the task or the reward code
 
-MINE = """from simple_grpo.train.reward_registry import register
+MINE = """from simple_grpo.gen.reward_registry import register
 
 @register("contract_mine")
 def mine(completion, example):

@@ -234,7 +234,7 @@ def test_two_ranks_agree_on_a_one_rank_failure(tmp_path):
 
 
 def _stream():
-    from simple_grpo.train.data import PromptStream
+    from simple_grpo.gen.data import PromptStream
 
     return PromptStream([{"question": f"q{i}", "answer": str(i)} for i in range(20)], seed=3)
 

@@ -137,7 +137,7 @@ def test_config_file_errors(content, message, tmp_path):
 ])
 def test_booleans_for_numeric_options_in_a_trainer_config_file_are_refused(option, value, message, tmp_path):
     """A JSON true / false where the trainer wants a number is one error line, not 1 or 0."""
-    from simple_grpo.train.config import TrainConfig
+    from simple_grpo.common.config import TrainConfig
 
     (tmp_path / "run.json").write_text(json.dumps({option: value}))
     with pytest.raises(UserError, match=message):
@@ -160,7 +160,7 @@ def test_help_lists_fields_with_docstrings_in_sections(capsys):
 
 
 def test_trainer_sections_and_choices():
-    from simple_grpo.train.config import TrainConfig
+    from simple_grpo.common.config import TrainConfig
 
     sections = {name: s for name, (s, _) in field_sections(TrainConfig).items()}
     wanted = ["model", "data", "algorithm", "training", "generation", "logging", "distributed", "workers"]
@@ -181,15 +181,15 @@ def test_trainer_sections_and_choices():
     (["--prompts-per-step", "4"], "prompts_per_step", 4),    # - and _ are the same
 ])
 def test_trainer_values_after_resolve(argv, field_, want):
-    from simple_grpo.train.config import TrainConfig, resolve
+    from simple_grpo.common.config import TrainConfig, resolve
 
     assert getattr(resolve(parse_config(TrainConfig, argv)), field_) == want
 
 
 def test_empty_system_prompt_renders_no_system_turn():
     from simple_grpo.models import build_tiny_tokenizer
-    from simple_grpo.train.config import TrainConfig
-    from simple_grpo.train.data import DEFAULT_SYSTEM_PROMPT, prompt_renderer
+    from simple_grpo.common.config import TrainConfig
+    from simple_grpo.gen.data import DEFAULT_SYSTEM_PROMPT, prompt_renderer
 
     tok = build_tiny_tokenizer()
     for argv, system in ([], DEFAULT_SYSTEM_PROMPT), (["--system_prompt="], None):
@@ -206,7 +206,7 @@ def test_empty_system_prompt_renders_no_system_turn():
     ({"chat_template_kwargs": {"tokenize": True}}, "--chat_template_kwargs: tokenize"),
 ])
 def test_resolve_checks_configs_built_in_code(cfg_kwargs, message):
-    from simple_grpo.train.config import TrainConfig, resolve
+    from simple_grpo.common.config import TrainConfig, resolve
 
     with pytest.raises(UserError, match=message):
         resolve(TrainConfig(**cfg_kwargs))
@@ -226,14 +226,14 @@ def test_server_choices_come_from_its_types():
 def documented_command_lines() -> list[str]:
     """The ``--option value`` examples the reward docs show (rewards.py, reward_registry.py)."""
     found = []
-    for doc in ("rewards.py", "simple_grpo/train/reward_registry.py"):
+    for doc in ("rewards.py", "simple_grpo/gen/reward_registry.py"):
         found += re.findall(r"``(--[a-z_-]+[ =][^`\s]+)``", (ROOT / doc).read_text())
     return found
 
 
 @pytest.mark.parametrize("line", documented_command_lines())
 def test_documented_options_parse(line, tmp_path, monkeypatch):
-    from simple_grpo.train.config import TrainConfig
+    from simple_grpo.common.config import TrainConfig
 
     monkeypatch.chdir(tmp_path)  # rewards files named in the docs exist as far as the parser cares
     cfg = parse_config(TrainConfig, line.split())

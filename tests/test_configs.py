@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from simple_grpo.cli import parse_config
-from simple_grpo.train.config import TrainConfig, derive, resolve
+from simple_grpo.common.config import TrainConfig, derive, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.json"))
@@ -68,8 +68,8 @@ def test_config_resolves_and_divides_over_its_ranks(config, tiny_model_dir, loca
 
 def test_generation_box_file_makes_batches_the_trainer_accepts(tiny_model_dir, local_task):
     from simple_grpo.models import load_tokenizer
-    from simple_grpo.train.batch_contract import expected_contract
-    from simple_grpo.train.loop import reward_specs
+    from simple_grpo.gen.batch_contract import expected_contract
+    from simple_grpo.gen.reward_registry import reward_specs
 
     config = ROOT / "configs" / "generation-boxes.json"
     trainer = load(config, tiny_model_dir, local_task)

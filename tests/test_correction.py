@@ -14,7 +14,8 @@ from test_offpolicy import ADV, RATIOS, _batch
 from simple_grpo.algo.logprobs import completion_logprobs
 from simple_grpo.algo.tis import TISSettings
 from simple_grpo.models import build_tiny_model
-from simple_grpo.train import dropout, engine as eng
+from simple_grpo.common import dropout
+from simple_grpo.train import engine as eng
 from simple_grpo.train.offpolicy import finish_ratios
 from simple_grpo.train.policy_step import train_on_batch
 
@@ -118,7 +119,7 @@ def _lora_model(p: float):
     (and its dropout) changes the output."""
     from types import SimpleNamespace
 
-    from simple_grpo.train import lora
+    from simple_grpo.common import lora
 
     cfg = SimpleNamespace(lora_r=4, lora_alpha=8.0, lora_dropout=p, lora_target_modules="all-linear")
     model = lora.wrap(build_tiny_model(seed=1), cfg, seed=0)
@@ -147,7 +148,7 @@ def test_lora_dropout_reaches_only_the_training_forward(dist_env):
     assert m["ratio_max"] > 1.001, "the training forward keeps its dropout"
     assert engine.module.training, "the module's mode is restored"
     # the adapter-off reference: the base model without dropout, the same values every call
-    from simple_grpo.train.lora import reference_logprobs
+    from simple_grpo.common.lora import reference_logprobs
 
     one = reference_logprobs(engine, b, micro_batch=4, temperature=1.0, device=torch.device("cpu"))
     two = reference_logprobs(engine, b, micro_batch=4, temperature=1.0, device=torch.device("cpu"))
@@ -202,7 +203,7 @@ def test_dropout_flag_is_applied_by_the_trainer(tiny_model_dir, tmp_path, monkey
 def test_offpolicy_clip_c_is_checked():
     from simple_grpo.cli import parse_config
     from simple_grpo.errors import UserError
-    from simple_grpo.train.config import TrainConfig, resolve
+    from simple_grpo.common.config import TrainConfig, resolve
 
     assert resolve(parse_config(TrainConfig, [])).offpolicy_clip_c == 3.0
     assert resolve(parse_config(TrainConfig, ["--offpolicy_clip_c=0"])).offpolicy_clip_c == 0.0

@@ -1,4 +1,4 @@
-"""Tasks, prompts and the prompt stream of simple_grpo.train.data (no network: files are in tmp_path)."""
+"""Tasks, prompts and the prompt stream of simple_grpo.gen.data (no network: files are in tmp_path)."""
 import json
 import re
 
@@ -6,8 +6,8 @@ import pytest
 
 from simple_grpo.errors import UserError
 from simple_grpo.models import build_tiny_tokenizer
-from simple_grpo.train import data
-from simple_grpo.train.data import (DEFAULT_SYSTEM_PROMPT, PromptStream, load_examples,
+from simple_grpo.gen import data
+from simple_grpo.gen.data import (DEFAULT_SYSTEM_PROMPT, PromptStream, load_examples,
                               normalize_answer, render_prompt)
 
 

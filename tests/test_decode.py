@@ -1,4 +1,4 @@
-"""The decode loop (simple_grpo/algo/decode.py) against HF `generate` and against the distribution it
+"""The decode loop (simple_grpo/gen/decode.py) against HF `generate` and against the distribution it
 must sample from: greedy outputs are bit-identical to generate's, sampled tokens follow
 softmax(logits / T) after top-p, EOS is held back until min_new_tokens, rows stop at their first
 EOS, and the recorded log-probs are those of the distribution each token was drawn from (the
@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from simple_grpo.algo.decode import decode, inverse_cdf_sample, top_p_filter
+from simple_grpo.gen.decode import decode, inverse_cdf_sample, top_p_filter
 from simple_grpo.algo.logprobs import completion_logprobs
 from simple_grpo.algo.masks import lengths_from_eos, mask_from_lengths
-from simple_grpo.train.rollout import SampleSettings, eos_token_ids, sample
+from simple_grpo.gen.rollout import SampleSettings, eos_token_ids, sample
 
 
 @pytest.fixture(scope="module")

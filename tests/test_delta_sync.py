@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from simple_grpo.cli import parse_config
-from simple_grpo.train import lora, publish
-from simple_grpo.train.config import TrainConfig, resolve
+from simple_grpo.common import lora
+from simple_grpo.train import publish
+from simple_grpo.common.config import TrainConfig, resolve
 from simple_grpo.train.publish import WeightPublisher, cpu_snapshot
-from simple_grpo.train.worker import Worker
+from simple_grpo.gen.worker import Worker
 from simple_grpo.wire.client import RefClient
 from simple_grpo.wire.weights import iter_state_dict_safetensors
 

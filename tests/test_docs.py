@@ -15,12 +15,12 @@ import pytest
 
 from simple_grpo.cli import _is_flag
 from simple_grpo.server.config import ServerConfig
-from simple_grpo.train.config import TrainConfig
+from simple_grpo.common.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md"] + sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))  # for users
 ALL_DOCS = [*DOCS, "BENCHMARKS.md"]
-DOCSTRINGS = ["grpo_ref_split.py", "ref_server.py", "rewards.py", "simple_grpo/train/reward_registry.py"]
+DOCSTRINGS = ["grpo_ref_split.py", "ref_server.py", "rewards.py", "simple_grpo/gen/reward_registry.py"]
 METRICS_DOC = ROOT / "docs" / "metrics.md"
 
 # Options of other programs (launchers, installers) and placeholders of the option syntax, each

@@ -14,9 +14,9 @@ from simple_grpo.algo.losses import policy_loss
 from simple_grpo.algo.masks import mask_from_lengths, truncated
 from simple_grpo.models import build_tiny_model, build_tiny_tokenizer
 from simple_grpo.train.policy_step import loss_mask
-from simple_grpo.train.reward_registry import (COMPLETION_TOKENS_KEY, RewardSpec, register,
+from simple_grpo.gen.reward_registry import (COMPLETION_TOKENS_KEY, RewardSpec, register,
                                                soft_overlong_punishment)
-from simple_grpo.train.rollout import SampleSettings, eos_token_ids, make_rollout
+from simple_grpo.gen.rollout import SampleSettings, eos_token_ids, make_rollout
 
 P_EOS = 0.2  # target probability of EOS at every step
 MAX_NEW = 8  # a completion without EOS after 8 tokens is truncated (about 1 in 4 rows)

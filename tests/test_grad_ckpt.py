@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from simple_grpo.algo.decode import decode
+from simple_grpo.gen.decode import decode
 from simple_grpo.algo.logprobs import completion_logprobs
 from simple_grpo.models import build_tiny_model
 from simple_grpo.train import grad_ckpt
-from simple_grpo.train.reward_registry import register
+from simple_grpo.gen.reward_registry import register
 from test_head_logprobs import grouped_batch  # noqa: E402  (tests/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,10 +13,10 @@ import transformers
 from packaging.version import Version
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from simple_grpo.algo.decode import decode, prefill
+from simple_grpo.gen.decode import decode, prefill
 from simple_grpo.algo.logprobs import completion_logprobs
 from simple_grpo.hf_compat import CACHE_KWARG, cache_kwargs, output_cache
-from simple_grpo.train.rollout import SampleSettings, sample
+from simple_grpo.gen.rollout import SampleSettings, sample
 
 
 @pytest.fixture(scope="module")

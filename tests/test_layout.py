@@ -23,8 +23,11 @@ ALLOWED = {
     "cli": {"errors"}, "models": {"errors"},
     "algo": {"errors", "hf_compat"},           # pure tensor math: no I/O, no other role
     "wire": {"errors"},                        # both ends of the wire read one definition
+    "common": {"errors", "io", "hf_compat", "cli", "models", "algo"},  # the run's config, LoRA: both sides
+    # generation (the trainer's own, the overlap sampler, workers): uses common, never the trainer
+    "gen": {"errors", "io", "hf_compat", "cli", "models", "algo", "wire", "common"},
     "server": {"errors", "io", "hf_compat", "cli", "models", "algo", "wire"},  # never train
-    "train": {"errors", "io", "hf_compat", "cli", "models", "algo", "wire"},   # never server
+    "train": {"errors", "io", "hf_compat", "cli", "models", "algo", "wire", "common", "gen"},  # never server
 }
 MAX_LINES = 400
 

@@ -16,7 +16,7 @@ from simple_grpo.algo.logprobs import completion_logprobs
 from simple_grpo.algo.masks import mask_from_lengths
 from simple_grpo.models import load_model
 from simple_grpo.train import loop
-from simple_grpo.train.reward_registry import register
+from simple_grpo.gen.reward_registry import register
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from simple_grpo.cli import parse_config
 from simple_grpo.errors import UserError
 from simple_grpo.models import build_tiny_model, load_model
-from simple_grpo.train import lora
-from simple_grpo.train.config import TrainConfig, resolve
+from simple_grpo.common import lora
+from simple_grpo.common.config import TrainConfig, resolve
 from simple_grpo.train.engine import standalone_env
-from simple_grpo.train.reward_registry import register
-from simple_grpo.train.worker import Worker
+from simple_grpo.gen.reward_registry import register
+from simple_grpo.gen.worker import Worker
 from simple_grpo.wire.client import RefClient
 
 ROOT = Path(__file__).resolve().parents[1]

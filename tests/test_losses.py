@@ -366,7 +366,7 @@ def test_pg_loss_option_errors(kw, message):
     (dict(preset="dapo", clip_ratio_c=3.0), dict(pg_loss="clip", clip_ratio_c=3.0)),
 ])
 def test_pg_presets_resolve(overrides, expected):
-    from simple_grpo.train.config import TrainConfig, loss_kwargs, resolve
+    from simple_grpo.common.config import TrainConfig, loss_kwargs, resolve
 
     cfg = resolve(TrainConfig(**overrides))
     assert {k: getattr(cfg, k) for k in expected} == expected
@@ -384,7 +384,7 @@ def test_pg_presets_resolve(overrides, expected):
 ])
 def test_pg_options_rejected_by_resolve(overrides, message):
     from simple_grpo.errors import UserError
-    from simple_grpo.train.config import TrainConfig, resolve
+    from simple_grpo.common.config import TrainConfig, resolve
 
     with pytest.raises(UserError, match=message):
         resolve(TrainConfig(**overrides))

@@ -153,7 +153,7 @@ def test_one_rule_for_every_batch(producer, version, gen, trainer_version, tis, 
 def test_tis_options_are_checked():
     from simple_grpo.cli import parse_config
     from simple_grpo.errors import UserError
-    from simple_grpo.train.config import TrainConfig, resolve
+    from simple_grpo.common.config import TrainConfig, resolve
 
     cfg = resolve(parse_config(TrainConfig, ["--tis=sequence", "--tis_mode=mask", "--tis_cap=3"]))
     assert TISSettings.from_config(cfg) == TISSettings("sequence", "mask", 3.0)

@@ -9,7 +9,7 @@ from pathlib import Path
 from test_docs import undocumented_metrics
 from test_workers import SMALL, _rows, _spawn, _wait_for
 
-from simple_grpo.train.reward_registry import register
+from simple_grpo.gen.reward_registry import register
 from simple_grpo.wire.client import RefClient
 
 ROOT = Path(__file__).resolve().parents[1]

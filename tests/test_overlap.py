@@ -145,7 +145,7 @@ def test_overlap_auto_and_its_tis(overrides, want):
     from types import SimpleNamespace
 
     from simple_grpo.cli import parse_config
-    from simple_grpo.train.config import TrainConfig, resolve
+    from simple_grpo.common.config import TrainConfig, resolve
 
     cfg = resolve(parse_config(TrainConfig, [f"--{k}={v}" for k, v in overrides.items()]))
     dist = SimpleNamespace(device=SimpleNamespace(type="cpu"), local_world_size=1, world_size=1, rank=0)
@@ -158,7 +158,7 @@ def test_overlap_true_with_a_users_server_is_one_line():
 
     from simple_grpo.cli import parse_config
     from simple_grpo.errors import UserError
-    from simple_grpo.train.config import TrainConfig, resolve
+    from simple_grpo.common.config import TrainConfig, resolve
 
     cfg = resolve(parse_config(TrainConfig, ["--overlap=true", "--ref_url=http://x:1"]))
     dist = SimpleNamespace(device=SimpleNamespace(type="cpu"), local_world_size=1, world_size=1, rank=0)
@@ -171,7 +171,7 @@ def test_overlap_true_whose_batches_max_staleness_drops_is_one_line():
 
     from simple_grpo.cli import parse_config
     from simple_grpo.errors import UserError
-    from simple_grpo.train.config import TrainConfig, resolve
+    from simple_grpo.common.config import TrainConfig, resolve
 
     cfg = resolve(parse_config(TrainConfig, ["--overlap=true", "--num_iterations=3", "--max_staleness=2"]))
     dist = SimpleNamespace(device=SimpleNamespace(type="cpu"), local_world_size=1, world_size=1, rank=0)

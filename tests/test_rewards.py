@@ -1,4 +1,4 @@
-"""Tests for rewards.py (the built-in rewards) and simple_grpo/train/reward_registry.py (the machinery)."""
+"""Tests for rewards.py (the built-in rewards) and simple_grpo/gen/reward_registry.py (the machinery)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 import rewards
 from simple_grpo.errors import UserError
-from simple_grpo.train.reward_registry import (
+from simple_grpo.gen.reward_registry import (
     COMPLETION_TOKENS_KEY,
     MAX_COMPLETION_TOKENS_KEY,
     OVERLONG_CACHE_KEY,
@@ -241,7 +241,7 @@ def test_load_rewards_from_file(tmp_path: Path, registry: dict, monkeypatch: pyt
     # Users may point the trainer at their own rewards file.
     monkeypatch.setitem(sys.modules, "rewards", sys.modules["rewards"])  # restored afterwards
     path = tmp_path / "my_rewards.py"
-    path.write_text("from simple_grpo.train.reward_registry import register\n"
+    path.write_text("from simple_grpo.gen.reward_registry import register\n"
                     "@register('my_len')\ndef my_len(c, e):\n    return float(len(c))\n")
     module = load_rewards(path)
     assert module.my_len("abc", {}) == 3.0 and get_reward("my_len") is module.my_len, "loaded reward"

@@ -8,8 +8,8 @@ from simple_grpo.algo.advantages import group_advantages
 from simple_grpo.algo.masks import truncated
 from simple_grpo.models import build_tiny_model
 from simple_grpo.train.policy_step import loss_mask
-from simple_grpo.train.reward_registry import RewardSpec, register
-from simple_grpo.train.rollout import SampleSettings, eos_token_ids, make_rollout, sample
+from simple_grpo.gen.reward_registry import RewardSpec, register
+from simple_grpo.gen.rollout import SampleSettings, eos_token_ids, make_rollout, sample
 from simple_grpo.wire.codec import RolloutBatch
 
 G = 4
@@ -188,7 +188,8 @@ def test_unknown_filter_metric_is_a_user_error(tok_model):
 ])
 def test_filter_metric_default_and_choices(overrides, rewards, expected):
     from simple_grpo.errors import UserError
-    from simple_grpo.train.config import TrainConfig, dynamic_filter_metric, resolve
+    from simple_grpo.common.config import TrainConfig, resolve
+    from simple_grpo.gen.rollout import dynamic_filter_metric
 
     cfg = resolve(TrainConfig(**overrides))
     specs = [RewardSpec(name) for name in rewards]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from simple_grpo.models import build_tiny_model
-from simple_grpo.train.sampler import LocalWeights, pick_weights, read_latest, required_step, shm_folder
+from simple_grpo.gen.shm_weights import pick_weights, read_latest, required_step
+from simple_grpo.train.sampler import LocalWeights, shm_folder
 
 
 @pytest.mark.parametrize("first, n, ranks, ahead, want", [
@@ -42,7 +43,7 @@ def test_the_gate_counts_steps_not_versions(ranks, slow_sampler):
     step ceil(n / ranks) - 2 (a gate counting versions as steps would take older ones), from that
     step's own file even when the next step has landed already (slow_sampler), and every batch
     the trainer then trains is at most one step (2 versions) old."""
-    from simple_grpo.train.worker import load_into
+    from simple_grpo.gen.worker import load_into
 
     versions = {0: 0, 1: 2, 2: 4, 3: 4, 4: 6, 5: 8, 6: 10}  # step -> version after it
     model, folder = _Tiny(), shm_folder()
@@ -114,7 +115,7 @@ def test_pick_weights(need, want, tmp_path):
 
 
 def test_local_weights_round_trip_and_keep_two_files(tmp_path):
-    from simple_grpo.train.worker import load_into
+    from simple_grpo.gen.worker import load_into
 
     model = build_tiny_model(seed=3)
     folder = shm_folder()
@@ -170,7 +171,7 @@ def test_overlap_auto_needs_a_device_beside_the_training_ranks(device, gpus, cpu
 
     from simple_grpo.cli import parse_config
     from simple_grpo.train import sampler
-    from simple_grpo.train.config import TrainConfig, resolve
+    from simple_grpo.common.config import TrainConfig, resolve
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(os, "cpu_count", lambda: cpus)

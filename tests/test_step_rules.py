@@ -19,8 +19,8 @@ from simple_grpo.models import build_tiny_model
 from simple_grpo.train import engine as eng
 from simple_grpo.train import loop
 from simple_grpo.train.policy_step import train_on_batch
-from simple_grpo.train.reward_registry import RewardSpec
-from simple_grpo.train.rollout import SampleSettings, eos_token_ids, make_rollout
+from simple_grpo.gen.reward_registry import RewardSpec
+from simple_grpo.gen.rollout import SampleSettings, eos_token_ids, make_rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_KW = dict(eps_low=0.2, eps_high=0.2, beta=0.0, kl="k3", agg="token-mean", max_tokens=4,

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from simple_grpo.train.engine import standalone_env
-from simple_grpo.train.reward_registry import register
+from simple_grpo.gen.reward_registry import register
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

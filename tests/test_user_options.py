@@ -16,15 +16,15 @@ import rewards  # noqa: F401  (the built-in rewards, registered before any test'
 from test_docs import undocumented_metrics  # tests/ is on sys.path
 from simple_grpo import models
 from simple_grpo.cli import parse_config
-from simple_grpo.train.batch_contract import PROBE_QUESTION
+from simple_grpo.gen.batch_contract import PROBE_QUESTION
 from simple_grpo.errors import UserError
-from simple_grpo.train.config import TrainConfig, resolve
-from simple_grpo.train.reward_registry import REWARDS
+from simple_grpo.common.config import TrainConfig, resolve
+from simple_grpo.gen.reward_registry import REWARDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 MY_REWARDS = """
-from simple_grpo.train.reward_registry import RewardSpec, register
+from simple_grpo.gen.reward_registry import RewardSpec, register
 
 @register("test_user_len")
 def user_len(completion, example):
@@ -51,7 +51,7 @@ def clean_rewards():
     ("test_user_len:1,correct:0.5", [("test_user_len", 1.0), ("correct", 0.5)]),  # beside the built-ins
 ])
 def test_rewards_file(rewards, want, tmp_path, clean_rewards):
-    from simple_grpo.train.loop import reward_specs
+    from simple_grpo.gen.reward_registry import reward_specs
 
     (tmp_path / "mine.py").write_text(MY_REWARDS)
     argv = [f"--rewards_file={tmp_path / 'mine.py'}"] + ([f"--rewards={rewards}"] if rewards else [])
@@ -63,11 +63,11 @@ def test_rewards_file(rewards, want, tmp_path, clean_rewards):
     (None, "does not exist"),                                                  # no such file
     ("def f(:\n", r"failed to load at line 1: SyntaxError"),                   # its own bug, located
     ("x = 1\nraise RuntimeError('boom')\n", r"at line 2: RuntimeError: boom"),
-    ("from simple_grpo.train.reward_registry import register\n"               # a built-in's name
+    ("from simple_grpo.gen.reward_registry import register\n"               # a built-in's name
      "@register('format')\ndef f(c, e):\n    return 0.0\n", "registered twice"),
 ])
 def test_rewards_file_errors_are_one_line(content, match, tmp_path, clean_rewards):
-    from simple_grpo.train.loop import reward_specs
+    from simple_grpo.gen.reward_registry import reward_specs
 
     if content is not None:
         (tmp_path / "mine.py").write_text(content)
@@ -227,7 +227,7 @@ def test_a_run_with_every_option(tiny_model_dir, tmp_path, monkeypatch, clean_re
     import grpo_ref_split
     from simple_grpo.train import engine as eng
 
-    from simple_grpo.train import data
+    from simple_grpo.gen import data
 
     model = custom_code_model(tmp_path / "model")
     template = model / "chat_template.jinja"  # the saved template, plus a variable of its own

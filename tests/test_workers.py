@@ -18,11 +18,11 @@ import torch
 
 from simple_grpo.algo.logprobs import completion_logprobs
 from simple_grpo.cli import parse_config
-from simple_grpo.train.config import TrainConfig, resolve
+from simple_grpo.common.config import TrainConfig, resolve
 from simple_grpo.train.engine import standalone_env
 from simple_grpo.train.publish import WeightPublisher
 from simple_grpo.train.rollout_source import RefConnection
-from simple_grpo.train.worker import Worker
+from simple_grpo.gen.worker import Worker
 from simple_grpo.wire.client import RefClient
 from simple_grpo.wire.codec import RolloutBatch
 from simple_grpo.wire.contract import BatchContract
@@ -72,7 +72,8 @@ def test_a_step_of_every_rank_is_sampled_in_one_call(tiny_model_dir, ref_server,
     """A worker (and the overlap sampler, which is one) samples all the trainer ranks' rows of a
     step in one engine call and splits them into per-rank batches of whole groups; each batch
     says how many calls made its step (`gen_calls`), which the trainer logs."""
-    from simple_grpo.train import loop, rollout
+    from simple_grpo.train import loop
+    from simple_grpo.gen import rollout
 
     srv = ref_server()
     cfg = worker_cfg(tiny_model_dir, srv.url, trainer_ranks=ranks, prompts_per_step=4, max_new_tokens=4,
@@ -98,8 +99,8 @@ def test_a_step_of_every_rank_is_sampled_in_one_call(tiny_model_dir, ref_server,
 
 def test_the_worker_loop_uploads_a_step_from_one_call(tiny_model_dir, ref_server, monkeypatch):
     """run_worker with 2 trainer ranks: one sampling call, two uploads (one per rank)."""
-    from simple_grpo.train import rollout
-    from simple_grpo.train.worker import run_worker
+    from simple_grpo.gen import rollout
+    from simple_grpo.gen.worker import run_worker
 
     srv = ref_server()
     calls, sample = [], rollout.sample

@@ -31,7 +31,7 @@ _MAX_LOG = 20.0
 
 @dataclass(frozen=True)
 class TISSettings:
-    """--tis, --tis_mode, --tis_cap (simple_grpo/train/config.py)."""
+    """--tis, --tis_mode, --tis_cap (simple_grpo/common/config.py)."""
 
     level: str = "off"
     mode: str = "truncate"

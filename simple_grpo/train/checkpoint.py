@@ -35,7 +35,8 @@ import torch
 
 from simple_grpo.errors import UserError
 from simple_grpo.io import fsync_path, fsync_tree, write_text_atomic
-from simple_grpo.train import collectives, lora
+from simple_grpo.train import collectives
+from simple_grpo.common import lora
 
 log = logging.getLogger("simple_grpo")
 

@@ -14,26 +14,13 @@ from typing import Callable
 import torch
 
 from simple_grpo.algo.tis import TISSettings
-from simple_grpo.train import collectives, lora, offpolicy, policy_step, rollout
-from simple_grpo.train.reward_registry import RewardSpec, parse_reward_specs
+from simple_grpo.train import collectives, offpolicy, policy_step
+from simple_grpo.common import lora
+from simple_grpo.gen import rollout
+from simple_grpo.gen.reward_registry import RewardSpec
 from simple_grpo.train.rollout_source import RefConnection
 from simple_grpo.wire.codec import RolloutBatch
 from simple_grpo.wire.contract import BatchContract
-
-
-def reward_specs(cfg) -> list[RewardSpec]:
-    """The configured reward functions, plus DAPO's soft overlong punishment when enabled."""
-    from simple_grpo.train.reward_registry import default_rewards, load_rewards_file
-
-    if cfg.rewards_file:  # the user's reward functions, beside rewards.py's
-        load_rewards_file(cfg.rewards_file)
-    if cfg.rewards is None:
-        specs = default_rewards(cfg.rewards_file)
-    else:
-        specs = parse_reward_specs(cfg.rewards)
-    if cfg.overlong_reward and not any(s.name == "overlong" for s in specs):
-        specs.append(RewardSpec("overlong", 1.0))
-    return specs
 
 
 @dataclass
@@ -51,8 +38,8 @@ class StepContext:
     specs: list[RewardSpec]
     loss_kw: dict
     ref: RefConnection | None
-    settings: rollout.SampleSettings  # config.sample_settings(cfg)
-    filter_metric: str  # config.dynamic_filter_metric(cfg, specs)
+    settings: rollout.SampleSettings  # rollout.sample_settings(cfg)
+    filter_metric: str  # rollout.dynamic_filter_metric(cfg, specs)
     contract: BatchContract | None = None  # batch_contract.expected_contract: on our batches
     overlap: object | None = None  # sampler.Overlap: the sampler's batches, while it runs
 

@@ -18,7 +18,8 @@ from simple_grpo.algo.logprobs import completion_logprobs
 from simple_grpo.algo.losses import policy_loss
 from simple_grpo.algo.masks import mask_from_lengths, truncated
 from simple_grpo.algo.tis import TISSettings, ratio_max, tis_sums, tis_weights
-from simple_grpo.train import collectives, dropout, offpolicy
+from simple_grpo.train import collectives, offpolicy
+from simple_grpo.common import dropout
 from simple_grpo.wire.codec import RolloutBatch
 
 

@@ -39,7 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from simple_grpo.train import lora
+from simple_grpo.common import lora
 from simple_grpo.wire import delta
 from simple_grpo.wire.client import RefClient, RefServerError, RefServerUnavailable
 from simple_grpo.wire.weights import iter_state_dict_safetensors
@@ -166,7 +166,7 @@ class WeightPublisher:
     def _send(self, snapshot: tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]],
               version: int) -> None:
         t0 = time.perf_counter()
-        tensors, aliases, extra = snapshot  # extra: the LoRA adapter marker (simple_grpo/train/lora.py)
+        tensors, aliases, extra = snapshot  # extra: the LoRA adapter marker (simple_grpo/common/lora.py)
         metadata = file_metadata(version, aliases, extra)
         current = {"tensors": tensors, "metadata": metadata, "version": version,
                    "size": file_size(tensors, metadata)}

@@ -38,7 +38,7 @@ import torch
 
 from simple_grpo.errors import UserError
 from simple_grpo.train import collectives
-from simple_grpo.train.batch_contract import FIXES
+from simple_grpo.gen.batch_contract import FIXES
 from simple_grpo.wire.codec import RolloutBatch, nonfinite_fields
 from simple_grpo.wire.contract import BatchContract, contract_differences
 

@@ -7,7 +7,7 @@ reference's device, generates and scores the next batch while the trainer trains
     sampler.alive()                           # False after a crash: the trainer generates again
     sampler.stop()                            # at exit (also atexit; the child dies with us)
 
-The sampler is a generation worker (`--mode=generate`, simple_grpo/train/worker.py) started with
+The sampler is a generation worker (`--mode=generate`, simple_grpo/gen/worker.py) started with
 the trainer's own config, posting to the trainer's reference server; two things differ from a
 worker on another box:
   * weights come through a folder in shared memory (/dev/shm), not HTTP: after each step the
@@ -43,10 +43,10 @@ from pathlib import Path
 
 import torch
 
+from simple_grpo.gen.shm_weights import LATEST
 from simple_grpo.io import write_text_atomic
 from simple_grpo.train.engine import standalone_env
 
-LATEST = "latest.json"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -71,7 +71,8 @@ class LocalWeights:
         """The weights of trainer `step` (at `version`): copy them to the CPU now, write them in
         the background (waiting first for the previous write: at most one in flight). When the
         version is the one last written (the step trained nothing), only latest.json changes."""
-        from simple_grpo.train import lora, publish
+        from simple_grpo.common import lora
+        from simple_grpo.train import publish
 
         self.wait()
         self.first = step if self.first is None else self.first
@@ -124,51 +125,6 @@ class LocalWeights:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Published:
-    """What latest.json says: the newest step's weights, and the recent steps' (module docstring)."""
-    version: int
-    step: int
-    path: Path
-    first: int  # the first step published (the trainer's at start)
-    steps: dict[int, tuple[int, Path]]  # recent step -> (version, file), the newest included
-
-
-def read_latest(folder: str | Path) -> Published | None:
-    """The reader side: the newest complete weights and the recent steps', or None yet."""
-    folder = Path(folder)
-    try:
-        info = json.loads((folder / LATEST).read_text())
-    except (OSError, ValueError):
-        return None
-    step, version = int(info["step"]), int(info["version"])
-    steps = {int(s): (int(v), folder / name) for s, (v, name) in info.get("steps", {}).items()}
-    steps[step] = (version, folder / info["file"])
-    return Published(version, step, folder / info["file"], int(info.get("first", step)), steps)
-
-
-def required_step(first: int, n: int, ranks: int, ahead: int) -> int:
-    """The trainer step whose weights the n-th batch (1-based) must be sampled with: batch n
-    belongs to step ceil(n / ranks) of the sampler's run (counted from `first`, the first step
-    published), which may be at most `ahead` steps ahead of the weights. In steps, not versions:
-    a step advances the version by --num_iterations, or not at all when it trained nothing."""
-    step = -(-n // ranks)
-    return first + max(step - 1 - ahead, 0)
-
-
-def pick_weights(got: Published, need: int | None) -> tuple[int, int, Path] | None:
-    """-> (step, version, file) to sample with: the weights of step `need` (None: the newest),
-    from its own file while that is kept, else the newest (never older than `need`); None while
-    step `need` is not published yet (wait)."""
-    if need is None:
-        return got.step, got.version, got.path
-    if got.step < need:
-        return None
-    if need in got.steps:
-        return (need, *got.steps[need])
-    return got.step, got.version, got.path
 
 
 class Sampler:
@@ -305,7 +261,7 @@ class Overlap:
 
 def finalize(cfg, dist):
     """The config with --overlap decided (`enabled`) and --tis=auto resolved (token with overlap)."""
-    from simple_grpo.train.config import resolved_tis
+    from simple_grpo.common.config import resolved_tis
 
     on = enabled(cfg, dist)
     return dataclasses.replace(cfg, overlap="true" if on else "false", tis=resolved_tis(cfg.tis, on))

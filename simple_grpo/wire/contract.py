@@ -16,7 +16,7 @@ The fields up to `model` came with codec schema 3; `prompt`, `task` and `reward_
 contract that lacks fields (an older sender) or has unknown ones (a newer sender) is refused with
 one line naming them.
 
-How a config becomes a contract (simple_grpo/train/batch_contract.py) is the trainer's business;
+How a config becomes a contract (simple_grpo/gen/batch_contract.py) is the trainer's business;
 this module only defines, checks and compares the record, so both ends of the wire read one
 definition.
 """

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from simple_grpo.cli import parse_config
-from simple_grpo.train.config import TrainConfig, resolve
-from simple_grpo.train.data import PromptStream, load_examples
+from simple_grpo.common.config import TrainConfig, resolve
+from simple_grpo.gen.data import PromptStream, load_examples
 from simple_grpo.train.engine import free_port, standalone_env
 
 ROOT = Path(__file__).resolve().parents[2]

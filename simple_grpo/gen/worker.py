@@ -37,7 +37,8 @@ import torch
 from simple_grpo import models
 
 from simple_grpo.errors import UserError, exit_if_terminated
-from simple_grpo.train import batch_contract, data, lora, rollout
+from simple_grpo.gen import batch_contract, data, rollout
+from simple_grpo.common import lora
 from simple_grpo.wire.client import RefClient, RefServerAuthError, RefServerError, RefServerUnavailable
 from simple_grpo.wire.delta import DeltaError
 from simple_grpo.wire.delta_apply import apply_chain_file
@@ -63,8 +64,8 @@ class Worker:
     """One worker's model, prompt stream and connection; `sync_weights`, `make_batches`, `upload`."""
 
     def __init__(self, cfg, client: RefClient):
-        from simple_grpo.train.config import dynamic_filter_metric, sample_settings
-        from simple_grpo.train.loop import reward_specs
+        from simple_grpo.gen.reward_registry import reward_specs
+        from simple_grpo.gen.rollout import dynamic_filter_metric, sample_settings
 
         self.cfg, self.client, self.id = cfg, client, default_worker_id()
         index = cfg.worker_index if cfg.worker_index >= 0 else random.SystemRandom().randrange(1 << 30)
@@ -189,7 +190,7 @@ class Worker:
         folder when they differ from ours -> updated. Without `required`: the newest. With it (a
         trainer step): wait until that step is published, then take its weights (sampler.py
         `pick_weights`), unless ours are already of that step or a later one."""
-        from simple_grpo.train.sampler import pick_weights, read_latest
+        from simple_grpo.gen.shm_weights import pick_weights, read_latest
 
         if required is not None and self.step is not None and self.step >= required:
             return False
@@ -282,7 +283,7 @@ def run_worker(cfg) -> dict:
     while cfg.worker_batches == 0 or w.counts["batches"] < cfg.worker_batches:
         exit_if_terminated()  # a SIGTERM whose exit was swallowed (simple_grpo/errors.py)
         if cfg.weights_dir:  # the overlap sampler: at most --max_ahead steps ahead of the weights
-            from simple_grpo.train.sampler import required_step
+            from simple_grpo.gen.shm_weights import required_step
 
             need = None if w.first_step is None or cfg.max_ahead < 0 else \
                 required_step(w.first_step, w.counts["batches"] + 1, cfg.trainer_ranks, cfg.max_ahead)

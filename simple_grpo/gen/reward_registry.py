@@ -330,3 +330,16 @@ def soft_overlong_punishment(num_tokens: int, max_tokens: int, cache: int | None
 def _is_int(value: object) -> bool:
     """True for Python/NumPy integers, False for bools, floats and the rest."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def reward_specs(cfg) -> list[RewardSpec]:
+    """The configured reward functions, plus DAPO's soft overlong punishment when enabled."""
+    if cfg.rewards_file:  # the user's reward functions, beside rewards.py's
+        load_rewards_file(cfg.rewards_file)
+    if cfg.rewards is None:
+        specs = default_rewards(cfg.rewards_file)
+    else:
+        specs = parse_reward_specs(cfg.rewards)
+    if cfg.overlong_reward and not any(s.name == "overlong" for s in specs):
+        specs.append(RewardSpec("overlong", 1.0))
+    return specs

@@ -138,7 +138,7 @@ class TrainConfig:
     """Seed for data order, sampling and initialisation."""
 
     # --- training
-    # LoRA (simple_grpo/train/lora.py, through PEFT)
+    # LoRA (simple_grpo/common/lora.py, through PEFT)
     lora_r: int = 0
     """LoRA rank; 0 trains every weight. With r > 0 only the adapters are trained, checkpointed and
     published, and without --ref_url the reference is the same model with its adapter disabled."""
@@ -169,7 +169,7 @@ class TrainConfig:
     trainer's whole-vocabulary log-probs by -log(nucleus mass) per token, and the importance
     weights see that gap."""
     sampler: Literal["loop", "generate"] = "loop"
-    """`loop`: our KV-cached decode loop (simple_grpo/algo/decode.py, faster on CPU); `generate`: HF
+    """`loop`: our KV-cached decode loop (simple_grpo/gen/decode.py, faster on CPU); `generate`: HF
     model.generate (for models whose cache the loop does not handle)."""
 
     # --- logging: evaluation, outputs, checkpoints
@@ -364,6 +364,5 @@ def resolved_tis(tis: str, overlap: bool) -> str:
     return ("token" if overlap else "off") if tis == "auto" else tis
 
 
-# derived values, computed once (simple_grpo/train/derived.py); imported from here as well
-from simple_grpo.train.derived import Derived, derive, dynamic_filter_metric, loss_kwargs, \
-    sample_settings  # noqa: E402,F401
+# derived values, computed once (simple_grpo/common/derived.py); imported from here as well
+from simple_grpo.common.derived import Derived, derive, loss_kwargs  # noqa: E402,F401

@@ -130,7 +130,7 @@ def reference_logprobs(engine, batch, *, micro_batch: int, temperature: float, d
     """Reference log-probs [B, C] (CPU) of `batch`: the policy's base model, adapter disabled."""
     from simple_grpo.algo.logprobs import completion_logprobs
 
-    from simple_grpo.train.dropout import eval_mode
+    from simple_grpo.common.dropout import eval_mode
 
     module = getattr(engine, "module", engine)
     out = []

@@ -65,7 +65,7 @@ def rewards_text(specs) -> str:
 
 def overlong_cache(cfg) -> int:
     """--overlong_cache, or the default reward_registry.soft_overlong_punishment takes for None."""
-    from simple_grpo.train.reward_registry import DEFAULT_OVERLONG_CACHE_FRACTION
+    from simple_grpo.gen.reward_registry import DEFAULT_OVERLONG_CACHE_FRACTION
 
     if cfg.overlong_cache is not None:
         return int(cfg.overlong_cache)
@@ -78,7 +78,7 @@ def prompt_id(cfg, tokenizer) -> str:
     data.load_examples renames them, rendered by data.prompt_renderer (--system_prompt, the
     tokenizer's chat template, --chat_template_kwargs), tokenized as rollout.sample tokenizes
     prompts; the text and the token ids are hashed."""
-    from simple_grpo.train import data
+    from simple_grpo.gen import data
 
     row = {cfg.answer_field: "42", cfg.question_field: PROBE_QUESTION}
     example = data._rename_fields([row], "the contract's probe", cfg.question_field, cfg.answer_field)[0]
@@ -90,7 +90,7 @@ def prompt_id(cfg, tokenizer) -> str:
 def task_id(cfg) -> str:
     """--task normalised (surrounding spaces dropped; a local file by its file name alone: one
     file sits in other folders on other boxes) with --question_field and --answer_field."""
-    from simple_grpo.train.data import FILE_SUFFIXES
+    from simple_grpo.gen.data import FILE_SUFFIXES
 
     task = cfg.task.strip()
     if task.endswith(FILE_SUFFIXES):
@@ -103,7 +103,7 @@ def reward_code(specs, failure_value: float) -> str:
     """16 hex digits of the sha256 of each reward's name and its function's source code
     (inspect.getsource; the function's qualified name where no source can be read), in order,
     then ";failure_value=" and --reward_failure_value."""
-    from simple_grpo.train.reward_registry import _qualname, get_reward
+    from simple_grpo.gen.reward_registry import _qualname, get_reward
 
     code = []
     for spec in specs:
@@ -118,10 +118,10 @@ def reward_code(specs, failure_value: float) -> str:
 
 def expected_contract(cfg, specs, model: str, tokenizer) -> BatchContract:
     """The contract of batches made with resolved config `cfg`, reward specs `specs`
-    (loop.reward_specs(cfg)), a model whose `model_id` is `model` and prompts rendered with
+    (reward_registry.reward_specs(cfg)), a model whose `model_id` is `model` and prompts rendered with
     `tokenizer` (the trainer's and every worker's one function). Without dynamic sampling
     the filter metric is "off" (it changes nothing then)."""
-    from simple_grpo.train.config import dynamic_filter_metric
+    from simple_grpo.gen.rollout import dynamic_filter_metric
 
     dynamic = bool(cfg.dynamic_sampling)
     return BatchContract(scale=str(cfg.scale), rewards=rewards_text(specs), dynamic_sampling=dynamic,

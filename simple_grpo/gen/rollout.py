@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from simple_grpo.algo.advantages import group_advantages, zero_variance_groups
-from simple_grpo.algo.decode import decode, prefill
+from simple_grpo.gen.decode import decode, prefill
 from simple_grpo.algo.masks import lengths_from_eos, mask_from_lengths
 from simple_grpo.errors import UserError
 from simple_grpo.hf_compat import cache_kwargs
-from simple_grpo.train.reward_registry import RewardSpec, combine, with_completion_info
+from simple_grpo.gen.reward_registry import RewardSpec, combine, with_completion_info
 from simple_grpo.wire.codec import RolloutBatch
 
 
@@ -31,7 +31,7 @@ class SampleSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     overlong_cache: int | None = None
-    sampler: str = "loop"  # "loop" (simple_grpo.algo.decode) or "generate" (HF model.generate)
+    sampler: str = "loop"  # "loop" (simple_grpo.gen.decode) or "generate" (HF model.generate)
 
 
 @dataclass
@@ -64,7 +64,7 @@ def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: lis
     behaviour policy of importance weights, so with top_p < 1 they differ from the trainer's
     whole-vocabulary log-probs by -log(nucleus mass) per token; and the same tokens' log-probs
     under the whole tempered softmax [n*G, C] (what the trainer's forward computes).
-    `s.sampler` picks our decode loop (simple_grpo.algo.decode) or HF `generate`."""
+    `s.sampler` picks our decode loop (simple_grpo.gen.decode) or HF `generate`."""
     G = s.num_generations if repeat is None else repeat
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
@@ -314,3 +314,22 @@ def evaluate(model, tokenizer, examples: list[dict], system_render, eos_ids: lis
         _, breakdown, _ = score(texts, chunk, c_lens, [RewardSpec(reward)], s, 0.0)
         correct += sum(1 for v in breakdown[reward] if v >= 1.0)
     return correct
+
+
+def dynamic_filter_metric(cfg, specs) -> str:
+    """The metric dynamic sampling filters groups on (rollout.make_rollout's filter_metric): a
+    reward name from `specs` or 'reward'; 'auto' picks --eval_reward when it is in `specs`."""
+    names = [s.name for s in specs]
+    if cfg.filter_metric == "auto":
+        return cfg.eval_reward if cfg.eval_reward in names else "reward"
+    if cfg.filter_metric != "reward" and cfg.filter_metric not in names:
+        raise UserError(f"--filter_metric={cfg.filter_metric} is not among the rewards "
+                        f"({', '.join(names)}); use one of them, 'reward' or 'auto'")
+    return cfg.filter_metric
+
+
+def sample_settings(cfg):
+    """How completions are sampled (rollout.SampleSettings), for the trainer and workers."""
+    return SampleSettings(num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
+                          min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature,
+                          top_p=cfg.top_p, overlong_cache=cfg.overlong_cache, sampler=cfg.sampler)
