@@ -223,17 +223,20 @@ def _read_argv(cls, argv: list[str], env_prefix: str | None, prog: str) -> dict[
     return out
 
 
-def _unknown(keys, known, where: str) -> None:
-    """One line naming every unknown option, each with its nearest known name."""
+def _unknown(keys, known, where: str, hints: dict[str, str] | None = None) -> None:
+    """One line naming every unknown option, each with what it is called here (`hints`: names
+    other trainers use, which spelling alone would map to the wrong option) or its nearest name."""
     if keys:
-        near = {k: difflib.get_close_matches(k, known, 1, 0.6) for k in keys}
-        items = [f"--{k}" + (f" (did you mean --{near[k][0]}?)" if near[k] else "") for k in sorted(keys)]
+        hints = hints or {}
+        near = {k: [f"--{m}" for m in difflib.get_close_matches(k, known, 1, 0.6)] for k in keys}
+        near.update({k: [hints[k]] for k in keys if k in hints})
+        items = [f"--{k}" + (f" (did you mean {near[k][0]}?)" if near[k] else "") for k in sorted(keys)]
         raise UserError(f"unknown option{'s' * (len(items) > 1)} {', '.join(items)}{where}; see --help")
 
 
 def parse_config(cls, argv: list[str], env_prefix: str | None = None, prog: str = ""):
     """Build `cls` from defaults, an optional `--config=file.json`, the environment and argv."""
-    aliases = getattr(cls, "ALIASES", {})
+    aliases, hints = getattr(cls, "ALIASES", {}), getattr(cls, "HINTS", {})
     names = {f.name for f in dataclasses.fields(cls)}
     known = names | set(aliases)
     cli = _read_argv(cls, argv, env_prefix, prog)
@@ -250,14 +253,14 @@ def parse_config(cls, argv: list[str], env_prefix: str | None = None, prog: str 
             raise UserError(f"config file {path}: expected a JSON object of options")
         data = {aliases.get(k.replace("-", "_"), k.replace("-", "_")): v
                 for k, v in data.items() if not k.startswith("_")}
-        _unknown(set(data) - names, known, f" in config file {path}")
+        _unknown(set(data) - names, known, f" in config file {path}", hints)
         values.update(data)
     if env_prefix:
         for name in names:
             env = os.environ.get(env_prefix + name.upper())
             if env is not None:
                 values[name] = env
-    _unknown(set(cli) - names, known, "")
+    _unknown(set(cli) - names, known, "", hints)
     values.update(cli)
     return cls(**{k: convert(cls, k, v) for k, v in values.items()})
 

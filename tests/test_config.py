@@ -212,6 +212,24 @@ def test_resolve_checks_configs_built_in_code(cfg_kwargs, message):
         resolve(TrainConfig(**cfg_kwargs))
 
 
+@pytest.mark.parametrize("argv, message", [
+    # names other trainers use: what they are called here, not the nearest spelling
+    (["--save_steps=10"], r"unknown option --save_steps \(did you mean --save_every\?\)"),  # not --steps
+    (["--max_steps=10"], r"unknown option --max_steps \(did you mean --steps\?\)"),  # not --max_staleness
+    (["--loss_type=dr_grpo"], r"--loss_type \(did you mean --preset or --agg\?\)"),  # not --publish_dtype
+    (["--learning_rate=1e-6"], r"--learning_rate \(did you mean --lr\?\)"),
+    # values that used to fail later with a traceback: one line before any slow work
+    (["--lr=-1"], "--lr must be > 0"),
+    (["--keep_last=-1"], "--keep_last must be >= 0"),
+    (["--ref_url=127.0.0.1:59875"], "--ref_url=127.0.0.1:59875: expected http://HOST:PORT"),
+])
+def test_trainer_mistakes_are_one_line(argv, message):
+    from simple_grpo.common.config import TrainConfig, resolve
+
+    with pytest.raises(UserError, match=message):
+        resolve(parse_config(TrainConfig, argv))
+
+
 def test_server_choices_come_from_its_types():
     from simple_grpo.server.config import ServerConfig
 

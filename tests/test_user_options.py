@@ -46,14 +46,16 @@ def clean_rewards():
             del sys.modules[name]
 
 
-@pytest.mark.parametrize("rewards, want", [
-    (None, [("test_user_len", 2.0)]),                                        # the file's DEFAULT_REWARDS
-    ("test_user_len:1,correct:0.5", [("test_user_len", 1.0), ("correct", 0.5)]),  # beside the built-ins
+@pytest.mark.parametrize("rewards, want, defaults", [
+    (None, [("test_user_len", 2.0)], None),                                  # the file's DEFAULT_REWARDS
+    ("test_user_len:1,correct:0.5", [("test_user_len", 1.0), ("correct", 0.5)], None),  # beside the built-ins
+    (None, [("test_user_len", 1.0), ("correct", 0.5)], '"test_user_len:1,correct:0.5"'),  # the --rewards form
 ])
-def test_rewards_file(rewards, want, tmp_path, clean_rewards):
+def test_rewards_file(rewards, want, defaults, tmp_path, clean_rewards):
     from simple_grpo.gen.reward_registry import reward_specs
 
-    (tmp_path / "mine.py").write_text(MY_REWARDS)
+    text = MY_REWARDS if defaults is None else MY_REWARDS.replace('[RewardSpec("test_user_len", 2.0)]', defaults)
+    (tmp_path / "mine.py").write_text(text)
     argv = [f"--rewards_file={tmp_path / 'mine.py'}"] + ([f"--rewards={rewards}"] if rewards else [])
     specs = reward_specs(resolve(parse_config(TrainConfig, argv)))
     assert [(s.name, s.weight) for s in specs] == want
@@ -65,6 +67,7 @@ def test_rewards_file(rewards, want, tmp_path, clean_rewards):
     ("x = 1\nraise RuntimeError('boom')\n", r"at line 2: RuntimeError: boom"),
     ("from simple_grpo.gen.reward_registry import register\n"               # a built-in's name
      "@register('format')\ndef f(c, e):\n    return 0.0\n", "registered twice"),
+    ("DEFAULT_REWARDS = {'correct': 1.0}\n", "DEFAULT_REWARDS in .*mine.py must be a list of RewardSpec"),
 ])
 def test_rewards_file_errors_are_one_line(content, match, tmp_path, clean_rewards):
     from simple_grpo.gen.reward_registry import reward_specs

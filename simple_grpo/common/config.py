@@ -184,7 +184,7 @@ class TrainConfig:
     save_every: int = 20
     """Checkpoint every N steps (0: only at the end; -1: never, e.g. for benchmarks)."""
     keep_last: int = 2
-    """Checkpoints kept on disk."""
+    """Checkpoints kept on disk (0: every one)."""
     on_save_error: Literal["warn", "stop"] = "warn"
     """When a checkpoint cannot be written (disk full): 'warn' and keep training, or 'stop'."""
     min_free_gb: float = 1.0
@@ -304,6 +304,15 @@ class TrainConfig:
     """Worker: sample at most this many steps ahead of the newest weights (the sampler: 1); -1: any."""
 
     ALIASES: ClassVar[dict[str, str]] = {"token": "ref_token"}
+    # names other trainers (TRL's GRPOConfig, verl) use, named in the unknown-option line
+    HINTS: ClassVar[dict[str, str]] = {
+        "save_steps": "--save_every", "max_steps": "--steps", "loss_type": "--preset or --agg",
+        "learning_rate": "--lr", "per_device_train_batch_size": "--micro_batch_size",
+        "max_completion_length": "--max_new_tokens", "output_dir": "--run_dir",
+        "model_name_or_path": "--model", "reward_funcs": "--rewards", "epsilon": "--eps_low",
+        "epsilon_high": "--eps_high", "importance_sampling_level": "--ratio_level",
+        "mask_truncated_completions": "--overlong_filter", "scale_rewards": "--scale",
+        "num_train_epochs": "--steps", "gradient_accumulation_steps": "--micro_batch_size (derived)"}
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -352,6 +361,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
          "--trainer_ranks must be >= 1 and divide --prompts_per_step"),
         (cfg.mode == "train" or cfg.ref_url, "--mode=generate needs --ref_url=http://HOST:PORT "
                                              "(the reference server the trainer uses)"),
+        (not cfg.ref_url or cfg.ref_url.startswith(("http://", "https://")),
+         f"--ref_url={cfg.ref_url}: expected http://HOST:PORT"),
+        (cfg.lr > 0 and cfg.weight_decay >= 0 and cfg.warmup_steps >= 0 and cfg.grad_clip >= 0,
+         "--lr must be > 0, and --weight_decay, --warmup_steps and --grad_clip >= 0"),
+        (cfg.keep_last >= 0, "--keep_last must be >= 0 (0 keeps every checkpoint)"),
     ]
     for ok, message in checks:
         if not ok:

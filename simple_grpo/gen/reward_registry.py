@@ -144,7 +144,14 @@ def default_rewards(rewards_file: str | Path | None = None) -> list[RewardSpec]:
     """The rewards used without --rewards: ``DEFAULT_REWARDS`` of the --rewards_file when it has
     one, else rewards.py's."""
     user = load_rewards_file(rewards_file) if rewards_file else None
-    return list(getattr(user, "DEFAULT_REWARDS", None) or load_rewards().DEFAULT_REWARDS)
+    where = rewards_file if getattr(user, "DEFAULT_REWARDS", None) else "rewards.py"
+    specs = getattr(user, "DEFAULT_REWARDS", None) or load_rewards().DEFAULT_REWARDS
+    if isinstance(specs, str):  # the --rewards form, "name:weight,..."
+        return parse_reward_specs(specs)
+    if not isinstance(specs, (list, tuple)) or not all(isinstance(x, RewardSpec) for x in specs):
+        raise UserError(f"DEFAULT_REWARDS in {where} must be a list of RewardSpec(name, weight) or a string "
+                        f"like 'correct:1.0,format:0.5', got {specs!r:.80}")
+    return list(specs)
 
 
 def get_reward(name: str) -> RewardFn:
