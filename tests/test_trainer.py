@@ -136,6 +136,19 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tiny_model_dir, tm
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
+def test_a_reference_server_that_dies_at_start_up_is_one_line_in_seconds(tiny_model_dir, tmp_path):
+    """The auto-started server exits at once (a device it cannot use): the trainer says so in one
+    line as soon as it looks, not after --ref_timeout (300 s) of 'waiting for ref server'."""
+    import time
+
+    t = time.monotonic()
+    r = run_cli(f"--model={tiny_model_dir}", f"--run_dir={tmp_path}", "--eval_every=0", "--beta=0.04",
+                "--ref_device=gpu", "--ref_timeout=300", timeout=240)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "the reference server this run started" in r.stderr and "exited with code" in r.stderr, r.stderr[-2000:]
+    assert time.monotonic() - t < 120, "told at once, not after --ref_timeout"
+
+
 def test_a_server_with_another_model_is_one_line(tiny_model_dir, ref_server, tmp_path):
     """Same architecture, other weights (a base model vs its fine-tune): refused at start, not a
     silently wrong KL."""

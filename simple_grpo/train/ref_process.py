@@ -64,6 +64,11 @@ class RefProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def why_dead(self) -> str | None:
+        """None while the child runs, else how it ended (for RefClient.wait_ready's `dead`)."""
+        code = self.proc.poll()
+        return None if code is None else f"exited with code {code}"
+
     def stop(self, timeout: float = 10.0) -> None:
         stop_process(self.proc, timeout)
 

@@ -62,7 +62,7 @@ class RefConnection:
         self._outstanding: RolloutBatch | None = None  # our upload, not yet back from the queue
         self._resend: RolloutBatch | None = None  # ... to upload again to a restarted server
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ref-exchange")
-        self.health = self.client.wait_ready(timeout)
+        self.health = self.client.wait_ready(timeout, dead=process.why_dead if process is not None else None)
         self.instance = self.health.get("instance")
 
     def _call(self, fn, is_get: bool = False):

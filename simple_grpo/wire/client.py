@@ -32,7 +32,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import requests
 import torch
@@ -135,10 +135,17 @@ class RefClient:
         return info
 
     def wait_ready(self, timeout_s: float = 300.0, poll_s: float = 0.5,
-                   log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict[str, Any]:
-        """Poll /health until it answers (printing what it waits for), or raise after timeout_s."""
+                   log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                   dead: Callable[[], str | None] | None = None) -> dict[str, Any]:
+        """Poll /health until it answers (printing what it waits for), or raise after timeout_s.
+        `dead`: for a server this process started, None while it runs, else how it ended: then
+        one UserError line at once, not a wait for a server that will never answer."""
         deadline, said, last = time.monotonic() + timeout_s, 0.0, ""
         while True:
+            why = dead() if dead is not None else None
+            if why:
+                raise UserError(f"the reference server this run started ({self.url}) {why} before it "
+                                f"was ready; its own message is above")
             try:
                 info = self._request("GET", "/health", timeout=min(10.0, self.timeout), retries=0)
             except RefServerAuthError:
