@@ -24,6 +24,7 @@ from simple_grpo.errors import UserError
 from simple_grpo.server.app import ServerState, make_app
 from simple_grpo.models import pick_device
 from simple_grpo.server.config import ServerConfig, check_bind, port_error
+from simple_grpo.server.weight_store import disk_warning
 from simple_grpo.server.wsgi import make_server, url_host
 
 
@@ -38,15 +39,19 @@ def main(argv: list[str]) -> None:
         torch.set_num_threads(cfg.torch_threads)
     print(f"[ref_server] loading {cfg.model} ...", flush=True)
     state = ServerState.from_config(cfg)
+    if warning := disk_warning(cfg.weights_dir, state.cfg.max_weights_bytes):
+        print(f"[ref_server] warning: {warning}", flush=True)
     try:  # the port may have been taken while the model loaded
         server = make_server(make_app(state), cfg.host, cfg.port, cfg.threads, cfg.max_body_bytes,
-                             cfg.large_body_paths)
+                             state.cfg.large_body_paths)  # --max_weights_mb=auto resolved there
     except OSError as e:
         raise UserError(port_error(cfg.host, cfg.port, e)) from None
     print(f"[ref_server] {state.model_name} ({state.dtype}, {state.device}, vocab "
           f"{state.vocab_size}) serving on http://{url_host(cfg.host)}:{server.effective_port} "
           f"(queue {cfg.queue_order}, size {cfg.queue_size or 'unbounded'}, when full "
-          f"{cfg.when_full}, auth {'on' if cfg.token else 'off'})", flush=True)
+          f"{cfg.when_full}, auth {'on' if cfg.token else 'off'}, weights up to "
+          f"{state.cfg.max_weights_mb:,.0f} MiB{' (auto)' if cfg.max_weights_mb == 'auto' else ''})",
+          flush=True)
     try:
         server.run()
     except KeyboardInterrupt:

@@ -1,17 +1,23 @@
-"""The reference server's configuration (one dataclass, `--key=value` overridable) and the
-bind check that refuses a public address without a token."""
+"""The reference server's configuration (one dataclass, `--key=value` overridable), the bind
+check that refuses a public address without a token, and the weight limit that follows the
+served model (--max_weights_mb=auto)."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
+import math
 import socket
 from dataclasses import dataclass
 from typing import Literal
+
+import torch
 
 from simple_grpo.cli import check_choices
 from simple_grpo.errors import UserError
 from simple_grpo.models import ATTN_IMPLEMENTATIONS
 from simple_grpo.server.queue import ORDERS, WHEN_FULL
+from simple_grpo.wire.weights import publish_bytes
 
 
 @dataclass
@@ -55,8 +61,14 @@ class ServerConfig:
     """Drop batches more than this many weight versions behind the newest version seen in an
     upload or reported by the consumer (/get?weight_version=N); -1 = keep everything."""
     max_inflight: int = 8
-    """Compute requests (upload, logprobs) admitted at once (one computes, the others wait for
-    the model); more get 503 + Retry-After."""
+    """Compute requests (upload, logprobs) admitted at once (those waiting together share a forward
+    pass, see --batch_tokens); more get 503 + Retry-After."""
+    batch_tokens: int = 65536
+    """Padded tokens (rows x (prompt width + completion width)) of concurrent scoring requests
+    gathered into one forward pass; a larger request runs alone."""
+    batch_wait_ms: float = 5.0
+    """Longest wait for more requests before a forward pass, while other admitted requests are
+    still on their way (0: take only those already waiting)."""
     threads: int = 16
     """HTTP worker threads; must exceed max_inflight so /health and /get stay responsive."""
     torch_threads: int = 0
@@ -66,8 +78,11 @@ class ServerConfig:
     weights_dir: str = ""
     """Folder holding the latest published policy weights (POST /weights); "" = a temporary folder
     made at the first publish. A given folder keeps its weights across restarts."""
-    max_weights_mb: float = 8192.0
-    """Largest weights upload in MiB (413 above it)."""
+    max_weights_mb: float | str = "auto"
+    """Largest weights upload in MiB (413 above it). auto (or 0): follows the served model: its
+    weights as an fp32 file (the largest a trainer publishes) plus 10% and 64 MiB, about 32,000 MiB
+    for a 7B; a number sets it instead. The weights folder should have room for two files this
+    size (the latest one and an upload in progress): at start-up the server warns when it has not."""
     weight_deltas: int = 8
     """Deltas kept besides the latest full weights file (simple_grpo/wire/delta.py): a worker up to
     this many versions behind downloads the chain of deltas from its version (GET /weights/delta)
@@ -81,15 +96,16 @@ class ServerConfig:
 
     def __post_init__(self):
         check_choices(self)  # the Literal fields, also for a config built in code
+        if self.batch_tokens < 1 or not self.batch_wait_ms >= 0:
+            raise UserError("--batch_tokens must be >= 1 and --batch_wait_ms >= 0")
         if self.max_inflight < 1 or self.threads < self.max_inflight + 2:
             raise UserError(f"need --max_inflight >= 1 and --threads >= max_inflight + 2, got "
                             f"max_inflight={self.max_inflight}, threads={self.threads}")
         if (self.queue_size < 0 or self.max_body_mb <= 0 or self.max_logits_mb <= 0
-                or self.max_weights_mb <= 0 or not self.request_timeout_s > 0
-                or self.connection_limit < 1 or self.weight_deltas < 0):
+                or not self.request_timeout_s > 0 or self.connection_limit < 1 or self.weight_deltas < 0):
             raise UserError("--queue_size and --weight_deltas must be >= 0, --max_body_mb, "
-                            "--max_logits_mb, --max_weights_mb, --request_timeout_s and "
-                            "--connection_limit > 0")
+                            "--max_logits_mb, --request_timeout_s and --connection_limit > 0")
+        self.max_weights_mb = _weights_mb(self.max_weights_mb)
 
     @property
     def max_body_bytes(self) -> int:
@@ -97,12 +113,45 @@ class ServerConfig:
 
     @property
     def max_weights_bytes(self) -> int:
+        if self.max_weights_mb == "auto":
+            raise ValueError("--max_weights_mb=auto is resolved with the model: use ServerState.cfg")
         return int(self.max_weights_mb * (1 << 20))
 
     @property
     def large_body_paths(self) -> dict[str, int]:
         """POST paths allowed bodies over max_body_bytes (waitress refuses the rest early)."""
         return {"/weights": self.max_weights_bytes, "/weights/delta": self.max_weights_bytes}
+
+
+def _weights_mb(value) -> float | str:
+    """--max_weights_mb as given (a number, or text from the command line) -> MiB > 0 or "auto"."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        mb = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        mb = math.nan
+    if mb == 0:
+        return "auto"
+    if not 0 < mb < math.inf:
+        raise UserError(f"--max_weights_mb must be a number of MiB > 0, or auto (0), got {value!r}")
+    return mb
+
+
+def auto_weights_bytes(model) -> int:
+    """--max_weights_mb=auto for `model`: its state dict as an fp32 file (a trainer publishes in
+    its training dtype, fp32 at most, or a LoRA adapter: smaller), plus 10% and 64 MiB for the
+    file's header and anything the trainer's copy holds besides. Shapes and dtypes only: a model
+    on the meta device works."""
+    return int(publish_bytes(model.state_dict(), torch.float32) * 1.10) + (64 << 20)
+
+
+def resolve_weights_limit(cfg: ServerConfig, model) -> ServerConfig:
+    """`cfg` with --max_weights_mb=auto replaced by the limit for `model` (whole MiB); an explicit
+    number is kept as it is."""
+    if cfg.max_weights_mb != "auto":
+        return cfg
+    return dataclasses.replace(cfg, max_weights_mb=float(-(-auto_weights_bytes(model) // (1 << 20))))
 
 
 def is_loopback(host: str) -> bool:

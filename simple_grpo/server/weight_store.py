@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -296,6 +297,30 @@ class WeightStore:
             if self._meta is None:
                 return None
             return dict(self._meta), open(self._folder / WEIGHTS_FILE, "rb")
+
+
+def disk_warning(folder: str | Path | None, limit_bytes: int) -> str | None:
+    """A line when the weights folder (a temporary one when not given) has less free disk than
+    two files of `limit_bytes` (the latest one and an upload in progress; the kept deltas are
+    small), else None. Only a warning, never a refusal: the files published may be far smaller
+    than the limit (bf16, a LoRA adapter), and scoring needs no disk."""
+    where = Path(folder).expanduser() if folder else Path(tempfile.gettempdir())
+    probe = where
+    while not probe.exists() and probe != probe.parent:  # a folder made at the first publish
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+        held = (where / WEIGHTS_FILE).stat().st_size if folder and (where / WEIGHTS_FILE).exists() else 0
+    except OSError:
+        return None
+    need = 2 * limit_bytes - held  # a file kept from before already takes its room
+    if free >= need:
+        return None
+    return (f"the weights folder {where} has {free / 2**30:,.1f} GiB free; weights up to "
+            f"--max_weights_mb={limit_bytes / 2**20:,.0f} need {need / 2**30:,.1f} GiB (the latest "
+            f"file and an upload in progress), and an upload that does not fit fails: free space, "
+            f"give another --weights_dir, or a lower --max_weights_mb (bf16 weights are half of "
+            f"fp32, a LoRA adapter far less)")
 
 
 def _sha256(path: Path) -> str:

@@ -10,8 +10,9 @@ and only when a generation worker is there to take it.
 Workers announce themselves when they poll GET /weights/version (the server lists them in /stats
 "workers"). Until one has, `step_end` only asks the server (one small request a step) and uploads
 nothing; the step a worker is first seen, the current weights go out at once, then every `every`
-steps. Before that first upload the weights' size in the publish dtype is checked against the
-server's --max_weights_mb: too big is one line and no publishing (not a 413 every step).
+steps. The weights' size in the publish dtype is checked against the server's --max_weights_mb
+before training (`publisher_for`: one line either way) and again before the first upload: too big
+is one line and no publishing (not a 413 every step).
 
 `publish` copies the parameters to one CPU snapshot (the optimizer changes them in place while the
 upload runs), then a background thread streams that snapshot as safetensors
@@ -42,7 +43,7 @@ import torch
 from simple_grpo.common import lora
 from simple_grpo.wire import delta
 from simple_grpo.wire.client import RefClient, RefServerError, RefServerUnavailable
-from simple_grpo.wire.weights import iter_state_dict_safetensors
+from simple_grpo.wire.weights import iter_state_dict_safetensors, publish_bytes
 
 def published_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a publish sends: the state dict, or a LoRA model's (PEFT) adapter tensors only."""
@@ -64,20 +65,6 @@ def cpu_snapshot(module: torch.nn.Module, dtype: torch.dtype | None):
         out[name] = t.detach().to("cpu", dtype=dtype if dtype is not None and t.is_floating_point()
                                   else t.dtype, copy=True)
     return out, aliases
-
-
-def publish_bytes(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> int:
-    """Bytes of `state`'s tensors as published: floats in `dtype` (None: their own), tied
-    tensors once (as cpu_snapshot sends them)."""
-    seen, total = set(), 0
-    for t in state.values():
-        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-        if key in seen:
-            continue
-        seen.add(key)
-        as_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
-        total += t.numel() * as_dtype.itemsize
-    return total
 
 
 class WeightPublisher:
@@ -123,14 +110,22 @@ class WeightPublisher:
         self.publish(module, version, wait=wait)
         return True
 
-    def _fits(self, module: torch.nn.Module) -> bool:
+    def _fits(self, module: torch.nn.Module, announce: bool = False) -> bool:
         """Whether the weights, in the publish dtype, fit the server's --max_weights_mb; if not,
-        say so in one line and publish nothing from now on."""
+        say so in one line and publish nothing from now on. `announce`: a line when they fit too."""
         limit = self.client.health().get("max_weights_bytes")
-        size = publish_bytes(published_state(module), self.dtype)
+        state = published_state(module)
+        size = publish_bytes(state, self.dtype)
         if limit is None or size <= limit:
+            if announce:
+                dtype = self.dtype or next((t.dtype for t in state.values() if t.is_floating_point()), None)
+                within = ("the reference server states no limit" if limit is None else
+                          f"within the reference server's --max_weights_mb={limit / 2**20:,.0f}")
+                self.log(f"[trainer] weights publishing ready: {size / 2**20:,.0f} MiB in "
+                         f"{str(dtype).removeprefix('torch.')}, {within}; generation workers get "
+                         f"them once one polls the server")
             return True
-        self.disabled = (f"the policy's weights are {size / 2**20:,.0f} MB in the publish dtype, more "
+        self.disabled = (f"the policy's weights are {size / 2**20:,.0f} MiB in the publish dtype, more "
                          f"than the reference server's --max_weights_mb={limit / 2**20:,.0f}: generation "
                          f"workers keep their weights (restart ref_server.py with --max_weights_mb="
                          f"{-(-size // 2**20) + 1}, or --publish_dtype=bfloat16)")
@@ -255,11 +250,13 @@ def file_size(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int
     return len(header) + sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def publisher_for(cfg, dist, ref, version: int) -> WeightPublisher | None:
+def publisher_for(cfg, dist, ref, version: int, module: torch.nn.Module | None = None
+                  ) -> WeightPublisher | None:
     """Rank 0's publisher when generation workers can exist (a named --ref_url, or a trainer
     that does not generate) and --publish_every > 0; else None. Fails fast when the server
     already holds a version newer than this run's `version` (another run's weights: workers
-    would never update)."""
+    would never update). With `module`, says in one line before training whether its weights
+    fit the server's --max_weights_mb (too big: no publishing)."""
     if dist.rank != 0 or ref is None or cfg.publish_every == 0 or \
             (cfg.ref_url is None and cfg.generate_locally):
         return None
@@ -272,4 +269,7 @@ def publisher_for(cfg, dist, ref, version: int) -> WeightPublisher | None:
         raise UserError(f"the reference server at {client.url} holds weight version {held}, newer "
                         f"than this run's {version} (weights of another run?): restart it, or give "
                         f"it another --weights_dir")
-    return WeightPublisher(client, dtype=dtype, full_every=cfg.weights_full_every)
+    publisher = WeightPublisher(client, dtype=dtype, full_every=cfg.weights_full_every)
+    if module is not None:
+        publisher._fits(module, announce=True)
+    return publisher

@@ -84,6 +84,22 @@ def load_safetensors_file(path: str | Path, device: str = "cpu") -> dict[str, to
     return load_file(str(path), device=device)
 
 
+def publish_bytes(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> int:
+    """Bytes of `state`'s tensors as published: floats in `dtype` (None: their own), tied tensors
+    (one storage, two names) once, as the trainer's snapshot sends them. Reads only shapes and
+    dtypes, so a model built on the meta device is measured without its weights."""
+    seen, total = set(), 0
+    for t in state.values():
+        where = (t.untyped_storage()._cdata, t.storage_offset()) if t.is_meta else t.data_ptr()
+        key = (where, t.dtype, tuple(t.shape), t.stride())  # on meta every data_ptr is 0
+        if key in seen:
+            continue
+        seen.add(key)
+        as_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        total += t.numel() * as_dtype.itemsize
+    return total
+
+
 # ---------------------------------------------------------------------------- validating
 def check_safetensors(f: IO[bytes], size: int) -> dict[str, Any]:
     """Parse only the header of the open file `f` (`size` bytes) and check that every tensor's
