@@ -103,7 +103,8 @@ def main(argv: list[str]) -> dict:
                                  overlap=sampler.start_overlap(cfg, dist, ref_target, engine.module,
                                                                state["weight_version"],
                                                                state["step"]))  # --overlap
-    publisher = publish.publisher_for(cfg, dist, ref, state["weight_version"])  # rank 0, if workers
+    publisher = publish.publisher_for(cfg, dist, ref, state["weight_version"],  # rank 0, if workers
+                                      engine.module)  # one line: do the weights fit the server?
     if publisher is not None:  # workers already polling start from this run's current weights
         publisher.step_end(engine.module, state["weight_version"], state["step"], cfg.publish_every,
                            wait=True)

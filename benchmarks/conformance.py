@@ -17,6 +17,10 @@ update is exactly minus the gradient DeepSpeed applied. The layouts (the table's
                                  late, sampled with identical weights and top_p < 1 (its recorded
                                  nucleus log-probs exceed the trainer's by 0.1 nats a token): bypass
                                  (--tis=off), pi_old = its whole-softmax log-probs
+    1 rank, by tokens           --max_tokens_per_micro_batch=12: rows sorted by length, cut and
+                                 trimmed (5 micro-batches)
+    2 ranks, by tokens          the same on 2 ranks; 3 vs 2 micro-batches, so rank 1 runs a
+                                 zero-loss filler pass and the boundary is set by hand
 
 Each cell is the largest absolute difference, over every parameter, between that update and the
 plain autograd gradient of the whole batch's loss (one backward, no micro-batches, no DeepSpeed,
@@ -50,7 +54,8 @@ LOSS_KEYS = ("eps_low", "eps_high", "beta", "kl", "agg", "ratio_level", "pg_loss
 # name -> (ranks, micro-batch rows, late)
 LAYOUTS = {"1 rank, no accumulation": (1, 8, False), "1 rank, micro-batch 1": (1, 1, False),
            "2 ranks, no accumulation": (2, 4, False), "2 ranks, micro-batch 1": (2, 1, False),
-           "late batch": (1, 8, True)}
+           "late batch": (1, 8, True), "1 rank, by tokens": (1, 8, False, 12),
+           "2 ranks, by tokens": (2, 4, False, 12)}
 METRICS = ("kl", "ratio_mean", "clip_low_frac", "clip_high_frac")
 
 
@@ -110,7 +115,7 @@ def worker(out_dir: Path) -> None:
     dist = eng.init_distributed()
     metrics = {}
     for preset in PRESETS:
-        for name, (ranks, micro, is_late) in LAYOUTS.items():
+        for name, (ranks, micro, is_late, *budget) in LAYOUTS.items():
             if ranks != dist.world_size:
                 continue
             model = build_tiny_model(seed=1)
@@ -124,7 +129,7 @@ def worker(out_dir: Path) -> None:
             m, _ = train_on_batch(engine, rank_slice(batch, dist.rank, ranks), micro_batch=micro,
                                   num_iterations=1, loss_kw=loss_kw(preset), eos_ids=[EOS], overlong_filter=False,
                                   temperature=1.0, world_size=ranks, device=dist.device,
-                                  weight_version=1 if is_late else 0)
+                                  weight_version=1 if is_late else 0, max_tokens=(budget or [0])[0])
             metrics[f"{preset}|{name}"] = average(m, dist)
             update = {k: (v.detach() - init[k]).contiguous() for k, v in engine.module.state_dict().items()}
             save_file(update, str(out_dir / f"{preset}|{name}|rank{dist.rank}.safetensors"))
@@ -176,7 +181,7 @@ def measure(out: Path) -> dict:
         want = reference_gradient(preset)
         result["grad_max"][preset] = max(float(g.abs().max()) for g in want.values())
         result["cells"][preset], result["metrics"][preset] = {}, {}
-        for name, (ranks, _, _) in LAYOUTS.items():
+        for name, (ranks, *_) in LAYOUTS.items():
             diff = 0.0
             for rank in range(ranks):
                 got = load_file(str(out / f"{preset}|{name}|rank{rank}.safetensors"))  # update = -1 x gradient

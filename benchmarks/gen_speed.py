@@ -4,9 +4,10 @@
     OMP_NUM_THREADS=1 python benchmarks/gen_speed.py --model=tiny --batches=4 --new_tokens=8   # seconds
     bash benchmarks/gpu_box.sh run --parts=gen   # benchmarks/gpu_check.py's part: Qwen2.5-1.5B shape, bf16
 
-Engines, both through rollout.sample: `loop` (--sampler=loop, simple_grpo/gen/decode.py) and
-`generate` (--sampler=generate, HF model.generate). A row of batch B is B/8 prompts x G=8, as in a
-GRPO step, temperature 1, top_p 1. Forced rows: min_new_tokens = max_new_tokens, so every row
+Engines, all through rollout.sample: `loop` (--sampler=loop, simple_grpo/gen/decode.py), `static`
+(--sampler=static, simple_grpo/gen/decode_static.py: a fixed-shape step, a CUDA graph on a GPU,
+compiled and recorded in an untimed call of the row's shape first) and `generate` (HF
+model.generate). A row of batch B is B/8 prompts x G=8, as in a GRPO step, temperature 1, top_p 1. Forced rows: min_new_tokens = max_new_tokens, so every row
 decodes the full length (checked). Variable rows end at different lengths: a real model at its own
 EOS; a random-weight model, whose samples spread over the whole vocabulary, at any of an end set of
 2V/n token ids (V: vocabulary, n: max new tokens), so a row ends with probability about 2/n a step.
@@ -173,6 +174,8 @@ def ops_per_step(model, tok, engine: str) -> dict:
     12-token call minus a 4-token one, over 8 (the prefill and the set-up cancel) -> {"step": all
     of them, "layer": those of one decoder layer}."""
     eos = eos_token_ids(tok, model)
+    if engine == "static" and next(model.parameters()).device.type == "cuda":
+        return "one CUDA graph replay a step (compiled; its kernels are not counted) + the sampling's ops"
     layer = next((m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")), None)
     counts = []
     for new in (4, 12):
@@ -188,6 +191,8 @@ def time_row(model, tok, engine: str, batch: int, new: int, variable: bool, rand
     device = next(model.parameters()).device
     d = info["dims"]
     eos = end_ids(model, tok, new, random_weights) if variable else eos_token_ids(tok, model)
+    if engine == "static" and device.type == "cuda":  # compile and record the graph of this shape
+        _call(model, tok, engine, batch, new, eos, forced=not variable)
     torch.manual_seed(0)
     _sync(device)
     t = time.perf_counter()
@@ -266,7 +271,7 @@ def check_part(part: dict, make_model, tok, device_name: str, sizes: tuple, *, t
                time_left) -> None:
     """benchmarks/gpu_check.py's part: fills `part` ({"rows": [...], "info": {...}}) and calls save()
     after each row; `sizes`: (batches, new tokens, (B, N) of the variable set or None)."""
-    rows = plan(*sizes, ["loop", "generate"])
+    rows = plan(*sizes, ["loop", "static", "generate"])
     if time_left() < 5:
         part["rows"] = [{"engine": e, "batch": b, "new_tokens": n, "variable": v, "ok": False,
                          "error": "skipped: the overall --deadline_s had passed"} for e, b, n, v in rows]
@@ -337,8 +342,9 @@ class SpeedConfig:
     """New tokens of the forced-length rows (min_new_tokens = max_new_tokens)."""
     variable: str = "16x64"
     """BxN of the variable-length row set ("": none)."""
-    engines: str = "loop,generate"
-    """Sampler engines: loop (simple_grpo/gen/decode.py), generate (HF model.generate)."""
+    engines: str = "loop,static,generate"
+    """Sampler engines: loop (simple_grpo/gen/decode.py), static (simple_grpo/gen/decode_static.py),
+    generate (HF model.generate)."""
 
 
 def main(argv: list[str]) -> int:

@@ -14,7 +14,8 @@ It does, each failure a row of a table rather than the end:
   3. the trainer as 2 ranks sharing that device (`--dist_backend=gloo`: NCCL refuses two ranks on
      one GPU), under tests/strict_collectives.py, so every collective must see the rank's device;
   4. decode speed (benchmarks/gen_speed.py, in this process, the shape's model with random weights):
-     tokens/s and ms per step of each sampler engine (our loop, HF generate) at --gen_batches x
+     tokens/s and ms per step of each sampler engine (our loop, its static-cache twin compiled into
+     a CUDA graph, HF generate) at --gen_batches x
      --gen_new_tokens forced-length rows and one variable-length row set, against the bandwidth floor
      of a step (weights + KV cache read once / a measured copy's bandwidth);
 and prints the tables: seconds per step split into generate / reference (exposed wait) / train,

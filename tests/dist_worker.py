@@ -31,6 +31,11 @@ CASES = {
     "token_mean_two_passes": ("token-mean", 2, False),
     "seq_mean_token_mean_two_passes": ("seq-mean-token-mean", 2, True),
 }
+# the same cases with budgeted micro-batches (--max_tokens_per_micro_batch): rows re-ordered and
+# trimmed, and (2 ranks) 3 vs 4 micro-batches at budget 12, 3 vs 2 at 16, so one rank runs fillers
+BUDGETS = {"seq_mean_token_mean": 12, "token_mean": 12, "seq_mean_token_sum_norm": 12,
+           "seq_mean_token_mean_two_passes": 16}
+CASES.update({f"{name}_budget": CASES[name] for name in BUDGETS})
 TRUNCATED_ROWS = (5, 6, 7)  # no EOS: the overlong filter drops them, all on rank 1 of 2
 LOSS_KW = dict(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3", ratio_level="token", max_tokens=C,
                pg_loss="clip", tau_pos=1.0, tau_neg=1.05, clip_ratio_c=None)
@@ -81,7 +86,8 @@ def main(out_dir: str) -> None:
         init = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         engine = sgd_engine(model, dist.world_size)
         part = rank_slice(fixed_batch(), dist.rank, dist.world_size)
-        m, _ = train_on_batch(engine, part, micro_batch=MICRO, num_iterations=iterations,
+        budget = BUDGETS[name[:-len("_budget")]] if name.endswith("_budget") else 0
+        m, _ = train_on_batch(engine, part, micro_batch=MICRO, num_iterations=iterations, max_tokens=budget,
                               loss_kw=dict(LOSS_KW, agg=agg), eos_ids=[EOS], overlong_filter=overlong_filter,
                               temperature=1.0, world_size=dist.world_size, device=dist.device)
         metrics[name] = average(m, dist)

@@ -129,7 +129,7 @@ def sampled_distribution_logprobs(model, p_ids_NP, p_lens_N, c_ids_NC, c_lens_N,
     return logp_NC, mass_NC
 
 
-@pytest.mark.parametrize("sampler", ["loop", "generate"])
+@pytest.mark.parametrize("sampler", ["loop", "static", "generate"])
 @pytest.mark.parametrize("temperature, top_p, min_new", [
     (1.0, 1.0, 0),  # plain sampling: the whole vocabulary, also the trainer's log-probs
     (1.3, 1.0, 0),  # a temperature only: still the trainer's log-probs (logits / T)
@@ -165,7 +165,7 @@ def test_recorded_logprobs_are_the_sampled_distributions(eos_tok_model, temperat
         assert ((logp - full)[m] >= -1e-6).all() and ((logp - full)[m] > 1e-3).any()
 
 
-@pytest.mark.parametrize("sampler", ["loop", "generate"])
+@pytest.mark.parametrize("sampler", ["loop", "static", "generate"])
 def test_top_p_recorded_minus_trainer_is_minus_log_nucleus_mass(eos_tok_model, sampler):
     """With top_p < 1 the sampler renormalises over the nucleus of mass Z, so recorded - trainer =
     -log Z at every token: the gap importance weights pi_trainer / pi_sampler must see."""
@@ -184,7 +184,7 @@ def test_top_p_recorded_minus_trainer_is_minus_log_nucleus_mass(eos_tok_model, s
 
 def test_both_samplers_are_seeded_and_greedy_agrees(tiny_model, tok):
     eos = eos_token_ids(tok, tiny_model)
-    for sampler in ("loop", "generate"):
+    for sampler in ("loop", "static", "generate"):
         s = SampleSettings(num_generations=2, max_new_tokens=6, sampler=sampler)
         runs = []
         for _ in range(2):
@@ -192,8 +192,8 @@ def test_both_samplers_are_seeded_and_greedy_agrees(tiny_model, tok):
             runs.append(sample(tiny_model, tok, ["x", "yy"], s, eos)[2])
         assert torch.equal(runs[0], runs[1]), f"{sampler}: same seed, same samples"
     greedy = [sample(tiny_model, tok, ["x", "yy"], SampleSettings(2, 6, sampler=sm), eos, greedy=True)[2]
-              for sm in ("loop", "generate")]
-    assert torch.equal(greedy[0], greedy[1])
+              for sm in ("loop", "static", "generate")]
+    assert torch.equal(greedy[0], greedy[1]) and torch.equal(greedy[0], greedy[2])
 
 
 def test_host_reads_every_k_tokens_give_the_same_tokens():

@@ -87,6 +87,17 @@ def test_the_batch_splits_unequally_over_two_ranks():
     assert tokens[0] != tokens[1] and seqs.tolist() == [4, 1], (tokens, seqs)
 
 
+@pytest.mark.parametrize("budget, counts", [(12, [3, 4]), (16, [3, 2])])
+def test_budgeted_ranks_hold_unequal_micro_batch_counts(budget, counts):
+    """The premise of the *_budget cases: re-ordered rows, and one rank needs filler passes."""
+    from simple_grpo.algo import packing
+
+    plans = [packing.plan(dw.rank_slice(dw.fixed_batch(), r, 2), micro_batch=dw.MICRO, max_tokens=budget)
+             for r in range(2)]
+    assert [len(p) for p in plans] == counts
+    assert any(torch.cat([mb.rows for mb in p]).tolist() != list(range(4)) for p in plans), "rows sorted"
+
+
 @pytest.mark.parametrize("case", list(dw.CASES))
 def test_two_ranks_apply_the_full_batch_gradient(case, runs):
     """The update DeepSpeed applied (SGD: -LR * gradient) equals the full-batch autograd gradient,
@@ -116,6 +127,8 @@ def test_token_mean_metrics_of_two_ranks_are_the_whole_batch_ones(case, runs):
     for k in ("kl", "ratio_mean", "clip_low_frac", "clip_high_frac"):
         assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-7), (k, one[k], two[k])
     assert two["loss_tokens"] == one["loss_tokens"], "tokens in the loss, summed over the ranks"
+    if case.endswith("_budget"):  # the mean of the ranks' micro-batch counts (3 and 4, or 3 and 2)
+        assert two["micro_batches"] in (3.5, 2.5) and 0 < two["pad_frac"] < 1
 
 
 def test_trainer_script_on_two_ranks(tiny_model_dir, tmp_path):

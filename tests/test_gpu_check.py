@@ -50,7 +50,7 @@ TINY_WEIGHTS, TINY_KV_BYTES = 2 * 37_120 + 320 * 64 + 64, 2 * 2 * 2 * 16 * 4
 
 
 def check_decode_rows(gen: dict, table: str) -> None:
-    """The decode table of the tiny mode: both engines at 4/8 x 8/16 with every row full, one
+    """The decode table of the tiny mode: every engine at 4/8 x 8/16 with every row full, one
     variable set whose rows end at different lengths, finite numbers, and the floor of each row
     equal to the hand-computed bytes / the measured bandwidth."""
     info, rows = gen["info"], gen["rows"]
@@ -58,8 +58,8 @@ def check_decode_rows(gen: dict, table: str) -> None:
         {"layers": 2, "kv_heads": 2, "head_dim": 16, "weights": TINY_WEIGHTS, "b": 4}
     assert 1e8 < info["bandwidth"] < 1e13 and info["flops"] > 0 and info["nominal"] is None
     assert [(r["engine"], r["batch"], r["new_tokens"], r["variable"]) for r in rows] == [
-        (e, b, n, False) for n in (8, 16) for b in (4, 8) for e in ("loop", "generate")] + [
-        ("loop", 8, 16, True), ("generate", 8, 16, True)]
+        (e, b, n, False) for n in (8, 16) for b in (4, 8) for e in ("loop", "static", "generate")] + [
+        ("loop", 8, 16, True), ("static", 8, 16, True), ("generate", 8, 16, True)]
     for r in rows:
         assert r["ok"], r
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("tok_s", "ms_step", "floor_ms", "ratio")), r
@@ -72,6 +72,7 @@ def check_decode_rows(gen: dict, table: str) -> None:
     assert all(r["min_len"] < r["steps"] for r in rows if r["variable"]), "rows end at different lengths"
     assert isinstance(info["ops_per_step"]["loop"], dict) and info["ops_per_step"]["loop"]["layer"] > 10
     assert "| loop | 4 | 8 | all full |" in table and "| generate | 8 | 16 | mean " in table
+    assert "| static | 8 | 16 | all full |" in table
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def test_deadline_reports_what_ran_and_skips_the_rest(tmp_path):
     report = json.loads((report_dir / "gpu_check.json").read_text())
     assert len(report["numerics"]) == 4, "what ran before the deadline is reported"
     assert all("skipped" in run["error"] for run in report["train"]), report["train"]
-    assert len(report["gen"]["rows"]) == 10 and all("skipped" in r["error"] for r in report["gen"]["rows"])
+    assert len(report["gen"]["rows"]) == 15 and all("skipped" in r["error"] for r in report["gen"]["rows"])
     assert "skipped: the overall --deadline_s had passed" in (report_dir / "gpu_check.md").read_text()
 
 

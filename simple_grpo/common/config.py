@@ -110,6 +110,10 @@ class TrainConfig:
     """G: completions per prompt (the group)."""
     micro_batch_size: int = 8
     """Sequences per forward/backward pass on one rank (gradient accumulation covers the rest)."""
+    max_tokens_per_micro_batch: int = 0
+    """> 0: a rank's rows sorted by length and cut into micro-batches of at most this many padded
+    positions (rows x (longest prompt + longest completion) of the micro-batch), each trimmed to its
+    own widths, instead of --micro_batch_size rows at the batch's width; 0: fixed micro-batches."""
     num_iterations: int = 1
     """mu: optimisation passes over each batch; old log-probs are recorded before the first."""
     max_logits_mb: int = 1024
@@ -168,9 +172,12 @@ class TrainConfig:
     --tis and off-policy ratios) are those of the renormalised nucleus: below 1 they exceed the
     trainer's whole-vocabulary log-probs by -log(nucleus mass) per token, and the importance
     weights see that gap."""
-    sampler: Literal["loop", "generate"] = "loop"
-    """`loop`: our KV-cached decode loop (simple_grpo/gen/decode.py, faster on CPU); `generate`: HF
-    model.generate (for models whose cache the loop does not handle)."""
+    sampler: Literal["loop", "static", "generate", "auto"] = "loop"
+    """`loop`: our KV-cached decode loop (simple_grpo/gen/decode.py, faster on CPU); `static`: the
+    same sampling with a preallocated fixed-width KV cache and a fixed-shape step, compiled into a
+    CUDA graph on GPUs (simple_grpo/gen/decode_static.py; sdpa or eager attention); `generate`: HF
+    model.generate (for models whose cache the loop does not handle); `auto`: `loop` on CPUs,
+    `static` on GPUs (one line says which). Not yet the default: static is unmeasured on a GPU."""
 
     # --- logging: evaluation, outputs, checkpoints
     eval_every: int = 10
@@ -339,6 +346,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (0 <= cfg.min_new_tokens <= cfg.max_new_tokens, "--min_new_tokens must be in [0, max_new_tokens]"),
         (cfg.num_iterations >= 1, "--num_iterations must be >= 1"),
         (cfg.max_logits_mb >= 1, "--max_logits_mb must be >= 1"),
+        (cfg.max_tokens_per_micro_batch >= 0, "--max_tokens_per_micro_batch must be >= 0 (0: fixed)"),
         (cfg.lora_r >= 0, "--lora_r must be >= 0 (0: no LoRA)"),
         (cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1,
          "--lora_alpha must be > 0 and --lora_dropout in [0, 1)"),

@@ -15,7 +15,8 @@ class Derived:
     world_size: int
     prompts_per_rank: int
     seqs_per_rank: int
-    grad_accum: int
+    grad_accum: int  # DeepSpeed's gradient_accumulation_steps: the fixed micro-batches' count; with
+    # --max_tokens_per_micro_batch only a nominal value (policy_step sets each step's boundary itself)
 
 
 def derive(cfg, world_size: int) -> Derived:

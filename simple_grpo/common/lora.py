@@ -126,22 +126,22 @@ def published_params(model, metadata: dict[str, str]) -> dict[str, torch.Tensor]
 
 @torch.no_grad()
 def reference_logprobs(engine, batch, *, micro_batch: int, temperature: float, device,
-                       max_logits_bytes: int = 1 << 30) -> torch.Tensor:
-    """Reference log-probs [B, C] (CPU) of `batch`: the policy's base model, adapter disabled."""
+                       max_logits_bytes: int = 1 << 30, max_tokens: int = 0) -> torch.Tensor:
+    """Reference log-probs [B, C] (CPU) of `batch`: the policy's base model, adapter disabled, over
+    the trainer's micro-batches (packing.plan: fixed, or budgeted by `max_tokens`)."""
+    from simple_grpo.algo import packing
     from simple_grpo.algo.logprobs import completion_logprobs
 
     from simple_grpo.common.dropout import eval_mode
 
     module = getattr(engine, "module", engine)
-    out = []
+    parts = []
     with module.disable_adapter(), eval_mode(module):  # the base model, without dropout
-        for s in range(0, batch.batch_size, micro_batch):
-            sl = slice(s, s + micro_batch)
-            out.append(completion_logprobs(  # no gradients: the module itself, not the engine
-                module, batch.prompt_ids[sl].to(device), batch.prompt_lens[sl].to(device),
-                batch.completion_ids[sl].to(device), batch.completion_lens[sl].to(device),
-                temperature=temperature, max_logits_bytes=max_logits_bytes).cpu())
-    return torch.cat(out)
+        for mb in packing.plan(batch, micro_batch=micro_batch, max_tokens=max_tokens):
+            parts.append((mb, completion_logprobs(  # no gradients: the module itself, not the engine
+                module, *mb.inputs(batch, device), temperature=temperature,
+                max_logits_bytes=max_logits_bytes)))
+    return packing.scatter(parts, batch.batch_size, batch.completion_ids.shape[1])
 
 
 @torch.no_grad()

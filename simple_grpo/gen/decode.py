@@ -122,14 +122,33 @@ def decode(model, prompt_ids_nP: torch.Tensor, attn_nP: torch.Tensor, *, repeat:
     assert prompt_ids_nP.shape == attn_nP.shape, "prompt ids and attention mask differ in shape"
     assert max_new_tokens >= 1, "max_new_tokens must be at least 1"
     assert temperature > 0 or greedy, "temperature must be > 0 when sampling"
-    device = prompt_ids_nP.device
     cache, logits_NV = prefill(model, prompt_ids_nP, attn_nP, repeat, max_new_tokens)
     attn_NT = attn_nP.repeat_interleave(repeat, 0)
     attn_NT = torch.cat([attn_NT, attn_NT.new_ones(attn_NT.shape[0], max_new_tokens)], 1)
     P = attn_nP.shape[1]
     pos_N1 = attn_nP.sum(1).repeat_interleave(repeat, 0)[:, None]  # position of the next token
+
+    def forward(tok_N: torch.Tensor, t: int) -> torch.Tensor:
+        nonlocal cache
+        out = model(input_ids=tok_N[:, None], attention_mask=attn_NT[:, :P + t + 1], position_ids=pos_N1 + t,
+                    use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+        cache = output_cache(out)
+        return out.logits[:, -1].float()
+
+    return sample_loop(logits_NV, forward, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                       eos_ids=eos_ids, pad_id=pad_id, temperature=temperature, top_p=top_p, greedy=greedy,
+                       record_logprobs=record_logprobs, sync_every=sync_every)
+
+
+def sample_loop(logits_NV: torch.Tensor, forward, *, max_new_tokens: int, min_new_tokens: int,
+                eos_ids: list[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
+                greedy: bool = False, record_logprobs: bool = False, sync_every: int | None = None) -> Decoded:
+    """The sampling steps of `decode` (and of gen/decode_static.py): from the logits of the last
+    prompt position [N, V], draw a token per row, record its log-probs, then `forward(tok_N, t)`
+    -> the next step's logits [N, V] (t: the index of tok_N among the new tokens)."""
+    device = logits_NV.device
     eos_E = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    N = attn_NT.shape[0]
+    N = logits_NV.shape[0]
     tokens, logps, full_logps = [], [], []
     done_N = torch.zeros(N, dtype=torch.bool, device=device)
     ended_at = torch.full((), max_new_tokens, dtype=torch.long, device=device)  # first step all done
@@ -152,9 +171,7 @@ def decode(model, prompt_ids_nP: torch.Tensor, attn_nP: torch.Tensor, *, repeat:
         ended_at = torch.where(done_N.all() & (ended_at == max_new_tokens), t + 1, ended_at)
         if t + 1 == max_new_tokens or ((t + 1) % sync_every == 0 and int(ended_at) < max_new_tokens):
             break
-        out = model(input_ids=tok_N[:, None], attention_mask=attn_NT[:, :P + t + 1], position_ids=pos_N1 + t,
-                    use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
-        cache, logits_NV = output_cache(out), out.logits[:, -1].float()
+        logits_NV = forward(tok_N, t)
     width = int(ended_at)  # one host read: steps after every row ended are cut
     if not record_logprobs:
         return Decoded(torch.stack(tokens, 1)[:, :width], None)

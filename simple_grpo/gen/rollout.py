@@ -14,6 +14,7 @@ import torch
 
 from simple_grpo.algo.advantages import group_advantages, zero_variance_groups
 from simple_grpo.gen.decode import decode, prefill
+from simple_grpo.gen.decode_static import decode_static
 from simple_grpo.algo.masks import lengths_from_eos, mask_from_lengths
 from simple_grpo.errors import UserError
 from simple_grpo.hf_compat import cache_kwargs
@@ -31,7 +32,8 @@ class SampleSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     overlong_cache: int | None = None
-    sampler: str = "loop"  # "loop" (simple_grpo.gen.decode) or "generate" (HF model.generate)
+    sampler: str = "loop"  # "loop" (gen/decode.py), "static" (gen/decode_static.py), "generate" (HF
+    #                        model.generate) or "auto" (resolve_sampler: loop on CPUs, static on GPUs)
 
 
 @dataclass
@@ -43,6 +45,27 @@ class Rollout:
     completions: list[str]  # decoded, one per row
     breakdown: dict[str, list[float]]  # unweighted reward per function, one per row
     stats: dict[str, float] = field(default_factory=dict)
+
+
+_ANNOUNCED: set[tuple[str, str]] = set()
+
+
+def resolve_sampler(sampler: str, device: torch.device) -> str:
+    """The engine `sampler` names on `device`: `auto` is `loop` on a CPU (bit-identical to
+    --sampler=loop) and `static` on a CUDA device (a fixed-shape step run as a CUDA graph); the
+    first time a process resolves it on a device type it prints one line saying which and why."""
+    if sampler != "auto":
+        return sampler
+    cuda = device.type == "cuda"
+    engine = "static" if cuda else "loop"
+    if (engine, device.type) not in _ANNOUNCED:
+        _ANNOUNCED.add((engine, device.type))
+        why = ("a CUDA device: a static KV cache and one CUDA graph replay per token instead of "
+               "hundreds of kernel launches" if cuda else
+               f"a {device.type} device: a step is bound by compute there, not by launches; the loop "
+               "keeps --sampler=loop's numbers")
+        print(f"--sampler=auto: {engine} ({why})", flush=True)
+    return engine
 
 
 def eos_token_ids(tokenizer, model) -> list[int]:
@@ -64,7 +87,8 @@ def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: lis
     behaviour policy of importance weights, so with top_p < 1 they differ from the trainer's
     whole-vocabulary log-probs by -log(nucleus mass) per token; and the same tokens' log-probs
     under the whole tempered softmax [n*G, C] (what the trainer's forward computes).
-    `s.sampler` picks our decode loop (simple_grpo.gen.decode) or HF `generate`."""
+    `s.sampler` picks our decode loop (simple_grpo.gen.decode), its static-cache fixed-shape twin
+    (simple_grpo.gen.decode_static), HF `generate`, or `auto` (resolve_sampler)."""
     G = s.num_generations if repeat is None else repeat
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
@@ -73,10 +97,12 @@ def sample(model, tokenizer, prompts: list[str], s: SampleSettings, eos_ids: lis
     was_training = model.training
     model.eval()
     temperature = 1.0 if greedy else s.temperature
-    if s.sampler == "loop":
-        d = decode(model, ids_nP, attn_nP, repeat=G, max_new_tokens=s.max_new_tokens,
-                   min_new_tokens=s.min_new_tokens, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id,
-                   temperature=temperature, top_p=s.top_p, greedy=greedy, record_logprobs=record_logprobs)
+    engine = resolve_sampler(s.sampler, device)
+    if engine in ("loop", "static"):
+        d = (decode if engine == "loop" else decode_static)(
+            model, ids_nP, attn_nP, repeat=G, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
+            eos_ids=eos_ids, pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=s.top_p,
+            greedy=greedy, record_logprobs=record_logprobs)
         completion_ids_NC, logp_NC, full_NC = d.completion_ids_NC, d.logprobs_NC, d.full_logprobs_NC
     else:
         completion_ids_NC, logp_NC, full_NC = _hf_generate(model, tokenizer, ids_nP, attn_nP, G, s, eos_ids, greedy,

@@ -84,14 +84,16 @@ def step(ctx: StepContext, weight_version: int):
         t = time.perf_counter()
         batch.ref_logprobs = lora.reference_logprobs(ctx.engine, batch, micro_batch=c.micro_batch_size,
                                                      temperature=c.temperature, device=ctx.dist.device,
-                                                     max_logits_bytes=c.max_logits_mb << 20)
+                                                     max_logits_bytes=c.max_logits_mb << 20,
+                                                     max_tokens=c.max_tokens_per_micro_batch)
         ref_seconds = time.perf_counter() - t
     m, trained = policy_step.train_on_batch(
         ctx.engine, batch, micro_batch=c.micro_batch_size, num_iterations=c.num_iterations,
         loss_kw=ctx.loss_kw, eos_ids=ctx.eos_ids, overlong_filter=c.overlong_filter,
         temperature=c.temperature, world_size=ctx.dist.world_size, device=ctx.dist.device,
         ref_pending=pending, weight_version=weight_version, tis=TISSettings.from_config(c),
-        offpolicy_clip_c=c.offpolicy_clip_c, max_logits_bytes=c.max_logits_mb << 20)
+        offpolicy_clip_c=c.offpolicy_clip_c, max_logits_bytes=c.max_logits_mb << 20,
+        max_tokens=c.max_tokens_per_micro_batch)
     if ref_seconds is not None:
         m["ref_seconds"] = ref_seconds
     metrics = {**(roll.stats if roll is not None else {"gen_seconds": 0.0}), **m,
