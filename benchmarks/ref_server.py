@@ -13,6 +13,11 @@ and prints the HTTP + codec overhead, (round trip - server fwd), as a fraction o
 forward, and the raw round trip / in-process ratio (noisy on a shared machine: the two forward
 passes run at different moments, so the overhead column is the one to read). Both processes use --torch_threads threads and never compute at the same time. Not a
 test: the numbers depend on the machine and on what else runs on it.
+
+Batching (--clients=1,2,4, --concurrent_shape=B x T; --shapes= skips the part above): N clients each
+send one /logprobs request of that shape at the same moment; the wall time until all are answered
+is timed (median of --reps) on the server as it runs (concurrent requests share forward passes) and
+on a second server with --batch_tokens=1 (one request per pass: one at a time), with the ratio.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +58,10 @@ class BenchConfig:
     """torch threads in both processes (0 = the number of cores)."""
     device: str = "cpu"
     """Device for both processes."""
+    clients: str = "1,2,4"
+    """Comma-separated numbers of concurrent clients for the batching table ("" skips it)."""
+    concurrent_shape: str = "8x128"
+    """B x T of each concurrent client's request."""
 
 
 def make_batch(B: int, T: int, vocab: int, seed: int) -> RolloutBatch:
@@ -67,10 +77,10 @@ def make_batch(B: int, T: int, vocab: int, seed: int) -> RolloutBatch:
         gen_logprobs=-torch.rand(B, C, generator=g), weight_version=1, meta={"seed": seed})
 
 
-def start_server(cfg: BenchConfig, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(cfg: BenchConfig, threads: int, *extra: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "ref_server.py", f"--model={cfg.model}", "--port=0",
                              f"--device={cfg.device}", f"--torch_threads={threads}",
-                             "--max_body_mb=512"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                             "--max_body_mb=512", *extra], cwd=ROOT, text=True, stdout=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:
         print("   ", line.rstrip(), flush=True)
@@ -80,15 +90,76 @@ def start_server(cfg: BenchConfig, threads: int) -> tuple[subprocess.Popen, str]
     raise UserError(f"ref_server.py exited with code {proc.wait()} before serving")
 
 
+def concurrent_wall(url: str, reqs: list[RolloutBatch], reps: int) -> tuple[float, list]:
+    """Median wall time (after one warm-up) of len(reqs) clients each sending one /logprobs at
+    the same moment, until all are answered; and the last answers."""
+    clients = [RefClient(url, timeout=3600) for _ in reqs]
+    times, out = [], [None] * len(reqs)
+    for rep in range(reps + 1):
+        go = threading.Barrier(len(reqs) + 1)
+
+        def one(i: int) -> None:
+            go.wait()
+            b = reqs[i]
+            out[i] = clients[i].logprobs(b.prompt_ids, b.prompt_lens, b.completion_ids, b.completion_lens)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        go.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        if rep:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def batching_table(cfg: BenchConfig, threads: int, url: str, vocab: int) -> None:
+    B, T = (int(x) for x in cfg.concurrent_shape.lower().split("x"))
+    counts = [int(n) for n in cfg.clients.split(",")]
+    alone_proc, alone_url = start_server(cfg, threads, "--batch_tokens=1")
+    try:
+        RefClient(alone_url).wait_ready(600)
+        rows = []
+        for n in counts:
+            reqs = [make_batch(B, T, vocab, seed=1000 + i) for i in range(n)]
+            before = RefClient(url).stats()
+            t_batched, got = concurrent_wall(url, reqs, cfg.reps)
+            after = RefClient(url).stats()
+            t_alone, want = concurrent_wall(alone_url, reqs, cfg.reps)
+            assert all(torch.allclose(g, w, atol=1e-4) for g, w in zip(got, want)), "batched != alone"
+            per_pass = (after["compute_calls"] - before["compute_calls"]) / max(
+                1, after["forwards"] - before["forwards"])
+            rows.append((n, t_batched, t_alone, per_pass))
+            print(f"  {n} clients: batched {t_batched * 1e3:.0f} ms, one at a time "
+                  f"{t_alone * 1e3:.0f} ms, {per_pass:.2f} requests per pass", flush=True)
+    finally:
+        alone_proc.terminate()
+        alone_proc.wait(timeout=30)
+    print()
+    print(f"concurrent /logprobs, each {B} x {T}, device {cfg.device} ({threads} torch threads), "
+          f"model {cfg.model}, median of {cfg.reps}")
+    print("| clients | batched wall | one at a time (--batch_tokens=1) | batched / one at a time "
+          "| requests per pass |")
+    print("|---|---|---|---|---|")
+    for n, tb, ta, per_pass in rows:
+        print(f"| {n} | {tb * 1e3:.0f} ms | {ta * 1e3:.0f} ms | {tb / ta:.2f} | {per_pass:.2f} |")
+
+
 def main(argv: list[str]) -> None:
     cfg = parse_config(BenchConfig, argv, prog="benchmarks/ref_server.py")
     threads = cfg.torch_threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    shapes = [tuple(int(x) for x in s.lower().split("x")) for s in cfg.shapes.split(",")]
+    shapes = [tuple(int(x) for x in s.lower().split("x")) for s in cfg.shapes.split(",") if s]
     proc, url = start_server(cfg, threads)
     try:
         client = RefClient(url, timeout=3600)
         info = client.wait_ready(600)
+        if cfg.clients:
+            batching_table(cfg, threads, url, info["vocab_size"])
+        if not shapes:
+            return
         model = load_model(cfg.model, "auto", cfg.device).eval()
         sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
         rows = []

@@ -20,8 +20,10 @@ With a token every request lacking `Authorization: Bearer <token>` gets 401.
 Batches and /logprobs requests carry the sampling temperature (codec schema 2): the reference
 log-probs are log_softmax(logits / temperature), as the trainer computes its policy's.
 
-Threading: waitress runs handlers on `threads` threads. Forward passes hold one lock around the
-model and at most `max_inflight` requests may wait for it (more get 503), so at least
+Threading: waitress runs handlers on `threads` threads. Scoring goes through `ServerState.compute`
+to one scorer thread that owns the model (simple_grpo.server.scorer): requests waiting together are
+scored in one forward pass (up to `batch_tokens` padded tokens), each answered with its own rows.
+At most `max_inflight` requests may wait for it (more get 503), so at least
 `threads - max_inflight` threads always serve /health, /get and /stats while the model computes.
 
 Padding: ids at padding positions (outside prompt_lens / completion_lens) are ignored: any int64
@@ -45,11 +47,11 @@ from typing import Any, Callable
 import bottle
 import torch
 
-from simple_grpo.algo.logprobs import completion_logprobs
 from simple_grpo.algo.masks import mask_from_lengths
 from simple_grpo.models import fingerprint
-from simple_grpo.server.config import ServerConfig
+from simple_grpo.server.config import ServerConfig, resolve_weights_limit
 from simple_grpo.server.queue import BatchQueue, Busy, QueueFull
+from simple_grpo.server.scorer import Rows, Scorer
 from simple_grpo.server.weight_routes import add_weight_routes
 from simple_grpo.server.weight_store import WeightStore
 from simple_grpo.server.wsgi import ApiError, RunningServer, json_response, raw_header, read_body
@@ -64,7 +66,8 @@ class ServerState:
     """Everything the handlers share: the frozen model, its lock, the queue and the counters."""
 
     def __init__(self, cfg: ServerConfig, model, model_name: str | None = None):
-        self.cfg, self.model = cfg, model.eval().requires_grad_(False)
+        self.cfg = resolve_weights_limit(cfg, model)  # --max_weights_mb=auto: from the model's size
+        self.model = model.eval().requires_grad_(False)
         self.model_name = model_name or cfg.model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -72,10 +75,14 @@ class ServerState:
         self.fingerprint = fingerprint(model)  # trainers compare it with theirs (/health)
         self.max_len = cfg.max_len or int(getattr(model.config, "max_position_embeddings", 8192))
         self.queue = BatchQueue(cfg.queue_size, cfg.queue_order, cfg.when_full, cfg.max_staleness)
-        self.model_lock = threading.Lock()
+        self.model_lock = threading.Lock()  # held by the scorer thread around each forward pass
         self.inflight = threading.BoundedSemaphore(cfg.max_inflight)
+        self.scorer = Scorer(self.model, self.model_lock, batch_tokens=cfg.batch_tokens,
+                             batch_wait_s=cfg.batch_wait_ms / 1000, torch_threads=cfg.torch_threads,
+                             max_logits_bytes=cfg.max_logits_mb << 20,
+                             admitted=lambda: cfg.max_inflight - self.inflight._value)
         self._lock = threading.Lock()
-        self.counters = {"compute_calls": 0, "compute_s": 0.0, "tokens": 0, "rejected": 0,
+        self.counters = {"compute_calls": 0, "tokens": 0, "rejected": 0,
                          "logprob_requests": 0, "busy": 0, "get_replays": 0}
         self.started = time.monotonic()
         self.instance = uuid.uuid4().hex  # a restarted server has another: clients notice lost batches
@@ -123,23 +130,17 @@ class ServerState:
                     raise ApiError(400, f"{name} contain NaN or inf inside the completions")
 
     def compute(self, obj: codec.RolloutBatch | codec.LogprobRequest) -> tuple[torch.Tensor, float]:
-        """Reference log-probs [B, C] float32 on CPU, and the seconds spent under the model lock."""
+        """Reference log-probs [B, C] float32 on CPU, and the seconds of the forward pass that
+        scored them (shared with the requests batched with this one)."""
         P, C = obj.prompt_ids.shape[1], obj.completion_ids.shape[1]
         pmask = mask_from_lengths(obj.prompt_lens, P).flip(1)
         cmask = mask_from_lengths(obj.completion_lens, C)
         args = [torch.where(pmask, obj.prompt_ids, 0), obj.prompt_lens,  # padding ids -> 0
                 torch.where(cmask, obj.completion_ids, 0), obj.completion_lens]
         args = [t.to(self.device, non_blocking=True) for t in args]
-        with self.model_lock:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                logp = completion_logprobs(self.model, *args, temperature=float(obj.temperature),
-                                           max_logits_bytes=self.cfg.max_logits_mb << 20)
-                logp = logp.float().cpu()
-            dt = time.perf_counter() - t0
+        logp, dt = self.scorer.score(Rows(*args, temperature=float(obj.temperature)))
         with self._lock:
             self.counters["compute_calls"] += 1
-            self.counters["compute_s"] += dt
             self.counters["tokens"] += obj.num_tokens
         return logp, dt
 
@@ -159,15 +160,16 @@ class ServerState:
                 "when_full": self.cfg.when_full, "max_staleness": self.cfg.max_staleness,
                 "auth": bool(self.cfg.token), "instance": self.instance,
                 "max_weights_bytes": self.cfg.max_weights_bytes, "fingerprint": self.fingerprint,
-                "max_inflight": self.cfg.max_inflight}
+                "max_inflight": self.cfg.max_inflight, "batch_tokens": self.cfg.batch_tokens}
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             c = dict(self.counters)
         out = self.queue.stats()
-        out.update(c, uptime_s=time.monotonic() - self.started,
-                   tokens_per_s=c["tokens"] / c["compute_s"] if c["compute_s"] else 0.0,
-                   compute_ms_mean=1000 * c["compute_s"] / max(1, c["compute_calls"]))
+        f = self.scorer.stats()
+        out.update(c, **f, uptime_s=time.monotonic() - self.started,
+                   tokens_per_s=c["tokens"] / f["compute_s"] if f["compute_s"] else 0.0,
+                   compute_ms_mean=1000 * f["compute_s"] / max(1, f["forwards"]))
         if self.device.type == "cuda":
             out["gpu_mem_gb_max"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         for hook in self.stats_hooks:
