@@ -120,7 +120,7 @@ def run_cli(*args, timeout=120):
     (["--task=/no/such/file.jsonl"], "/no/such/file.jsonl"),                 # missing data file
     (["--prompts_per_step=3", "--num_generations=3", "--micro_batch_size=2"], "micro_batch_size"),
     (["--stepz=3"], "unknown option"),                                       # typo in an option
-    (["--sampler=beam"], "--sampler must be one of: loop, generate"),         # unknown sampler
+    (["--sampler=beam"], "--sampler must be one of: loop, static, generate, auto"),  # unknown sampler
     (["--ref_url=http://127.0.0.1:9", "--ref_timeout=1"], "127.0.0.1:9"),     # unreachable ref server
     # ... found before any model loads: this model folder does not even exist
     (["--ref_url=http://127.0.0.1:9", "--ref_timeout=1", "--model=/no/such/model"], "127.0.0.1:9"),

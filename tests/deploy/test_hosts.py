@@ -38,7 +38,7 @@ def test_two_nodes_one_rank_each_with_the_reference_started_for_them(tiny_model_
     out = (tmp_path / "node0.log").read_text()
     started = re.findall(r"started a reference server at http://([\d.]+):\d+ on (\S+)", out)
     assert started == [(h.addr[0], "cpu")], f"reachable from node 1, not 127.0.0.1: {started}"
-    assert re.search(r"\[ref_server\] .* auth on\)", out), "a server off loopback requires its token"
+    assert re.search(r"\[ref_server\] .* auth on,", out), "a server off loopback requires its token"
     metrics = assert_every_rank_trained_every_step(run, steps=3, ranks=2)
     assert metrics[0]["kl"] == 0.0, "node 1 got the reference log-probs of its own batches"
 
