@@ -102,7 +102,7 @@ def main(argv: list[str]) -> dict:
                                  filter_metric=dynamic_filter_metric(cfg, specs), contract=contract,
                                  overlap=sampler.start_overlap(cfg, dist, ref_target, engine.module,
                                                                state["weight_version"],
-                                                               state["step"]))  # --overlap
+                                                               state["step"], run_dir))  # --overlap
     publisher = publish.publisher_for(cfg, dist, ref, state["weight_version"],  # rank 0, if workers
                                       engine.module)  # one line: do the weights fit the server?
     if publisher is not None:  # workers already polling start from this run's current weights
@@ -120,9 +120,9 @@ def main(argv: list[str]) -> dict:
         metrics, roll, trained = train_loop.step(ctx, state["weight_version"])
         state["step"] = step
         updated = train_loop.advance(state, metrics, cfg, dist.rank)  # an empty step keeps the version
-        if ctx.overlap is not None:  # the weights of this step, for the sampler's batch after next
-            ctx.overlap.publish(engine.module, state["weight_version"], step)
-            metrics.update(ctx.overlap.metrics())
+        if ctx.overlap is not None:  # this step's weights, for the sampler's batch after next
+            metrics.update(ctx.overlap.publish(engine.module, state["weight_version"], step,
+                                               last=step == cfg.steps))
         if publisher is not None and updated:  # a background upload, when a generation worker is there
             publisher.step_end(engine.module, state["weight_version"], step, cfg.publish_every)
         metrics.update(weight_version=state["weight_version"],

@@ -18,6 +18,7 @@ from simple_grpo.train.engine import standalone_env
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_mode_passes_and_reports_every_part(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device=cpu", "--tiny",
                         f"--out={tmp_path}", "--steps=2", "--part_timeout_s=150"],

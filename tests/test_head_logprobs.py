@@ -152,6 +152,7 @@ def peak_growth(mode: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_peak_memory_is_bounded_by_max_logits_bytes_not_by_the_logits():
     chunked, full = peak_growth("chunked"), peak_growth("full")
     logits = full["logits_bytes"]  # 8 x 120 x 65536 x 4 B = 252 MB of fp32 logits

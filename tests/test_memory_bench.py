@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from simple_grpo.train.engine import standalone_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +30,7 @@ def mem_bench():
     return sys.modules["memory_bench"]
 
 
+@pytest.mark.slow
 def test_tiny_cpu_table_has_a_measured_row_per_variant(tmp_path):
     variants = ["full", "full+gc", "lora"]  # +offload: tests/test_engine.py (its first build is slow)
     r = run_bench("--device=cpu", "--shape=tiny", "--G=4", "--completion_tokens=8", "--prompt_tokens=8",
@@ -80,6 +83,7 @@ def test_a_variant_the_trainer_lacks_is_na_not_a_crash(monkeypatch):
     assert "| lora | n/a (not available) |" in table and "| full+offload | OOM |" in table
 
 
+@pytest.mark.slow
 def test_the_reference_in_flight_keeps_two_micro_batch_graphs(tmp_path):
     """The real path: while the server scores the batch, the forward passes of 2 micro-batches run
     ahead and their graphs stay alive; without a server one at a time."""

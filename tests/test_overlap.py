@@ -1,7 +1,7 @@
 """--overlap end to end on the tiny model (a real reference server, a real sampler process, weights
-through shared memory): every step trains the sampler's batch at most one step stale with TIS, a
-sampler that dies (between steps or while a rank waits for its batch) gives one warning line and
-the trainer generates again, and nothing is left behind (process, shared-memory folder)."""
+handed over a gloo group): every step trains the sampler's batch at most one step stale with TIS,
+a sampler that dies (between steps, while a rank waits for its batch, while the trainer hands it
+weights) gives one warning line and the trainer generates again, and no process is left behind."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,7 @@ import pytest
 from test_docs import undocumented_metrics  # tests/ is on sys.path
 
 from simple_grpo.train import rollout_source, sampler
+from simple_grpo.wire import handoff
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,7 +60,10 @@ def test_overlap_trains_the_samplers_batches_one_step_stale(tiny_model_dir, tmp_
     assert not undocumented_metrics(rows), "metrics missing from docs/metrics.md"  # the sampler's
     (s,) = started
     assert s.proc.poll() is not None, "the sampler is stopped at the end"
-    assert not s.folder.exists(), "the shared-memory folder is removed"
+    assert not list(Path("/dev/shm").glob("simple_grpo-*")), "no file in shared memory"
+    # every step but the last handed its weights to the sampler; the sampler took every one
+    assert all(r["sampler_send_seconds"] > 0 for r in rows[:-1]) and rows[-1]["sampler_send_seconds"] == 0
+    assert "loaded weight version 5 (trainer step 5)" in s.log.read_text()
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["overlap"] == "true" and saved["tis"] == "token"
 
@@ -72,8 +76,9 @@ def test_overlap_with_two_iterations_is_one_step_stale(tiny_model_dir, tmp_path,
     publish = sampler.Overlap.publish
 
     def slow(self, *a, **kw):
-        publish(self, *a, **kw)
+        got = publish(self, *a, **kw)
         time.sleep(1.5)
+        return got
 
     monkeypatch.setattr(sampler.Overlap, "publish", slow)
     grpo_ref_split.main(_args(tiny_model_dir, tmp_path, steps=6, overlap="true", num_iterations=2))
@@ -92,6 +97,7 @@ def test_overlap_with_two_iterations_is_one_step_stale(tiny_model_dir, tmp_path,
 @pytest.mark.parametrize("when", [
     "between_steps",  # found dead when step 3 begins
     "while_waiting",  # killed while the trainer waits for step 3's batch: the wait ends at once
+    "while_handing",  # killed as step 2's weights go to it: the send ends at once
 ])
 def test_a_dead_sampler_falls_back_to_local_generation(tiny_model_dir, tmp_path, monkeypatch, capsys, when):
     started = _spy_samplers(monkeypatch)
@@ -110,6 +116,10 @@ def test_a_dead_sampler_falls_back_to_local_generation(tiny_model_dir, tmp_path,
         begin = sampler.Overlap.begin_step
         monkeypatch.setattr(sampler.Overlap, "begin_step",
                             lambda self, step: (kill() if step == 3 else None, begin(self, step))[1])
+    elif when == "while_handing":
+        send = handoff.Sender.send
+        monkeypatch.setattr(handoff.Sender, "send", lambda self, version, step, *a, **kw: (
+            kill() if step == 2 else None, send(self, version, step, *a, **kw))[1])
     else:
         wait = rollout_source.RefConnection.next_batch
         calls = []
@@ -129,7 +139,6 @@ def test_a_dead_sampler_falls_back_to_local_generation(tiny_model_dir, tmp_path,
     assert all(r["local_generation"] == 1.0 for r in rows[2:]), [r["local_generation"] for r in rows]
     warnings = [line for line in capsys.readouterr().err.splitlines() if "overlap sampler stopped" in line]
     assert len(warnings) == 1 and "exit code -9" in warnings[0], warnings
-    assert not started[0].folder.exists()
 
 
 @pytest.mark.parametrize("overrides, want", [
@@ -179,9 +188,9 @@ def test_overlap_true_whose_batches_max_staleness_drops_is_one_line():
         sampler.finalize(cfg, dist)
 
 
-def test_a_killed_trainer_leaves_no_shared_memory(tiny_model_dir, tmp_path):
-    """kill -9 of the trainer: its sampler gets SIGTERM (PDEATHSIG) and removes the weights folder
-    in /dev/shm (the trainer had no chance to)."""
+def test_a_killed_trainer_leaves_no_sampler(tiny_model_dir, tmp_path):
+    """kill -9 of the trainer: its sampler gets SIGTERM (PDEATHSIG) and exits (the trainer had no
+    chance to stop it), even while it waits for weights that will never come."""
     import subprocess
 
     from simple_grpo.train.engine import standalone_env
@@ -196,14 +205,23 @@ def test_a_killed_trainer_leaves_no_shared_memory(tiny_model_dir, tmp_path):
         while "overlap: a sampler on" not in log.read_text() or not (tmp_path / "run" / "metrics.jsonl").exists():
             assert p.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.2)
-        folder = Path(log.read_text().split("(log: ")[1].split(")")[0]).parent
-        assert folder.is_dir()
+        pid = int(log.read_text().split("(pid ")[1].split(",")[0])
+        os.kill(pid, 0)  # running
         p.kill()
         p.wait()
         deadline = time.monotonic() + 30
-        while folder.exists() and time.monotonic() < deadline:
+        while _running(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not folder.exists(), "the sampler removes the shared-memory folder when its trainer dies"
+        assert not _running(pid), "the sampler exits when its trainer dies"
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "State:\tZ" in status.read_text())  # a zombie has exited

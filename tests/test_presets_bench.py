@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from simple_grpo.train.engine import standalone_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_presets_bench_smoke_writes_table_and_curves(tmp_path):
     images_before = {p.name: p.stat().st_mtime_ns for p in (ROOT / "images").glob("*")}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "presets.py"), "--smoke", f"--out={tmp_path}"],

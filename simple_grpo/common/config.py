@@ -304,9 +304,10 @@ class TrainConfig:
     stale, corrected by TIS (--tis=auto: token). auto: on when the trainer starts that server
     (beta > 0, no LoRA, no --ref_url) and has a device to spare for it (a GPU, or a CPU core).
     Not yet the default: a resumed run's sampler restarts its own prompt order."""
-    weights_dir: str | None = None
-    """Worker: read the trainer's weights from this local folder (the overlap sampler's, in shared
-    memory) instead of over HTTP."""
+    weights_from: str | None = None
+    """Worker: take the trainer's weights straight from its rank 0 through a torch.distributed
+    group at this address (the overlap sampler's: gloo://HOST:PORT or nccl://HOST:PORT), every
+    step's in order, instead of over HTTP; set by the trainer when it starts its sampler."""
     max_ahead: int = -1
     """Worker: sample at most this many steps ahead of the newest weights (the sampler: 1); -1: any."""
 

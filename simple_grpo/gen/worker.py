@@ -89,8 +89,8 @@ class Worker:
         self.contract = batch_contract.expected_contract(cfg, self.specs, model_id,  # on every batch
                                                          self.tokenizer)
         self.version = 0  # the base model is version 0 of a fresh run
-        self.step: int | None = None  # --weights_dir: the trainer step of the weights we sample with
-        self.first_step: int | None = None  # --weights_dir: the first step the trainer published
+        self.step: int | None = None  # --weights_from: the trainer step of the weights we sample with
+        self.receiver = None  # --weights_from: our end of the handoff (simple_grpo/wire/handoff.py)
         self.dir = Path(tempfile.mkdtemp(prefix="simple_grpo-worker-"))  # our weights file; removed at
         atexit.register(shutil.rmtree, self.dir, ignore_errors=True)  # exit (SIGTERM runs it too)
         self.counts = {"batches": 0, "weight_updates": 0, "download_failures": 0, "stale": 0,
@@ -185,34 +185,27 @@ class Worker:
         finally:
             chain.unlink(missing_ok=True)
 
-    def sync_local(self, required: int | None = None) -> bool:
-        """--weights_dir (the overlap sampler): load weights the trainer wrote to that local
-        folder when they differ from ours -> updated. Without `required`: the newest. With it (a
-        trainer step): wait until that step is published, then take its weights (sampler.py
-        `pick_weights`), unless ours are already of that step or a later one."""
-        from simple_grpo.gen.shm_weights import pick_weights, read_latest
+    def follow_trainer(self) -> bool:
+        """--weights_from (the overlap sampler): receive the trainer's publishes, in order, until
+        ours are the weights the next batch must be sampled with (`handoff.required_step`,
+        --max_ahead steps behind it) -> updated. The first call connects and takes the first."""
+        from simple_grpo.wire import handoff
 
-        if required is not None and self.step is not None and self.step >= required:
-            return False
+        if self.receiver is None:
+            self.receiver = handoff.Receiver.join(self.cfg.weights_from, self.device,
+                                                  timeout_s=self.cfg.dist_timeout * 60)
+        updated = False
         while True:
-            got = read_latest(self.cfg.weights_dir)
-            pick = pick_weights(got, required) if got is not None else None
-            if pick is not None:
-                break
-            exit_if_terminated()
-            time.sleep(0.02)
-        step, version, path = pick
-        self.first_step = got.first if self.first_step is None else self.first_step
-        if version == self.version and self.step is not None:  # the same weights (a step that
-            self.step = max(self.step, step)  # trained nothing, or no new step)
-            return False
-        try:
-            load_into(self.model, path)
-        except FileNotFoundError:  # removed (two newer versions written) while we looked
-            return self.sync_local(required)
-        self.version, self.step = version, step
-        self.counts["weight_updates"] += 1
-        return True
+            if self.step is not None:
+                need = handoff.required_step(self.receiver.first, self.counts["batches"] + 1,
+                                             self.cfg.trainer_ranks, self.cfg.max_ahead)
+                if self.step >= need:
+                    return updated
+            version, self.step, came = self.receiver.recv(
+                lambda names, aliases, metadata: published_params(self.model, names, aliases, metadata))
+            if came:
+                self.version, updated = version, True
+                self.counts["weight_updates"] += 1
 
     def make_batches(self, parts: int | None = None):
         """A trainer step's rows, every rank's share, in one sampling call (refill rounds aside),
@@ -247,6 +240,20 @@ class Worker:
         return status
 
 
+def published_params(model: torch.nn.Module, names: list[str], aliases: dict[str, str],
+                     metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors of `model` that published weights fill (tensors `names`, tied ones in
+    `aliases`; a LoRA adapter, by its metadata, fills only the model's adapter). Raises UserError
+    when the names don't fit the model."""
+    params = lora.published_params(model, metadata)
+    have = set(names) | set(aliases)
+    if have != set(params):
+        missing, extra = sorted(set(params) - have)[:3], sorted(have - set(params))[:3]
+        raise UserError(f"published weights do not fit --model (missing {missing}, unexpected "
+                        f"{extra}): start workers with the trainer's --model")
+    return params
+
+
 def load_into(model: torch.nn.Module, path: Path) -> None:
     """Copy a published safetensors file into `model`, one tensor at a time (no second full copy
     of the weights in memory); tied tensors sent once are found through the file's "aliases"
@@ -255,13 +262,8 @@ def load_into(model: torch.nn.Module, path: Path) -> None:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        params = lora.published_params(model, f.metadata() or {})  # a LoRA run: its adapter only
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-        names = set(f.keys()) | set(aliases)
-        if names != set(params):
-            missing, extra = sorted(set(params) - names)[:3], sorted(names - set(params))[:3]
-            raise UserError(f"published weights do not fit --model (missing {missing}, unexpected "
-                            f"{extra}): start workers with the trainer's --model")
+        params = published_params(model, list(f.keys()), aliases, f.metadata() or {})
         with torch.no_grad():
             for name, param in params.items():
                 t = f.get_tensor(aliases.get(name, name))
@@ -277,19 +279,14 @@ def run_worker(cfg) -> dict:
     client = RefClient(cfg.ref_url, token=cfg.ref_token, timeout=max(600.0, cfg.ref_timeout))
     client.wait_ready(cfg.ref_timeout)
     w = Worker(cfg, client)
-    if cfg.weights_dir:  # the overlap sampler: its trainer's shared-memory folder goes with it
-        atexit.register(shutil.rmtree, cfg.weights_dir, ignore_errors=True)
+    if cfg.weights_from and cfg.max_ahead < 0:
+        raise UserError("--weights_from takes every publish in order: give --max_ahead >= 0")
     log(f"[{w.id}] generation worker for {cfg.ref_url} on {w.device} (prompt seed {w.seed})")
     while cfg.worker_batches == 0 or w.counts["batches"] < cfg.worker_batches:
         exit_if_terminated()  # a SIGTERM whose exit was swallowed (simple_grpo/errors.py)
-        if cfg.weights_dir:  # the overlap sampler: at most --max_ahead steps ahead of the weights
-            from simple_grpo.gen.shm_weights import required_step
-
-            need = None if w.first_step is None or cfg.max_ahead < 0 else \
-                required_step(w.first_step, w.counts["batches"] + 1, cfg.trainer_ranks, cfg.max_ahead)
-        if w.sync_local(need) if cfg.weights_dir else w.sync_weights():
-            log(f"[{w.id}] loaded weight version {w.version}" +
-                (f" (trainer step {w.step})" if cfg.weights_dir else ""))
+        if w.follow_trainer() if cfg.weights_from else w.sync_weights():  # the sampler: --max_ahead
+            log(f"[{w.id}] loaded weight version {w.version}" +  # steps ahead of the weights
+                (f" (trainer step {w.step})" if cfg.weights_from else ""))
         t0 = time.perf_counter()
         left = cfg.worker_batches - w.counts["batches"] if cfg.worker_batches else cfg.trainer_ranks
         for batch, stats in w.make_batches(min(cfg.trainer_ranks, left)):  # one step's shares at once

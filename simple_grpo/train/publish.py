@@ -50,10 +50,10 @@ def published_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return lora.adapter_state_dict(module) if lora.is_peft(module) else module.state_dict()
 
 
-def cpu_snapshot(module: torch.nn.Module, dtype: torch.dtype | None):
-    """-> (a detached CPU copy of the state dict in `dtype` for floats, aliases): a tensor that
-    shares storage with an earlier one (tied embeddings) is not copied or sent again; aliases maps
-    its name to the name that holds it. A LoRA model (PEFT): its adapter's tensors only."""
+def unique_tensors(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """-> (the published tensors, aliases), no copy: a tensor that shares storage with an earlier
+    one (tied embeddings) is not sent again; aliases maps its name to the name that holds it. A
+    LoRA model (PEFT): its adapter's tensors only."""
     seen: dict[tuple, str] = {}
     out, aliases = {}, {}
     for name, t in published_state(module).items():
@@ -62,9 +62,15 @@ def cpu_snapshot(module: torch.nn.Module, dtype: torch.dtype | None):
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        out[name] = t.detach().to("cpu", dtype=dtype if dtype is not None and t.is_floating_point()
-                                  else t.dtype, copy=True)
+        out[name] = t
     return out, aliases
+
+
+def cpu_snapshot(module: torch.nn.Module, dtype: torch.dtype | None):
+    """-> (a detached CPU copy of `unique_tensors` in `dtype` for floats, aliases)."""
+    tensors, aliases = unique_tensors(module)
+    return {name: t.detach().to("cpu", dtype=dtype if dtype is not None and t.is_floating_point()
+                                else t.dtype, copy=True) for name, t in tensors.items()}, aliases
 
 
 class WeightPublisher:

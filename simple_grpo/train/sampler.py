@@ -1,31 +1,28 @@
 """Overlapped generation (--overlap): a sampler process beside the reference server, on the
 reference's device, generates and scores the next batch while the trainer trains this one.
 
-    sampler = Sampler.start(cfg, ref_url, token, device, world_size)  # global rank 0
-    sampler.publish(engine.module, version, step)  # at once (the sampler waits for it), then
-                                              # after each step: a CPU snapshot, written behind
+    sampler = Sampler.start(cfg, ref_url, token, device, world_size, trainer_device, run_dir)
+    sampler.publish(engine.module, version, step)  # at once, then after each step but the last
     sampler.alive()                           # False after a crash: the trainer generates again
     sampler.stop()                            # at exit (also atexit; the child dies with us)
 
 The sampler is a generation worker (`--mode=generate`, simple_grpo/gen/worker.py) started with
-the trainer's own config, posting to the trainer's reference server; two things differ from a
-worker on another box:
-  * weights come through a folder in shared memory (/dev/shm), not HTTP: after each step the
-    trainer copies its weights to the CPU (the step waits only for that copy) and a background
-    thread writes them as `weights-<version>.safetensors`, then `latest.json` naming it with the
-    trainer step they belong to (written atomically, so a reader never sees a partial file; the
-    files of the two newest versions are kept, and latest.json maps each recent step to its
-    file). A step that left the weights as they were (its version unchanged: nothing trained)
-    publishes only its step, in latest.json, pointing at the same file;
+the trainer's own config (`run_dir/sampler-config.json`, its log `run_dir/sampler.log`), posting
+to the trainer's reference server; two things differ from a worker on another box:
+  * weights come straight from the trainer's rank 0 through a torch.distributed group of the two
+    of them (simple_grpo/wire/handoff.py: NCCL between two GPUs, else gloo), not HTTP and no
+    file: after each step rank 0 sends that step's weights in buckets into the sampler's model.
+    The sampler receives every step's publish in order, so the send waits until it has finished
+    the batch it is sampling (the trainer would wait for that batch next anyway) and then takes
+    the transfer's time; a step that left the weights as they were sends only its step number;
   * `--max_ahead=1`, counted in trainer steps, not weight versions (a step advances the version
     by --num_iterations, or not at all when it trained nothing): the sampler's n-th batch
     (n = 1, 2, ...; trainer_ranks batches per step) is sampled with the weights of trainer step
     first + ceil(n / trainer_ranks) - 2 (first: the step of the first weights published, the
-    trainer's at start; `required_step`), waiting until that step is published and loading that
-    step's file (`pick_weights`; a newer one only if it is gone, never an older one). So batch k+1
-    is sampled with the weights of step k-1 while step k trains: never more than one step
+    trainer's at start; `handoff.required_step`): exactly those, never newer ones, whatever the
+    timing. So batch k+1 is sampled with the weights of step k-1 while step k trains: one step
     (--num_iterations versions) stale, corrected by the off-policy machinery (TIS on by default
-    in this mode).
+    in this mode). The last step publishes nothing (no batch after it is trained).
 """
 from __future__ import annotations
 
@@ -33,150 +30,89 @@ import atexit
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
 
 import torch
 
-from simple_grpo.gen.shm_weights import LATEST
-from simple_grpo.io import write_text_atomic
+from simple_grpo.common import lora
+from simple_grpo.train import publish
 from simple_grpo.train.engine import standalone_env
+from simple_grpo.wire import handoff
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def shm_folder(prefix: str = "simple_grpo-sampler-") -> Path:
-    """A fresh folder in shared memory (/dev/shm on Linux), else in the temp folder."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
-
-
-class LocalWeights:
-    """The writer side of the shared-memory weights folder (module docstring)."""
-
-    def __init__(self, folder: Path, dtype: torch.dtype | None = None):
-        self.folder, self.dtype = Path(folder), dtype
-        self.snapshot_seconds, self.write_seconds, self.version = 0.0, 0.0, None
-        self._thread: threading.Thread | None = None
-        self.failure: str | None = None
-        self.first: int | None = None  # the first step published
-        self.steps: dict[int, tuple[int, str]] = {}  # recent step -> (version, file) while kept
-
-    def publish(self, module: torch.nn.Module, version: int, step: int) -> None:
-        """The weights of trainer `step` (at `version`): copy them to the CPU now, write them in
-        the background (waiting first for the previous write: at most one in flight). When the
-        version is the one last written (the step trained nothing), only latest.json changes."""
-        from simple_grpo.common import lora
-        from simple_grpo.train import publish
-
-        self.wait()
-        self.first = step if self.first is None else self.first
-        if version == self.version:
-            self.snapshot_seconds = 0.0
-            try:
-                self._record(step, version, f"weights-{version}.safetensors")
-            except OSError as e:
-                self.failure = f"{type(e).__name__}: {e}"
-            return
-        t = time.perf_counter()
-        state, aliases = publish.cpu_snapshot(module, self.dtype)
-        self.snapshot_seconds = time.perf_counter() - t
-        metadata = {"aliases": json.dumps(aliases), **lora.publish_metadata(module)}
-        self._thread = threading.Thread(target=self._write, args=(state, metadata, version, step),
-                                        daemon=True, name="sampler-weights")
-        self._thread.start()
-
-    def _record(self, step: int, version: int, name: str) -> None:
-        """latest.json: `step`'s weights are in file `name`; the recent steps whose file is kept."""
-        self.steps[step] = (version, name)
-        self.steps = {s: vn for s, vn in self.steps.items() if (self.folder / vn[1]).exists()}
-        write_text_atomic(self.folder / LATEST, json.dumps({
-            "version": version, "step": step, "file": name, "first": self.first,
-            "steps": {str(s): list(vn) for s, vn in sorted(self.steps.items())}}))
-
-    def _write(self, state, metadata, version: int, step: int) -> None:
-        from simple_grpo.wire.weights import iter_state_dict_safetensors
-
-        t = time.perf_counter()
-        name = f"weights-{version}.safetensors"
-        tmp = self.folder / f".{name}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                for chunk in iter_state_dict_safetensors(state, None, metadata):
-                    f.write(chunk)
-            os.replace(tmp, self.folder / name)
-            for old in self.folder.glob("weights-*.safetensors"):  # keep this one and the one before
-                v = int(old.name.split("-")[1].split(".")[0])
-                if v < (self.version if self.version is not None else version):
-                    old.unlink(missing_ok=True)
-            self._record(step, version, name)
-            self.version = version
-        except OSError as e:  # /dev/shm full: the sampler keeps its weights, the trainer is told
-            self.failure = f"{type(e).__name__}: {e}"
-            tmp.unlink(missing_ok=True)
-        self.write_seconds = time.perf_counter() - t
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-
 class Sampler:
-    """The sampler child process and its weights folder (module docstring)."""
+    """The sampler child process and the trainer's end of its weights handoff (module docstring)."""
 
-    def __init__(self, proc: subprocess.Popen, weights: LocalWeights, folder: Path, log: Path):
-        self.proc, self.weights, self.folder, self.log = proc, weights, folder, log
-        self.warned = False
+    def __init__(self, proc: subprocess.Popen, sender: handoff.Sender, log: Path):
+        self.proc, self.sender, self.log = proc, sender, log
+        self.failure: str | None = None  # why the handoff ended (the sampler is then stopped)
+        self.wait_seconds, self.send_seconds = 0.0, 0.0
         atexit.register(self.stop)
 
     @classmethod
     def start(cls, cfg, ref_url: str, token: str | None, device: str, world_size: int,
-              dtype: torch.dtype | None = None) -> "Sampler":
+              trainer_device: str | torch.device, run_dir: Path) -> "Sampler":
         """Start the sampler on `device`; it generates once the first `publish` has landed."""
         from simple_grpo.train.ref_process import _die_with_parent
 
-        folder = shm_folder()
-        (folder / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-        args = [sys.executable, str(ROOT / "grpo_ref_split.py"), f"--config={folder / 'config.json'}",
-                "--mode=generate", f"--ref_url={ref_url}", f"--weights_dir={folder}", "--max_ahead=1",
-                f"--trainer_ranks={world_size}", f"--device={device}", "--worker_index=0",
-                "--worker_batches=0", "--overlap=false"]
+        sender = handoff.Sender.listen(handoff.backend_for(trainer_device, device), trainer_device,
+                                       timeout_s=cfg.dist_timeout * 60)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config, log = run_dir / "sampler-config.json", run_dir / "sampler.log"
+        config.write_text(json.dumps(dataclasses.asdict(cfg)))
+        args = [sys.executable, str(ROOT / "grpo_ref_split.py"), f"--config={config}",
+                "--mode=generate", f"--ref_url={ref_url}", f"--weights_from={sender.address}",
+                "--max_ahead=1", f"--trainer_ranks={world_size}", f"--device={device}",
+                "--worker_index=0", "--worker_batches=0", "--overlap=false"]
         env = standalone_env(OMP_NUM_THREADS="1", **({"GRPO_REF_TOKEN": token} if token else {}))
-        log = folder / "sampler.log"
         proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=open(log, "w"),
                                 stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=_die_with_parent)
-        return cls(proc, LocalWeights(folder, dtype), folder, log)
+        return cls(proc, sender, log)
 
     def publish(self, module: torch.nn.Module, version: int, step: int) -> None:
-        if self.alive():
-            self.weights.publish(module, version, step)
+        """Hand the weights of `step` to the sampler (blocks until it has them); a sampler that
+        dies meanwhile ends the wait at once (`alive()` is then False)."""
+        if not self.alive():
+            return
+        running = lambda: self.proc.poll() is None  # noqa: E731
+        try:
+            if self.sender.pg is None:
+                self.sender.connect(running)
+            weights = {}
+            if version != self.sender.sent_version:  # else the step trained nothing: its step alone
+                tensors, aliases = publish.unique_tensors(module)
+                weights = dict(tensors=tensors, aliases=aliases, metadata=lora.publish_metadata(module))
+            got = self.sender.send(version, step, running, **weights)
+            self.wait_seconds, self.send_seconds = got["wait_seconds"], got["send_seconds"]
+        except (handoff.HandoffError, RuntimeError) as e:  # RuntimeError: the group's own failure
+            if running():  # the group failed under a live sampler: it is stopped (one line later)
+                self.failure = f"the weights handoff failed: {(str(e).splitlines() or [''])[0][:200]}"
+            self.stop()
 
     def alive(self) -> bool:
-        return self.proc.poll() is None and self.weights.failure is None
+        return self.proc.poll() is None and self.failure is None
 
     def why_dead(self) -> str:
         """One line: how the sampler ended, with the end of its log."""
-        if self.weights.failure:
-            return f"its weights could not be written ({self.weights.failure})"
+        if self.failure:
+            return self.failure
         tail = self.log.read_text(errors="replace").strip().splitlines()[-1:] if self.log.exists() else []
         return f"exit code {self.proc.returncode}" + (f": {tail[0][:200]}" if tail else "")
 
     def metrics(self) -> dict[str, float]:
-        return {"sampler_snapshot_seconds": self.weights.snapshot_seconds,
-                "sampler_write_seconds": self.weights.write_seconds}
+        return {"sampler_wait_seconds": self.wait_seconds, "sampler_send_seconds": self.send_seconds}
 
     def stop(self, timeout: float = 10.0) -> None:
         from simple_grpo.train.ref_process import stop_process
 
         stop_process(self.proc, timeout)
-        self.weights.wait()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.sender.pg is not None:
+            self.sender.close()
+            self.sender.pg = None
 
 
 def enabled(cfg, dist) -> bool:
@@ -230,14 +166,15 @@ class Overlap:
         self.running = bool(alive)
         return self.running
 
-    def publish(self, module: torch.nn.Module, version: int, step: int) -> None:
-        """After a step (rank 0): the weights of `step` for the sampler, written behind (only
-        the step, when the version is unchanged)."""
-        if self.sampler is not None and self.running:
+    def publish(self, module: torch.nn.Module, version: int, step: int, last: bool) -> dict[str, float]:
+        """After a step (rank 0): the weights of `step` to the sampler (only the step, when the
+        version is unchanged; nothing after the `last` step) -> the handoff's metrics."""
+        if self.sampler is None:
+            return {}
+        if self.running and not last:
             self.sampler.publish(module, version, step)
-
-    def metrics(self) -> dict[str, float]:
-        return self.sampler.metrics() if self.sampler is not None else {}
+            return self.sampler.metrics()
+        return dict.fromkeys(self.sampler.metrics(), 0.0)
 
     def stop(self) -> None:
         if self.sampler is not None:
@@ -267,11 +204,11 @@ def finalize(cfg, dist):
     return dataclasses.replace(cfg, overlap="true" if on else "false", tis=resolved_tis(cfg.tis, on))
 
 
-def start_overlap(cfg, dist, ref, module: torch.nn.Module, version: int,
-                  step: int = 0) -> Overlap | None:
+def start_overlap(cfg, dist, ref, module: torch.nn.Module, version: int, step: int,
+                  run_dir: Path) -> Overlap | None:
     """With --overlap (finalized): global rank 0 starts the sampler on the reference's device
-    (`ref`: rollout_source.RefTarget) and writes the current weights (of `step`) for it; every
-    rank gets the Overlap view (the sampler's pid for ranks on its node). None without overlap."""
+    (`ref`: rollout_source.RefTarget) and hands it the current weights (of `step`); every rank
+    gets the Overlap view (the sampler's pid for ranks on its node). None without overlap."""
     from simple_grpo.train import collectives
 
     if cfg.overlap != "true":
@@ -279,10 +216,10 @@ def start_overlap(cfg, dist, ref, module: torch.nn.Module, version: int,
     sampler, pid = None, 0
     if dist.rank == 0:
         device = ref.device or "cpu"
-        sampler = Sampler.start(cfg, ref.url, ref.token, device, dist.world_size)
-        sampler.publish(module, version, step)
+        sampler = Sampler.start(cfg, ref.url, ref.token, device, dist.world_size, dist.device, run_dir)
         pid = sampler.proc.pid
         print(f"[trainer] overlap: a sampler on {device} samples each next batch while this one "
-              f"trains (log: {sampler.log})", flush=True)
+              f"trains (pid {pid}, weights by {sampler.sender.backend}, log: {sampler.log})", flush=True)
+        sampler.publish(module, version, step)
     pid = collectives.all_gather_objects(pid, dist.device)[0]
     return Overlap(sampler, dist, pid)

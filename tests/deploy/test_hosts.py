@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
+
 from deploy_fixtures import assert_every_rank_trained_every_step, hosts, procs, rows  # noqa: F401 (fixtures)
 from recipes import option, recipe, scale
 
@@ -43,6 +45,7 @@ def test_two_nodes_one_rank_each_with_the_reference_started_for_them(tiny_model_
     assert metrics[0]["kl"] == 0.0, "node 1 got the reference log-probs of its own batches"
 
 
+@pytest.mark.slow
 def test_workers_on_a_third_host_join_late_and_leave(tiny_model_dir, hosts, procs, tmp_path):
     server_cmd, trainer_cmd, worker_cmd = recipe("workers")
     assert server_cmd.background and option(server_cmd, "host") == "0.0.0.0"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
+
 from deploy_fixtures import assert_every_rank_trained_every_step, gsm8k_jsonl, procs  # noqa: F401 (fixtures)
 from recipes import option, recipe, scale
 
@@ -20,6 +22,7 @@ def wait_finished(p, log, timeout=300) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_split_reference_server_beside_a_deepspeed_trainer(tiny_model_dir, gsm8k_jsonl, procs, tmp_path):
     server_cmd, trainer_cmd = recipe("split")
     assert server_cmd.script == "ref_server.py" and server_cmd.background

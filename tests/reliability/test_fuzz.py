@@ -13,6 +13,8 @@ import random
 import subprocess
 import sys
 import time
+
+import pytest
 from collections import Counter
 from pathlib import Path
 
@@ -77,6 +79,7 @@ def status_class(status: int | None) -> str:
     return "no answer" if status is None else f"{status // 100}xx"
 
 
+@pytest.mark.slow
 def test_fuzz_ref_server(tiny_model_dir, tiny_model, tmp_path):
     n_cases = int(os.environ.get("FUZZ_CASES", 10_000))
     srv = ServerProcess(tiny_model_dir, tmp_path / "server.log", "--queue_size=8",

@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import pytest
 from pathlib import Path
 
 from simple_grpo.cli import parse_config
@@ -53,6 +55,7 @@ def logged_steps(path: Path) -> list[int]:
     return steps
 
 
+@pytest.mark.slow
 def test_kill_9_of_one_rank_is_restarted_and_finishes(tiny_model_dir, tmp_path):
     steps, kill_after = 8, 3
     args = [f"--model={tiny_model_dir}", f"--run_dir={tmp_path}", f"--steps={steps}", "--prompts_per_step=2",

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import pytest
 from pathlib import Path
 
 import torch
@@ -63,6 +65,7 @@ def test_own_batch_lost_in_the_queue_is_resent(tiny_model_dir, tmp_path):
             kill(server)
 
 
+@pytest.mark.slow
 def test_trainer_survives_a_ref_server_restart(tiny_model_dir, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -118,6 +121,7 @@ def test_trainer_survives_a_ref_server_restart(tiny_model_dir, tmp_path):
           f"{metrics[-1]['rollouts_resent']:.0f} rollout(s)")
 
 
+@pytest.mark.slow
 def test_trainer_restarts_its_own_ref_server(tiny_model_dir, tmp_path):
     """No --ref_url: the trainer's own ref server child is killed; the trainer starts it again."""
     run, log = tmp_path / "run", tmp_path / "trainer.log"

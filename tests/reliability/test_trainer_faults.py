@@ -183,6 +183,7 @@ def kill_mid_checkpoint(t: Trainer, ckpts: Path, stats: dict) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_kill_9_mid_checkpoint_then_resume(tiny_model_dir, tmp_path, trainers):
     from simple_grpo.train.checkpoint import step_tag
 
@@ -268,6 +269,7 @@ def test_full_disk_at_checkpoint_warn_keeps_training(tiny_model_dir, tmp_path, t
     assert_final_loads(tmp_path)
 
 
+@pytest.mark.slow
 def test_full_disk_at_checkpoint_stop_exits_2_and_resumes(tiny_model_dir, tmp_path, trainers):
     ckpts = tmp_path / "checkpoints"
     t = trainers(tiny_model_dir, tmp_path, steps=4, save_every=2, on_save_error="stop")
@@ -356,6 +358,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_final_export_failure_is_one_line_and_resume_exports(tiny_model_dir, tmp_path, trainers):
     t = trainers(tiny_model_dir, tmp_path, steps=2, save_every=0,
                  wrapper=EXPORT_LIMITED.format(root=str(ROOT)))
