@@ -51,6 +51,7 @@ def main(argv: list[str]) -> dict:
     cfg = sampler.finalize(cfg, dist)  # --overlap decided (a device to spare?), --tis=auto resolved
     d = derive(cfg, dist.world_size)
     run_dir = Path(cfg.run_dir or f"runs/{cfg.preset}-{Path(cfg.task).stem}-{cfg.seed}")
+    train_loop.claim_run_dir(run_dir, cfg.resume, cfg.overwrite, dist.rank)  # one run per folder
     torch.manual_seed(cfg.seed + dist.rank)
 
     # The reference server first: a named one must answer, an auto-started one loads meanwhile.

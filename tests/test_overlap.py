@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from test_docs import undocumented_metrics  # tests/ is on sys.path
 
 from simple_grpo.train import rollout_source, sampler
@@ -225,3 +226,30 @@ def _running(pid: int) -> bool:
         return False
     status = Path(f"/proc/{pid}/status")
     return not (status.exists() and "State:\tZ" in status.read_text())  # a zombie has exited
+
+
+@pytest.mark.slow
+def test_two_seeded_overlap_runs_end_bitwise_equal(tiny_model_dir, tmp_path, monkeypatch):
+    """The sampler receives every step's weights in order, so each batch is sampled with exactly
+    the weights its schedule names, whatever the timing: two runs with one seed end with bitwise
+    equal weights, the second with a trainer that pauses 1 s after each publish (the sampler then
+    waits at its gate) and the first without (the trainer waits for the sampler)."""
+    from safetensors.torch import load_file
+
+    def final(run_dir):
+        return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
+
+    grpo_ref_split.main(_args(tiny_model_dir, tmp_path / "a", steps=5, overlap="true"))
+    publish = sampler.Overlap.publish
+
+    def slow(self, *a, **kw):
+        got = publish(self, *a, **kw)
+        time.sleep(1.0)
+        return got
+
+    monkeypatch.setattr(sampler.Overlap, "publish", slow)
+    grpo_ref_split.main(_args(tiny_model_dir, tmp_path / "b", steps=5, overlap="true"))
+    a, b = final(tmp_path / "a"), final(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    assert [r["reward_mean"] for r in _rows(tmp_path / "a")] == [r["reward_mean"] for r in _rows(tmp_path / "b")]

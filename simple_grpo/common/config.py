@@ -187,7 +187,11 @@ class TrainConfig:
     eval_reward: str = "correct_lenient"
     """Reward function whose value on held-out prompts is the accuracy."""
     run_dir: str | None = None
-    """Output folder; default runs/<preset>-<task>-<seed>."""
+    """Output folder; default runs/<preset>-<task>-<seed>. One run per folder: a new run into a
+    folder that holds another run's logs or checkpoints is an error (see --overwrite, --resume)."""
+    overwrite: bool = False
+    """A new run (--resume=false) into a --run_dir that holds another run removes that run's files
+    (metrics, samples, plots, checkpoints, final model) first, instead of stopping."""
     save_every: int = 20
     """Checkpoint every N steps (0: only at the end; -1: never, e.g. for benchmarks)."""
     keep_last: int = 2

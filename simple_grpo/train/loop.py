@@ -195,6 +195,30 @@ def evaluate(ctx: StepContext, examples: list[dict]) -> float:
     return correct / max(seen, 1)
 
 
+RUN_FILES = ("metrics.jsonl", "batches.jsonl", "samples.jsonl", "plots.png", "checkpoints", "final",
+             "sampler.log", "sampler-config.json", "tensorboard")
+
+
+def claim_run_dir(run_dir: Path, resume: str, overwrite: bool, rank: int) -> None:
+    """One run per folder: a fresh run (--resume=false) into a folder that holds another run's
+    files stops with one line, before anything loads; with --overwrite rank 0 removes them first.
+    (--resume=true|auto continue the run that is there.)"""
+    import shutil
+
+    from simple_grpo.errors import UserError
+
+    found = [n for n in RUN_FILES if (run_dir / n).exists()] if resume == "false" else []
+    if found and not overwrite:
+        raise UserError(f"--run_dir {run_dir} holds another run ({', '.join(found)}): continue it "
+                        f"with --resume=true, choose another --run_dir, or replace it with --overwrite")
+    if found and rank == 0:
+        for name in found:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        print(f"[trainer] --overwrite: removed the previous run's {', '.join(found)} from {run_dir}",
+              flush=True)
+
+
 class Outputs:
     """metrics.jsonl, samples.jsonl, plots, the progress bar and the final export (rank 0 writes)."""
 

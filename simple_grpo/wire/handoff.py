@@ -213,6 +213,7 @@ class Receiver(_End):
     def __init__(self, store, pg, backend: str, device: torch.device):
         super().__init__(store, pg, backend, device)
         self.first: int | None = None
+        self.waited = 0.0
 
     @classmethod
     def join(cls, address: str | Address, device: str | torch.device,
@@ -226,8 +227,9 @@ class Receiver(_End):
         """The next publish, copied into the tensors `fit(names, aliases, metadata)` names (a
         model's parameters, by the names sent; it raises when they don't fit) -> (version, step,
         whether tensors came)."""
-        key, n = f"{KEY}/publish/{self.count}", self.count
+        key, n, t = f"{KEY}/publish/{self.count}", self.count, time.perf_counter()
         _poll(lambda: self.store.check([key]))
+        self.waited = time.perf_counter() - t  # for the trainer to publish: the gate's wait
         info = json.loads(self.store.get(key))
         if info["protocol"] != PROTOCOL:
             raise HandoffError(f"the trainer speaks handoff protocol {info['protocol']}, this "
