@@ -35,6 +35,18 @@ def _rows(run_dir) -> list[dict]:
     return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def _pause_after_publish(monkeypatch, seconds: float) -> None:
+    """The trainer pauses after each publish: the sampler runs as far ahead as its gate lets it."""
+    publish = sampler.Overlap.publish
+
+    def slow(self, *a, **kw):
+        got = publish(self, *a, **kw)
+        time.sleep(seconds)
+        return got
+
+    monkeypatch.setattr(sampler.Overlap, "publish", slow)
+
+
 def _spy_samplers(monkeypatch) -> list:
     started = []
     start = sampler.Sampler.start
@@ -74,14 +86,7 @@ def test_overlap_with_two_iterations_is_one_step_stale(tiny_model_dir, tmp_path,
     for the weights of the step before last, counted in steps: every trained batch is exactly one
     step (2 versions) old. The trainer pauses after each publish so that the sampler runs as far
     ahead as its gate lets it (a gate counting versions as steps would let it run further)."""
-    publish = sampler.Overlap.publish
-
-    def slow(self, *a, **kw):
-        got = publish(self, *a, **kw)
-        time.sleep(1.5)
-        return got
-
-    monkeypatch.setattr(sampler.Overlap, "publish", slow)
+    _pause_after_publish(monkeypatch, 1.5)
     grpo_ref_split.main(_args(tiny_model_dir, tmp_path, steps=6, overlap="true", num_iterations=2))
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 7))
@@ -240,14 +245,7 @@ def test_two_seeded_overlap_runs_end_bitwise_equal(tiny_model_dir, tmp_path, mon
         return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
 
     grpo_ref_split.main(_args(tiny_model_dir, tmp_path / "a", steps=5, overlap="true"))
-    publish = sampler.Overlap.publish
-
-    def slow(self, *a, **kw):
-        got = publish(self, *a, **kw)
-        time.sleep(1.0)
-        return got
-
-    monkeypatch.setattr(sampler.Overlap, "publish", slow)
+    _pause_after_publish(monkeypatch, 1.0)
     grpo_ref_split.main(_args(tiny_model_dir, tmp_path / "b", steps=5, overlap="true"))
     a, b = final(tmp_path / "a"), final(tmp_path / "b")
     assert a.keys() == b.keys()
