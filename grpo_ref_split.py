@@ -36,7 +36,8 @@ def main(argv: list[str]) -> dict:
     from simple_grpo import models
     from simple_grpo.cli import parse_config
     from simple_grpo.gen import batch_contract, data, rollout
-    from simple_grpo.train import checkpoint, engine as eng, loop as train_loop, publish, rollout_source, sampler
+    from simple_grpo.train import checkpoint, engine as eng, inputs, loop as train_loop, publish
+    from simple_grpo.train import rollout_source, sampler
     from simple_grpo.common import dropout
     from simple_grpo.common.config import TrainConfig, derive, loss_kwargs, resolve
     from simple_grpo.gen.reward_registry import reward_specs
@@ -52,6 +53,7 @@ def main(argv: list[str]) -> dict:
     d = derive(cfg, dist.world_size)
     run_dir = Path(cfg.run_dir or f"runs/{cfg.preset}-{Path(cfg.task).stem}-{cfg.seed}")
     train_loop.claim_run_dir(run_dir, cfg.resume, cfg.overwrite, dist.rank)  # one run per folder
+    inputs.check_inputs(cfg, run_dir)  # rewards, task, --resume, packages: before anything loads
     torch.manual_seed(cfg.seed + dist.rank)
 
     # The reference server first: a named one must answer, an auto-started one loads meanwhile.

@@ -54,7 +54,9 @@ def test_launch_mistakes_are_one_line_before_the_model_loads(tiny_model_dir):
                  "bad device": (launch(f"--model={tiny_model_dir}", "--port=0", "--device=cuda:7"),
                                 r"--device=cuda:7: (this torch .* cannot use CUDA|only \d+ GPU)"),
                  "not a device": (launch(f"--model={tiny_model_dir}", "--port=0", "--device=gpu0"),
-                                  r"--device=gpu0: not a device")}
+                                  r"--device=gpu0: not a device"),
+                 "port out of range": (launch(f"--model={tiny_model_dir}", "--port=99999"),
+                                       r"--port=99999: a port is 0-65535")}
         for name, (proc, pattern) in cases.items():
             stdout, stderr = proc.communicate(timeout=60)
             assert proc.returncode == 2, (name, proc.returncode, stderr)

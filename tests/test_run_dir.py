@@ -12,6 +12,7 @@ from simple_grpo.train.loop import claim_run_dir
 @pytest.mark.parametrize("files, resume, overwrite, want", [
     ([], "false", False, "ok"),                                       # an empty folder: a fresh run
     (["notes.txt"], "false", False, "ok"),                            # the user's own file is no run
+    (["checkpoints/"], "false", False, "ok"),                         # an empty folder (a mount point)
     (["metrics.jsonl"], "false", False, "error"),                     # a previous run's logs
     (["checkpoints/step-2/x"], "false", False, "error"),              # ... or its checkpoints
     (["final/model.safetensors"], "false", False, "error"),           # ... or its final model
@@ -22,7 +23,10 @@ from simple_grpo.train.loop import claim_run_dir
 def test_one_run_per_folder(files, resume, overwrite, want, tmp_path):
     for name in files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("x")
+        if name.endswith("/"):
+            (tmp_path / name).mkdir()
+        else:
+            (tmp_path / name).write_text("x")
     if want == "error":
         with pytest.raises(UserError, match="holds another run .*--resume=true.*--overwrite"):
             claim_run_dir(tmp_path, resume, overwrite, rank=0)

@@ -169,6 +169,8 @@ def check_bind(cfg: ServerConfig) -> None:
     if not is_loopback(cfg.host) and not cfg.token:
         raise UserError(f"refusing to bind {cfg.host} (not loopback) without a token; pass "
                         f"--token=SECRET or set REF_SERVER_TOKEN, or bind 127.0.0.1")
+    if not 0 <= cfg.port <= 65535:
+        raise UserError(f"--port={cfg.port}: a port is 0-65535 (0: a free one)")
     if cfg.port:
         try:
             with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as s:

@@ -207,7 +207,10 @@ def claim_run_dir(run_dir: Path, resume: str, overwrite: bool, rank: int) -> Non
 
     from simple_grpo.errors import UserError
 
-    found = [n for n in RUN_FILES if (run_dir / n).exists()] if resume == "false" else []
+    def holds(path: Path) -> bool:  # an empty folder (a mount point made for the run) holds nothing
+        return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+    found = [n for n in RUN_FILES if holds(run_dir / n)] if resume == "false" else []
     if found and not overwrite:
         raise UserError(f"--run_dir {run_dir} holds another run ({', '.join(found)}): continue it "
                         f"with --resume=true, choose another --run_dir, or replace it with --overwrite")
