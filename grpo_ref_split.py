@@ -105,7 +105,9 @@ def main(argv: list[str]) -> dict:
                                  filter_metric=dynamic_filter_metric(cfg, specs), contract=contract,
                                  overlap=sampler.start_overlap(cfg, dist, ref_target, engine.module,
                                                                state["weight_version"],
-                                                               state["step"], run_dir))  # --overlap
+                                                               state["step"], run_dir,  # --overlap
+                                                               held=state["overlap"]))
+    sampler.resume_held(ctx, state["overlap"])  # a resumed overlapped run: its next step's batch
     publisher = publish.publisher_for(cfg, dist, ref, state["weight_version"],  # rank 0, if workers
                                       engine.module)  # one line: do the weights fit the server?
     if publisher is not None:  # workers already polling start from this run's current weights
@@ -137,7 +139,9 @@ def main(argv: list[str]) -> dict:
         if cfg.save_every >= 0 and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps):
             client_state = dict(state, stream=train_loop.gather(stream.state_dict(), dist),
                                 rng=train_loop.gather(checkpoint.rng_state(), dist),
-                                config=dataclasses.asdict(cfg))
+                                config=dataclasses.asdict(cfg),  # --overlap: the next batch, held
+                                overlap=sampler.hold_next_batch(ctx, state["weight_version"])
+                                if step < cfg.steps else None)
             checkpoint.save_checkpoint(engine, run_dir / "checkpoints", step, client_state,
                                        keep_last=cfg.keep_last, min_free_gb=cfg.min_free_gb,
                                        on_error=cfg.on_save_error)

@@ -251,3 +251,43 @@ def test_two_seeded_overlap_runs_end_bitwise_equal(tiny_model_dir, tmp_path, mon
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
     assert [r["reward_mean"] for r in _rows(tmp_path / "a")] == [r["reward_mean"] for r in _rows(tmp_path / "b")]
+
+
+@pytest.mark.slow
+def test_a_killed_overlapped_run_resumes_exactly(tiny_model_dir, tmp_path):
+    """kill -9 of an overlapped trainer after a checkpoint, then --resume=auto: the final weights
+    equal the uninterrupted run's. The checkpoint holds the next step's batch (sampled with the
+    weights of the step before, which no checkpoint has) and the sampler's position after it."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from simple_grpo.train.checkpoint import latest_checkpoint
+    from simple_grpo.train.engine import standalone_env
+
+    kw = dict(steps=10, overlap="true", save_every=2)
+    grpo_ref_split.main(_args(tiny_model_dir, tmp_path / "straight", **kw))
+    run, log = tmp_path / "killed", tmp_path / "killed.log"
+    p = subprocess.Popen([sys.executable, str(ROOT / "grpo_ref_split.py"), *_args(tiny_model_dir, run, **kw)],
+                         cwd=ROOT, env=standalone_env(OMP_NUM_THREADS="1"), stdout=open(log, "w"),
+                         stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while latest_checkpoint(run / "checkpoints") is None:
+            assert p.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        p.kill()
+        p.wait()
+    finally:
+        if p.poll() is None:
+            p.kill()
+    held = latest_checkpoint(run / "checkpoints").name
+    assert not (run / "final").exists() and held != "step-000010", "killed too late to test a resume"
+    grpo_ref_split.main(_args(tiny_model_dir, run, resume="auto", **kw))
+    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    b = load_file(str(run / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), f"resumed from {held}: " + \
+        str([k for k in a if not torch.equal(a[k], b[k])][:3])
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert [r["reward_mean"] for r in rows] == [r["reward_mean"] for r in _rows(tmp_path / "straight")]

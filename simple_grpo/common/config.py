@@ -312,6 +312,10 @@ class TrainConfig:
     """Worker: take the trainer's weights straight from its rank 0 through a torch.distributed
     group at this address (the overlap sampler's: gloo://HOST:PORT or nccl://HOST:PORT), every
     step's in order, instead of over HTTP; set by the trainer when it starts its sampler."""
+    sampler_state: str | None = None
+    """Worker: start from this position (a JSON file the trainer writes from its checkpoint: the
+    prompt stream and RNG after the batches the checkpoint holds), so that a resumed overlapped run
+    samples what the uninterrupted one would have; set by the trainer when it starts its sampler."""
     max_ahead: int = -1
     """Worker: sample at most this many steps ahead of the newest weights (the sampler: 1); -1: any."""
 

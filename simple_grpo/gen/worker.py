@@ -202,10 +202,26 @@ class Worker:
                 if self.step >= need:
                     return updated
             version, self.step, came = self.receiver.recv(
-                lambda names, aliases, metadata: published_params(self.model, names, aliases, metadata))
+                lambda names, aliases, metadata: published_params(self.model, names, aliases, metadata),
+                state=self.position())
             if came:
                 self.version, updated = version, True
                 self.counts["weight_updates"] += 1
+
+    def position(self) -> dict:
+        """Where the worker's prompt stream and RNG stand (JSON-able): after every batch made so
+        far, what a checkpoint keeps for an exact resume (`restore`)."""
+        rng = {"cpu": torch.get_rng_state().tolist()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device).tolist()
+        return {"stream": self.stream.state_dict(), "rng": rng}
+
+    def restore(self, position: dict) -> None:
+        """Continue from `position()`'s answer (--sampler_state)."""
+        self.stream.load_state_dict(position["stream"])
+        torch.set_rng_state(torch.tensor(position["rng"]["cpu"], dtype=torch.uint8))
+        if "cuda" in position["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(torch.tensor(position["rng"]["cuda"], dtype=torch.uint8), self.device)
 
     def make_batches(self, parts: int | None = None):
         """A trainer step's rows, every rank's share, in one sampling call (refill rounds aside),
@@ -281,6 +297,9 @@ def run_worker(cfg) -> dict:
     w = Worker(cfg, client)
     if cfg.weights_from and cfg.max_ahead < 0:
         raise UserError("--weights_from takes every publish in order: give --max_ahead >= 0")
+    if cfg.sampler_state:  # a resumed overlapped run: its checkpoint holds the first step's batches
+        w.restore(json.loads(Path(cfg.sampler_state).read_text()))
+        w.counts["batches"] = cfg.trainer_ranks
     log(f"[{w.id}] generation worker for {cfg.ref_url} on {w.device} (prompt seed {w.seed})")
     while cfg.worker_batches == 0 or w.counts["batches"] < cfg.worker_batches:
         exit_if_terminated()  # a SIGTERM whose exit was swallowed (simple_grpo/errors.py)

@@ -281,7 +281,8 @@ RESUME_MODES = ("false", "true", "auto")
 
 
 def resume(engine, ckpt_root: Path, mode: str, stream, rank: int) -> dict:
-    """Where the run starts -> {"step", "weight_version", "run_id", "empty_steps"}. Call on every rank.
+    """Where the run starts -> {"step", "weight_version", "run_id", "empty_steps", "overlap" (the
+    overlap sampler's held batches and position: sampler.hold_next_batch)}. Call on every rank.
 
     mode "false": a fresh run (step 0), whatever `ckpt_root` holds. "true": the latest checkpoint,
     a UserError when there is none. "auto": the latest checkpoint when there is one, else fresh
@@ -296,7 +297,7 @@ def resume(engine, ckpt_root: Path, mode: str, stream, rank: int) -> dict:
         raise UserError(f"--resume: no checkpoint in {ckpt_root} (--resume=auto starts fresh when "
                         f"there is none)")
     if client is None:
-        return {"step": 0, "weight_version": 0, "run_id": uuid.uuid4().hex, "empty_steps": 0}
+        return {"step": 0, "weight_version": 0, "run_id": uuid.uuid4().hex, "empty_steps": 0, "overlap": None}
     stream.load_state_dict(client["stream"][rank])
     set_rng_state(client["rng"][rank])
     if rank == 0:
@@ -304,7 +305,8 @@ def resume(engine, ckpt_root: Path, mode: str, stream, rank: int) -> dict:
               f"(data epoch {client['stream'][0]['epoch']}, position {client['stream'][0]['position']})",
               flush=True)
     return {"step": client["step"], "weight_version": client["weight_version"],
-            "run_id": client.get("run_id") or uuid.uuid4().hex, "empty_steps": client.get("empty_steps", 0)}
+            "run_id": client.get("run_id") or uuid.uuid4().hex, "empty_steps": client.get("empty_steps", 0),
+            "overlap": client.get("overlap")}
 
 
 # ----------------------------------------------------------------------------- HF export

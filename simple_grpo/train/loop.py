@@ -42,6 +42,7 @@ class StepContext:
     filter_metric: str  # rollout.dynamic_filter_metric(cfg, specs)
     contract: BatchContract | None = None  # batch_contract.expected_contract: on our batches
     overlap: object | None = None  # sampler.Overlap: the sampler's batches, while it runs
+    prefetched: object | None = None  # the next step's batch, taken early (sampler.hold_next_batch)
 
 
 def step(ctx: StepContext, weight_version: int):
@@ -53,8 +54,10 @@ def step(ctx: StepContext, weight_version: int):
     c = ctx.cfg
     roll, batch, pending = None, None, None
     overlapped = ctx.overlap is not None and ctx.overlap.running  # decided before the step (all ranks)
-    if overlapped:  # the sampler's batch, sampled while the last step trained (None: it died)
-        got = ctx.ref.next_batch(weight_version, stop=ctx.overlap.stopped)
+    if overlapped or ctx.prefetched is not None:  # the sampler's batch, sampled while the last step
+        got = ctx.prefetched if ctx.prefetched is not None else \
+            ctx.ref.next_batch(weight_version, stop=ctx.overlap.stopped)  # trained (None: it died)
+        overlapped, ctx.prefetched = True, None  # prefetched: held by a checkpoint
         if got is not None:
             pending = Future()
             pending.set_result(got)

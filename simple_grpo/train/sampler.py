@@ -51,12 +51,14 @@ class Sampler:
         self.proc, self.sender, self.log = proc, sender, log
         self.failure: str | None = None  # why the handoff ended (the sampler is then stopped)
         self.wait_seconds, self.send_seconds = 0.0, 0.0
+        self.position: dict | None = None  # its prompt stream and RNG at the last handoff
         atexit.register(self.stop)
 
     @classmethod
     def start(cls, cfg, ref_url: str, token: str | None, device: str, world_size: int,
-              trainer_device: str | torch.device, run_dir: Path) -> "Sampler":
-        """Start the sampler on `device`; it generates once the first `publish` has landed."""
+              trainer_device: str | torch.device, run_dir: Path, position: dict | None = None) -> "Sampler":
+        """Start the sampler on `device`; it generates once the first `publish` has landed.
+        `position`: a resumed run's (`hold_next_batch`): it continues from there."""
         from simple_grpo.train.ref_process import _die_with_parent
 
         sender = handoff.Sender.listen(handoff.backend_for(trainer_device, device), trainer_device,
@@ -64,10 +66,15 @@ class Sampler:
         run_dir.mkdir(parents=True, exist_ok=True)
         config, log = run_dir / "sampler-config.json", run_dir / "sampler.log"
         config.write_text(json.dumps(dataclasses.asdict(cfg)))
+        state = run_dir / "sampler-state.json"
+        state.unlink(missing_ok=True)
+        if position is not None:
+            state.write_text(json.dumps(position))
         args = [sys.executable, str(ROOT / "grpo_ref_split.py"), f"--config={config}",
                 "--mode=generate", f"--ref_url={ref_url}", f"--weights_from={sender.address}",
                 "--max_ahead=1", f"--trainer_ranks={world_size}", f"--device={device}",
-                "--worker_index=0", "--worker_batches=0", "--overlap=false"]
+                "--worker_index=0", "--worker_batches=0", "--overlap=false"] + \
+            ([f"--sampler_state={state}"] if position is not None else [])
         env = standalone_env(OMP_NUM_THREADS="1", **({"GRPO_REF_TOKEN": token} if token else {}))
         proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=open(log, "w"),
                                 stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=_die_with_parent)
@@ -88,6 +95,7 @@ class Sampler:
                 weights = dict(tensors=tensors, aliases=aliases, metadata=lora.publish_metadata(module))
             got = self.sender.send(version, step, running, **weights)
             self.wait_seconds, self.send_seconds = got["wait_seconds"], got["send_seconds"]
+            self.position = got["peer_state"]
         except (handoff.HandoffError, RuntimeError) as e:  # RuntimeError: the group's own failure
             if running():  # the group failed under a live sampler: it is stopped (one line later)
                 self.failure = f"the weights handoff failed: {(str(e).splitlines() or [''])[0][:200]}"
@@ -205,10 +213,12 @@ def finalize(cfg, dist):
 
 
 def start_overlap(cfg, dist, ref, module: torch.nn.Module, version: int, step: int,
-                  run_dir: Path) -> Overlap | None:
+                  run_dir: Path, held: dict | None = None) -> Overlap | None:
     """With --overlap (finalized): global rank 0 starts the sampler on the reference's device
     (`ref`: rollout_source.RefTarget) and hands it the current weights (of `step`); every rank
-    gets the Overlap view (the sampler's pid for ranks on its node). None without overlap."""
+    gets the Overlap view (the sampler's pid for ranks on its node). `held`: a resumed run's
+    checkpoint entry (`hold_next_batch`): the sampler continues from its position. None without
+    overlap."""
     from simple_grpo.train import collectives
 
     if cfg.overlap != "true":
@@ -216,10 +226,47 @@ def start_overlap(cfg, dist, ref, module: torch.nn.Module, version: int, step: i
     sampler, pid = None, 0
     if dist.rank == 0:
         device = ref.device or "cpu"
-        sampler = Sampler.start(cfg, ref.url, ref.token, device, dist.world_size, dist.device, run_dir)
+        sampler = Sampler.start(cfg, ref.url, ref.token, device, dist.world_size, dist.device, run_dir,
+                                position=held["sampler"] if held else None)
         pid = sampler.proc.pid
         print(f"[trainer] overlap: a sampler on {device} samples each next batch while this one "
               f"trains (pid {pid}, weights by {sampler.sender.backend}, log: {sampler.log})", flush=True)
         sampler.publish(module, version, step)
     pid = collectives.all_gather_objects(pid, dist.device)[0]
     return Overlap(sampler, dist, pid)
+
+
+def hold_next_batch(ctx, weight_version: int) -> dict | None:
+    """Before a checkpoint, with the sampler running (every rank): take this rank's batch of the
+    next step from the queue now and keep it for that step (ctx.prefetched); -> what an exact
+    resume needs (the checkpoint's "overlap" entry): every rank's batch, and the sampler's position
+    after them (rank 0's; the handoff of the step just ended reported it), or None (no sampler, or
+    one that died). Batch k+1 was sampled with step k-1's weights, which no checkpoint holds, so
+    the batch itself is kept; the sampler resumes at the batch after it (`resume_held`)."""
+    import base64
+
+    from simple_grpo.train import collectives
+    from simple_grpo.wire import codec
+
+    running = ctx.overlap is not None and ctx.overlap.running
+    got = ctx.ref.next_batch(weight_version, stop=ctx.overlap.stopped) if running else None
+    ctx.prefetched = got
+    if ctx.overlap is None:
+        return None
+    blob = base64.b64encode(codec.encode(got)).decode() if got is not None else None
+    batches = collectives.all_gather_objects(blob, ctx.dist.device)
+    sampler = ctx.overlap.sampler
+    position = sampler.position if sampler is not None else None
+    if any(b is None for b in batches) or (ctx.dist.rank == 0 and position is None):
+        return None
+    return {"batches": batches, "sampler": position}
+
+
+def resume_held(ctx, held: dict | None) -> None:
+    """A resumed run (every rank): the batch its checkpoint held for this rank's next step."""
+    import base64
+
+    from simple_grpo.wire import codec
+
+    if held is not None and ctx.overlap is not None:
+        ctx.prefetched = codec.decode(base64.b64decode(held["batches"][ctx.dist.rank]))

@@ -181,7 +181,8 @@ class Sender(_End):
         trained nothing). The header goes through the store; the sampler answers when it is
         ready (it finishes the batch it samples first), and only then do the buckets go, so
         neither end ever waits inside a collective -> {"wait_seconds": until it was ready,
-        "send_seconds": the tensors, "bytes"}."""
+        "send_seconds": the tensors, "bytes", "peer_state": what the sampler said with its ready
+        (its position, for a checkpoint)}."""
         t0, n = time.perf_counter(), self.count
         tensors = tensors or {}
         manifest = [[k, str(t.dtype).removeprefix("torch."), list(t.shape)] for k, t in tensors.items()]
@@ -189,6 +190,7 @@ class Sender(_End):
             "protocol": PROTOCOL, "version": version, "step": step, "bucket_bytes": self.bucket_bytes,
             "tensors": manifest, "aliases": aliases or {}, "metadata": metadata or {}}))
         _poll(lambda: self.store.check([f"{KEY}/ready/{n}"]), alive)
+        peer_state = json.loads(self.store.get(f"{KEY}/ready/{n}"))
         self.store.delete_key(f"{KEY}/publish/{n}")
         self.store.delete_key(f"{KEY}/ready/{n}")
         self.count += 1
@@ -204,7 +206,8 @@ class Sender(_End):
             sent += size
         if tensors:
             self.sent_version = version
-        return {"wait_seconds": t1 - t0, "send_seconds": time.perf_counter() - t1, "bytes": sent}
+        return {"wait_seconds": t1 - t0, "send_seconds": time.perf_counter() - t1, "bytes": sent,
+                "peer_state": peer_state}
 
 
 class Receiver(_End):
@@ -223,10 +226,11 @@ class Receiver(_End):
         store = tdist.TCPStore(a.host, a.port, world_size=2, is_master=False, timeout=timeout)
         return cls(store, _group(store, 1, a.backend, timeout), a.backend, torch.device(device))
 
-    def recv(self, fit: Callable[[list[str], dict, dict], dict[str, torch.Tensor]]) -> tuple[int, int, bool]:
+    def recv(self, fit: Callable[[list[str], dict, dict], dict[str, torch.Tensor]],
+             state: dict | None = None) -> tuple[int, int, bool]:
         """The next publish, copied into the tensors `fit(names, aliases, metadata)` names (a
         model's parameters, by the names sent; it raises when they don't fit) -> (version, step,
-        whether tensors came)."""
+        whether tensors came). `state` (JSON-able) goes to the trainer with the ready."""
         key, n, t = f"{KEY}/publish/{self.count}", self.count, time.perf_counter()
         _poll(lambda: self.store.check([key]))
         self.waited = time.perf_counter() - t  # for the trainer to publish: the gate's wait
@@ -239,7 +243,7 @@ class Receiver(_End):
         targets: dict[str, list[torch.Tensor]] = {}
         for name, param in params.items():
             targets.setdefault(info["aliases"].get(name, name), []).append(param)
-        self.store.set(f"{KEY}/ready/{n}", "1")
+        self.store.set(f"{KEY}/ready/{n}", json.dumps(state))
         self.count += 1
         with torch.no_grad():
             for bucket in _layout(manifest, info["bucket_bytes"]):
