@@ -307,7 +307,7 @@ class TrainConfig:
     scores the next batch with the previous step's weights while this one trains: at most one step
     stale, corrected by TIS (--tis=auto: token). auto: on when the trainer starts that server
     (beta > 0, no LoRA, no --ref_url) and has a device to spare for it (a GPU, or a CPU core).
-    Not yet the default: a resumed run's sampler restarts its own prompt order."""
+    Not yet the default: it is repeatable and resumes exactly, but unmeasured on GPUs."""
     weights_from: str | None = None
     """Worker: take the trainer's weights straight from its rank 0 through a torch.distributed
     group at this address (the overlap sampler's: gloo://HOST:PORT or nccl://HOST:PORT), every
