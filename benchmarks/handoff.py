@@ -3,7 +3,7 @@ against the file handoff it replaced (a CPU snapshot, a safetensors file in /dev
 sampler's load of it), both measured in the same run on a model of a real shape with random
 weights (no download), trainer and sampler in two processes on this machine.
 
-    python benchmarks/handoff.py [--shape=qwen2.5-1.5b|tiny] [--versions=3] [--bucket_mb=256]
+    python benchmarks/handoff.py [--shape=qwen2.5-1.5b|tiny] [--versions=3] [--bucket_mb=128]
                                  [--dtype=bfloat16] [--device=cpu|cuda|cuda:N] [--sampler_device=...]
 
 On one GPU (both ends on it) the group is gloo, one bucket at a time through host memory; on two
@@ -94,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="qwen2.5-1.5b", choices=sorted(SHAPES))
     ap.add_argument("--versions", type=int, default=3)
-    ap.add_argument("--bucket_mb", type=int, default=256)
+    ap.add_argument("--bucket_mb", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cpu", help="the trainer's device")
     ap.add_argument("--sampler_device", default=None, help="the sampler's (default: --device)")

@@ -18,14 +18,16 @@ tied tensors' aliases; a LoRA adapter's metadata), the sampler's "ready" in the 
 finished the batch it samples, then the tensors' bytes as broadcasts from rank 0, packed in
 buckets of at most `bucket_bytes`, each tensor at a 64-byte aligned offset. Waits happen in
 Python on the store, never inside a collective (a group with a collective pending cannot be torn
-down: a SIGTERM'd sampler would hang at exit, a dead one would hold the trainer to the timeout). The receiver copies each bucket's tensors into its model's parameters in
-place (converting the dtype if the sampler's differs): one bucket of extra memory on each side.
+down: a SIGTERM'd sampler would hang at exit, a dead one would hold the trainer to the
+timeout). The receiver copies each bucket's tensors into its model's parameters in place
+(converting the dtype if the sampler's differs); two buckets take turns on each end.
 The sampler receives every publish in order, one per trainer step, so the weights it samples a
 batch with are exactly the ones its schedule names (`required_step`), whatever the timing.
 
-GPU arithmetic (Qwen2.5-7B, 15.2 GB in bf16, 256 MiB buckets = 58 broadcasts): NVLink (~150 GB/s
-achieved) ~0.1 s, PCIe 4 x16 (~20 GB/s) ~0.8 s, plus one bucket's device copy per broadcast
-(~0.2 ms at 1.5 TB/s). gloo on CPU, measured 1.9 GB/s over loopback (BENCHMARKS.md).
+GPU arithmetic (Qwen2.5-7B, 15.2 GB in bf16, 128 MiB buckets = 114 broadcasts, two buckets of
+memory on each end): NVLink (~150 GB/s achieved) ~0.1 s, PCIe 4 x16 (~20 GB/s) ~0.8 s; filling a
+bucket on the GPU (~0.1 ms at 1.5 TB/s) overlaps the previous bucket's transfer. gloo on this CPU
+bench: BENCHMARKS.md ("Weights to the overlap sampler").
 """
 from __future__ import annotations
 
@@ -119,19 +121,35 @@ class _End:
     def __init__(self, store, pg, backend: str, device: torch.device):
         self.store, self.pg, self.backend = store, pg, backend
         self.device = device if backend == "nccl" else torch.device("cpu")  # where buffers live
-        self.buf: torch.Tensor | None = None
+        self.bufs: list[torch.Tensor | None] = [None, None]  # two buckets: one filled, one in flight
         self.count = 0  # publishes so far: the next one's key
 
-    def _bcast(self, t: torch.Tensor, alive: Callable[[], bool] | None = None) -> None:
-        """One bucket, broadcast from rank 0 (both ends are in it by then: see `send`)."""
-        work = self.pg.broadcast([t])
+    def _stream(self, buckets: list, fill=None, drain=None, alive: Callable[[], bool] | None = None) -> int:
+        """The buckets as broadcasts from rank 0 (both ends are in them by then: see `send`), in
+        two buffers by turns: the sender fills the next bucket while the last is on the wire, the
+        receiver copies the last one out while the next arrives -> bytes."""
+        pending, sent = None, 0
+        for k, bucket in enumerate(buckets):
+            size = bucket[-1][1] + bucket[-1][2]
+            if self.bufs[k % 2] is None or self.bufs[k % 2].numel() < size:
+                self.bufs[k % 2] = torch.empty(size, dtype=torch.uint8, device=self.device)
+            buf = self.bufs[k % 2][:size]  # its last broadcast (bucket k - 2) is done: waited below
+            if fill is not None:
+                fill(bucket, buf)
+            work = self.pg.broadcast([buf])
+            if pending is not None:
+                self._finish(*pending, drain, alive)
+            pending, sent = (work, bucket, buf), sent + size
+        if pending is not None:
+            self._finish(*pending, drain, alive)
+        return sent
+
+    @staticmethod
+    def _finish(work, bucket, buf, drain, alive) -> None:
         _poll(work.is_completed, alive)
         work.wait()  # raises if the broadcast failed (gloo: the peer closed its end)
-
-    def _buffer(self, n: int) -> torch.Tensor:
-        if self.buf is None or self.buf.numel() < n:
-            self.buf = torch.empty(n, dtype=torch.uint8, device=self.device)
-        return self.buf
+        if drain is not None:
+            drain(bucket, buf)
 
     def close(self) -> None:
         if self.pg is not None:
@@ -153,7 +171,7 @@ class Sender(_End):
 
     @classmethod
     def listen(cls, backend: str, device: str | torch.device, timeout_s: float = 3600.0,
-               bucket_bytes: int = 256 << 20) -> "Sender":
+               bucket_bytes: int = 128 << 20) -> "Sender":
         timeout = datetime.timedelta(seconds=timeout_s)
         store = tdist.TCPStore("127.0.0.1", 0, world_size=2, is_master=True, wait_for_workers=False,
                                timeout=timeout)
@@ -194,16 +212,14 @@ class Sender(_End):
         self.store.delete_key(f"{KEY}/publish/{n}")
         self.store.delete_key(f"{KEY}/ready/{n}")
         self.count += 1
-        t1, sent = time.perf_counter(), 0
-        values = list(tensors.values())
-        for bucket in _layout(manifest, self.bucket_bytes):
-            size = bucket[-1][1] + bucket[-1][2]
-            buf = self._buffer(size)[:size]
+        t1, values = time.perf_counter(), list(tensors.values())
+
+        def fill(bucket, buf):
             with torch.no_grad():
                 for i, off, nbytes in bucket:
                     buf[off:off + nbytes].copy_(values[i].detach().reshape(-1).view(torch.uint8))
-            self._bcast(buf, alive)
-            sent += size
+
+        sent = self._stream(_layout(manifest, self.bucket_bytes), fill=fill, alive=alive)
         if tensors:
             self.sent_version = version
         return {"wait_seconds": t1 - t0, "send_seconds": time.perf_counter() - t1, "bytes": sent,
@@ -243,21 +259,22 @@ class Receiver(_End):
         targets: dict[str, list[torch.Tensor]] = {}
         for name, param in params.items():
             targets.setdefault(info["aliases"].get(name, name), []).append(param)
+        for name, dtype, shape in manifest:  # before it says ready
+            for param in targets[name]:
+                if tuple(param.shape) != tuple(shape):
+                    raise UserError(f"published weight {name} has shape {tuple(shape)}, the model "
+                                    f"{tuple(param.shape)}: start the sampler with the trainer's --model")
         self.store.set(f"{KEY}/ready/{n}", json.dumps(state))
         self.count += 1
-        with torch.no_grad():
-            for bucket in _layout(manifest, info["bucket_bytes"]):
-                size = bucket[-1][1] + bucket[-1][2]
-                buf = self._buffer(size)[:size]
-                self._bcast(buf)
+
+        def drain(bucket, buf):
+            with torch.no_grad():
                 for i, off, nbytes in bucket:
                     name, dtype, shape = manifest[i]
                     src = buf[off:off + nbytes].view(getattr(torch, dtype)).view(shape)
                     for param in targets[name]:
-                        if tuple(param.shape) != tuple(shape):
-                            raise UserError(f"published weight {name} has shape {tuple(shape)}, the "
-                                            f"model {tuple(param.shape)}: start the sampler with the "
-                                            f"trainer's --model")
                         param.copy_(src)
+
+        self._stream(_layout(manifest, info["bucket_bytes"]), drain=drain)
         self.first = info["step"] if self.first is None else self.first
         return info["version"], info["step"], bool(manifest)
