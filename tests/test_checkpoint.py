@@ -274,7 +274,8 @@ def test_resume_modes(mode, saved, expect, make_engine, tmp_path, capsys):
         assert stream_b.state_dict()["position"] == 0
         assert all(torch.equal(v, fresh_params[k]) for k, v in params(b).items()), "weights untouched"
         return
-    assert got == {"step": 2, "weight_version": 5, "run_id": "run-a", "empty_steps": 1}, "the same run, resumed"
+    assert got == {"step": 2, "weight_version": 5, "run_id": "run-a", "empty_steps": 1,
+                   "overlap": None}, "the same run, resumed"
     assert f"resumed from {tmp_path / 'step-000002'} at step 2" in out, out
     assert [e["question"] for e in stream_b.next_batch(2)] == want_next, "the data position"
     assert torch.equal(torch.rand(4), want_rand), "the RNG state"

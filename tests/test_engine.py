@@ -156,6 +156,7 @@ def test_offload_optimizer_steps_equal_plain_adamw(dist_env):
     assert float(engine.get_lr()[0]) == float(plain.get_lr()[0]) == pytest.approx(1e-2)
 
 
+@pytest.mark.slow
 def test_offload_without_a_compiler_is_one_line(tiny_model_dir, tmp_path):
     """Where CPU Adam cannot be built (here: CXX names no compiler and the extension cache is
     empty), the trainer stops with one line that says how to get it built, and exit code 2."""

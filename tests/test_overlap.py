@@ -81,6 +81,7 @@ def test_overlap_trains_the_samplers_batches_one_step_stale(tiny_model_dir, tmp_
     assert saved["overlap"] == "true" and saved["tis"] == "token"
 
 
+@pytest.mark.slow
 def test_overlap_with_two_iterations_is_one_step_stale(tiny_model_dir, tmp_path, monkeypatch):
     """--num_iterations=2: a step advances the weights 2 versions, and the sampler's gate waits
     for the weights of the step before last, counted in steps: every trained batch is exactly one
@@ -101,7 +102,7 @@ def test_overlap_with_two_iterations_is_one_step_stale(tiny_model_dir, tmp_path,
 
 
 @pytest.mark.parametrize("when", [
-    "between_steps",  # found dead when step 3 begins
+    pytest.param("between_steps", marks=pytest.mark.slow),  # found dead when step 3 begins
     "while_waiting",  # killed while the trainer waits for step 3's batch: the wait ends at once
     "while_handing",  # killed as step 2's weights go to it: the send ends at once
 ])
@@ -194,6 +195,7 @@ def test_overlap_true_whose_batches_max_staleness_drops_is_one_line():
         sampler.finalize(cfg, dist)
 
 
+@pytest.mark.slow
 def test_a_killed_trainer_leaves_no_sampler(tiny_model_dir, tmp_path):
     """kill -9 of the trainer: its sampler gets SIGTERM (PDEATHSIG) and exits (the trainer had no
     chance to stop it), even while it waits for weights that will never come."""

@@ -59,6 +59,7 @@ def test_reference_started_for_you(tiny_model_dir, procs, tmp_path):
     assert "published_version" not in metrics[-1], "no publisher: no worker can exist"
 
 
+@pytest.mark.slow
 def test_lora_in_one_process(tiny_model_dir, procs, tmp_path):
     (cmd,) = recipe("lora")
     assert cmd.argv[0] == "python" and option(cmd, "lora_r") == "16"

@@ -244,6 +244,7 @@ def line_with(lines: list[str], text: str) -> list[str]:
     return [ln for ln in lines if text in ln]
 
 
+@pytest.mark.slow
 def test_full_disk_at_checkpoint_warn_keeps_training(tiny_model_dir, tmp_path, trainers):
     ckpts = tmp_path / "checkpoints"
     # --min_free_gb above any real disk: the pre-save check warns before each of the 3 saves
