@@ -47,3 +47,13 @@ def test_cpu_line_pins_the_cpu_wheel(cuda_torch_installed, tmp_path):
                 if i["metadata"]["name"] == "torch"] == ["2.13.0"], install
     else:  # no torch 2.13.0 wheel reachable offline: pip still shows it wanted one
         assert "torch==2.13.0" in r.stderr, r.stderr[-2000:]
+
+
+def test_cpu_line_names_the_torch_pin_before_the_core_file():
+    """pip starts a package from the first line that names it: with requirements-core.txt's
+    `torch>=2.11` first it fetched the newest torch (a 554 MB wheel) and then backtracked to the
+    pin (measured with `pip install --dry-run -r requirements.txt`: torch-2.14.1 processed, then
+    2.13.0+cpu; with the pin first, 2.13.0+cpu alone)."""
+    lines = [x.split("#")[0].strip() for x in (ROOT / "requirements.txt").read_text().splitlines()]
+    lines = [x for x in lines if x]
+    assert lines.index("torch==2.13.0") < lines.index("-r requirements-core.txt"), lines
