@@ -79,13 +79,13 @@ def test_store_versions_and_restart(tmp_path):
 def test_publish_download_roundtrip_and_workers(ref_server, tiny_model, tmp_path):
     srv = ref_server(weights_dir=str(tmp_path / "w"))
     client = RefClient(srv.url, retries=1, backoff_s=0.01)
-    assert client.weights_version() == {"version": None}
+    assert client.weights_version() == {"version": None, "run_id": None}
     r = requests.get(srv.url + "/weights")
     assert r.status_code == 404 and "no weights" in r.json()["error"]
     sd = tiny_model.state_dict()
     meta = client.publish_weights(iter_state_dict_safetensors(sd, chunk_bytes=8192), version=1)
     assert meta["version"] == 1 and meta["dtype"] == "F32"
-    assert client.weights_version("gen-0", running_version=0) == meta
+    assert client.weights_version("gen-0", running_version=0) == {**meta, "run_id": None}
     dest = client.download_weights(tmp_path / "policy.safetensors", expected_sha256=meta["sha256"])
     assert_tensors_equal(load_safetensors_file(dest), sd)
     assert client.last_weights == {"version": 1, "sha256": meta["sha256"], "bytes": meta["bytes"]}
@@ -123,7 +123,7 @@ def test_bad_uploads_keep_previous_version(ref_server, tmp_path):
         assert e.value.status == 413
     r = requests.post(srv.url + "/weights", data=good)
     assert r.status_code == 400 and "version" in r.json()["error"]
-    assert client.weights_version() == meta
+    assert client.weights_version() == {**meta, "run_id": None}
     assert requests.get(srv.url + "/weights").content == good
     assert client.stats()["rejected"] >= 6
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -395,3 +396,50 @@ def test_trainer_refuses_a_server_holding_newer_weights(tiny_model_dir, tiny_mod
             "rewards": "overlong", "eval_every": 0, **SMALL}
     with pytest.raises(UserError, match="holds weight version 9, newer than this run's 0"):
         grpo_ref_split.main([f"--{k}={v}" for k, v in args.items()])
+
+
+def test_a_worker_and_a_server_outlive_a_run_and_serve_the_next(tiny_model_dir, ref_server, tmp_path,
+                                                                 capsys):
+    """Runs a then b (a new run id each) against one server and one worker process: at b's start
+    the worker drops run a's weights in one line and samples again only with b's, so every batch b
+    trains is of one of b's own versions (a batch of a's would carry a version newer than b's and
+    be dropped). Then the server restarts on its --weights_dir (holding b's weights and b's run
+    id) and run c is accepted after one line, where it was refused for b's 'newer' version."""
+    sys.path.insert(0, str(ROOT))
+    import grpo_ref_split
+
+    weights = tmp_path / "weights"
+    srv = ref_server(queue_size=1, weights_dir=str(weights))
+    common = [f"--model={tiny_model_dir}", f"--ref_url={srv.url}", "--rewards=overlong"] + \
+        [f"--{k}={v}" for k, v in SMALL.items()]
+    train = ["--steps=3", "--generate_locally=false", "--eval_every=0", "--save_every=0",
+             "--plot_every=0", "--publish_every=1", "--ref_timeout=120", "--lr=1e-3"]
+    log = tmp_path / "worker.log"
+    worker = _spawn(common + ["--mode=generate", "--worker_index=5"], log)
+    try:
+        for name in ("a", "b"):
+            grpo_ref_split.main(common + train + [f"--run_dir={tmp_path / name}"])
+            assert RefClient(srv.url).weights_version()["version"] == 3, name
+        text = log.read_text()
+        assert text.count("follows a new run") == 1, text[-3000:]
+        after = text.split("follows a new run")[1]
+        versions = [int(v) for v in re.findall(r"batch \d+: version (\d+)", after)]
+        assert versions and max(versions) <= 3, versions
+        rows, trained = _rows(tmp_path / "b" / "metrics.jsonl"), _rows(tmp_path / "b" / "batches.jsonl")
+        before = {r["step"] + 1: r["weight_version"] for r in rows} | {1: 0}
+        assert [b["producer"].startswith("gen-") for b in trained] == [True] * 3
+        assert all(b["weight_version"] <= before[b["step"]] for b in trained), trained
+    finally:
+        worker.kill()
+        worker.wait()
+    srv.close()
+    capsys.readouterr()
+    again = ref_server(weights_dir=str(weights))  # restarted: serves b's version 3 of run b
+    assert RefClient(again.url).weights_version()["version"] == 3
+    RefClient(again.url).weights_version("gen-x", 0)  # a worker is there: the run publishes
+    grpo_ref_split.main([f"--model={tiny_model_dir}", f"--ref_url={again.url}", "--rewards=overlong",
+                         f"--run_dir={tmp_path / 'c'}", "--steps=1", "--eval_every=0", "--save_every=0",
+                         "--plot_every=0"] + [f"--{k}={v}" for k, v in SMALL.items()])
+    out = capsys.readouterr().out
+    assert "new run" in out and "dropped the previous run's weights" in out, out[-2000:]
+    assert RefClient(again.url).weights_version()["version"] == 1, "run c's own weights"

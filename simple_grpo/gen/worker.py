@@ -47,6 +47,7 @@ T = TypeVar("T")
 # weight syncs: by delta chain / full file, delta attempts that failed (then a full download), the
 # server had no chain (too far behind, a new run), links applied, bytes downloaded (deltas + full
 # files); seconds of the last sync (what generation waited), its delta application and model load
+NO_WEIGHTS = -1  # our version after the server started a new run: nothing to sample with yet
 SYNC_COUNTS = {"delta_syncs": 0, "full_syncs": 0, "delta_fallbacks": 0, "delta_unavailable": 0,
                "delta_links": 0, "bytes_downloaded": 0, "sync_seconds": 0.0, "apply_seconds": 0.0,
                "load_seconds": 0.0, "sync_seconds_total": 0.0}
@@ -89,6 +90,7 @@ class Worker:
         self.contract = batch_contract.expected_contract(cfg, self.specs, model_id,  # on every batch
                                                          self.tokenizer)
         self.version = 0  # the base model is version 0 of a fresh run
+        self.run_id: str | None = None  # the run whose weights we sample with (the server's)
         self.step: int | None = None  # --weights_from: the trainer step of the weights we sample with
         self.receiver = None  # --weights_from: our end of the handoff (simple_grpo/wire/handoff.py)
         self.dir = Path(tempfile.mkdtemp(prefix="simple_grpo-worker-"))  # our weights file; removed at
@@ -128,6 +130,12 @@ class Worker:
         worker, one too far behind (or of another run) downloads the full file, and so does one
         whose delta fails (corrupt, truncated, a mismatch: one log line, `delta_fallbacks`)."""
         info = self.call("poll weights", lambda: self.client.weights_version(self.id, self.version))
+        run = info.get("run_id")
+        if run is not None and self.run_id is not None and run != self.run_id:  # a new run: our
+            log(f"[{self.id}] the server follows a new run ({run}): dropping weight version "  # weights
+                f"{self.version} of run {self.run_id}, waiting for the new run's")  # are the old run's
+            self.version, self.weights_sha256 = NO_WEIGHTS, None
+        self.run_id = run if run is not None else self.run_id
         if info.get("version") is None or info["version"] == self.version:
             return False
         t0 = time.perf_counter()
@@ -306,6 +314,9 @@ def run_worker(cfg) -> dict:
         if w.follow_trainer() if cfg.weights_from else w.sync_weights():  # the sampler: --max_ahead
             log(f"[{w.id}] loaded weight version {w.version}" +  # steps ahead of the weights
                 (f" (trainer step {w.step})" if cfg.weights_from else ""))
+        if w.version == NO_WEIGHTS:  # a new run has published nothing yet: no batch of old weights
+            time.sleep(1.0)
+            continue
         t0 = time.perf_counter()
         left = cfg.worker_batches - w.counts["batches"] if cfg.worker_batches else cfg.trainer_ranks
         for batch, stats in w.make_batches(min(cfg.trainer_ranks, left)):  # one step's shares at once

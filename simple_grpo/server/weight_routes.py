@@ -4,7 +4,7 @@ generation workers poll the version and download the file.
     POST /weights?version=N   body = a safetensors file (Content-Length or chunked), streamed to
                               disk -> 200 {"version", "bytes", "sha256", "dtype"}; 400 invalid
                               body or version, 409 version not newer than the current, 413 too big
-    GET  /weights/version     200 {"version": N | null, "bytes", "sha256", "dtype"}; headers
+    GET  /weights/version     200 {"version": N | null, "bytes", "sha256", "dtype", "run_id"}; headers
                               X-Worker-Id + X-Weight-Version record what a worker runs (/stats)
     GET  /weights             the current file (Content-Length, ETag = "sha256", X-Weight-Version);
                               Range: bytes=START- (or START-END) -> 206 to resume (If-Range with
@@ -24,7 +24,8 @@ generation workers poll the version and download the file.
                               "dropped"}: another run than the last one drops the queue's batches
                               and the published weights (their versions counted the old run's
                               steps); the same run (a resume), or the first run a server sees,
-                              keeps both
+                              keeps both. The run is kept beside the weights (--weights_dir
+                              run.json), so a restarted server knows whose weights it holds
 """
 from __future__ import annotations
 
@@ -173,12 +174,14 @@ def add_weight_routes(app: bottle.Bottle, state, handler, store: WeightStore) ->
         rid = bottle.request.query.get("id", "")
         if not _WORKER_ID.fullmatch(rid):
             raise ApiError(400, "POST /run needs ?id=RUN ([A-Za-z0-9_.:@-]{1,128})")
-        reset = run["id"] is not None and rid != run["id"]  # a fresh server keeps what --weights_dir had
+        known = run["id"] if run["id"] is not None else store.saved_run()  # a restarted server:
+        reset = known is not None and rid != known  # the run of the weights its --weights_dir holds
         dropped = 0
         if reset:
             dropped = state.queue.reset()
             store.reset()
         run["id"] = rid
+        store.save_run(rid)
         return json_response({"run_id": rid, "reset": reset, "dropped": dropped})
 
     @app.get("/weights/version")
@@ -194,7 +197,7 @@ def add_weight_routes(app: bottle.Bottle, state, handler, store: WeightStore) ->
             except ValueError:
                 raise ApiError(400, "X-Weight-Version must be an int") from None
             workers.report(wid, running)
-        return json_response(store.current() or {"version": None})
+        return json_response({**(store.current() or {"version": None}), "run_id": run["id"]})
 
     @app.get("/weights")
     @handler

@@ -26,7 +26,7 @@ from simple_grpo.wire import delta
 from simple_grpo.wire.delta_apply import apply_deltas
 from simple_grpo.wire.weights import InvalidWeights, check_safetensors
 
-WEIGHTS_FILE, META_FILE = "weights.safetensors", "weights.json"
+WEIGHTS_FILE, META_FILE, RUN_FILE = "weights.safetensors", "weights.json", "run.json"
 DELTA_FILE = "delta-{}-{}.sgwd"
 
 
@@ -276,6 +276,17 @@ class WeightStore:
     def publish(self, chunks, version: int) -> dict[str, Any]:
         """In-process publish from an iterable of byte chunks."""
         return _write_all(self.begin(version), chunks)
+
+    def saved_run(self) -> str | None:
+        """The run whose weights the folder holds (a restarted server's --weights_dir), if known."""
+        try:
+            return json.loads((self._folder / RUN_FILE).read_text())["run_id"] if self._folder else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def save_run(self, run_id: str) -> None:
+        if self._folder is not None:
+            write_text_atomic(self._folder / RUN_FILE, json.dumps({"run_id": run_id}))
 
     def reset(self) -> None:
         """A new training run: forget the published weights (their versions were another run's)."""

@@ -118,8 +118,9 @@ class RefConnection:
         self._taken[b.batch_id] = None
         while len(self._taken) > 100_000:
             self._taken.popitem(last=False)
-        if self.max_staleness >= 0 and weight_version - b.weight_version > self.max_staleness:
-            self.counts["stale_dropped"] += 1
+        if (self.max_staleness >= 0 and weight_version - b.weight_version > self.max_staleness) or \
+                b.weight_version > weight_version:  # newer than ours: another run's weights, or
+            self.counts["stale_dropped"] += 1      # published after the checkpoint we resumed from
             return False
         if self.batch_rows and b.batch_size != self.batch_rows:
             self._reject(b, f"{b.batch_size} rows, this trainer takes {self.batch_rows}",
