@@ -199,7 +199,7 @@ def evaluate(ctx: StepContext, examples: list[dict]) -> float:
 
 
 RUN_FILES = ("metrics.jsonl", "batches.jsonl", "samples.jsonl", "plots.png", "checkpoints", "final",
-             "sampler.log", "sampler-config.json", "tensorboard")
+             "sampler.log", "sampler-config.json", "sampler-state.json", "tensorboard")
 
 
 def claim_run_dir(run_dir: Path, resume: str, overwrite: bool, rank: int) -> None:
