@@ -280,6 +280,14 @@ def load_latest(engine, ckpt_root: Path) -> dict | None:
 RESUME_MODES = ("false", "true", "auto")
 
 
+def require_checkpoint(ckpt_root: Path) -> None:
+    """--resume=true needs a checkpoint: one UserError line when `ckpt_root` names none (one it
+    names but lacks is load_latest's own line)."""
+    if _read_latest(Path(ckpt_root)) is None:
+        raise UserError(f"--resume=true: no checkpoint in {ckpt_root} (--resume=auto starts fresh "
+                        f"when there is none)")
+
+
 def resume(engine, ckpt_root: Path, mode: str, stream, rank: int) -> dict:
     """Where the run starts -> {"step", "weight_version", "run_id", "empty_steps", "overlap" (the
     overlap sampler's held batches and position: sampler.hold_next_batch)}. Call on every rank.
@@ -294,8 +302,7 @@ def resume(engine, ckpt_root: Path, mode: str, stream, rank: int) -> dict:
     assert mode in RESUME_MODES, f"resume must be one of {RESUME_MODES}, got {mode!r}"
     client = None if mode == "false" else load_latest(engine, ckpt_root)
     if client is None and mode == "true":
-        raise UserError(f"--resume: no checkpoint in {ckpt_root} (--resume=auto starts fresh when "
-                        f"there is none)")
+        require_checkpoint(ckpt_root)
     if client is None:
         return {"step": 0, "weight_version": 0, "run_id": uuid.uuid4().hex, "empty_steps": 0, "overlap": None}
     stream.load_state_dict(client["stream"][rank])

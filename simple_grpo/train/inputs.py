@@ -33,7 +33,7 @@ def check_inputs(cfg, run_dir: Path) -> None:
     """Every input check that needs no model: the rewards (names, a rewards file, --eval_reward),
     the task files and names, --resume with something to resume, optional packages."""
     from simple_grpo.gen.reward_registry import get_reward, reward_specs, validate_specs
-    from simple_grpo.train.checkpoint import latest_checkpoint
+    from simple_grpo.train.checkpoint import require_checkpoint
 
     validate_specs(reward_specs(cfg))  # a rewards file is loaded here: its DEFAULT_REWARDS checked
     if cfg.eval_every > 0:
@@ -44,9 +44,8 @@ def check_inputs(cfg, run_dir: Path) -> None:
     check_task(cfg.task)
     if cfg.eval_task:
         check_task(cfg.eval_task, "--eval_task")
-    if cfg.resume == "true" and latest_checkpoint(run_dir / "checkpoints") is None:
-        raise UserError(f"--resume=true: no checkpoint in {run_dir / 'checkpoints'} (--resume=auto "
-                        f"starts fresh when there is none)")
+    if cfg.resume == "true":
+        require_checkpoint(run_dir / "checkpoints")
     for flag, package in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
         if getattr(cfg, flag) and importlib.util.find_spec(package) is None:
             raise UserError(f"--{flag} needs the {package} package: pip install {package} (or drop --{flag})")

@@ -248,11 +248,10 @@ def hold_next_batch(ctx, weight_version: int) -> dict | None:
     from simple_grpo.train import collectives
     from simple_grpo.wire import codec
 
-    running = ctx.overlap is not None and ctx.overlap.running
-    got = ctx.ref.next_batch(weight_version, stop=ctx.overlap.stopped) if running else None
-    ctx.prefetched = got
-    if ctx.overlap is None:
+    if ctx.overlap is None:  # the same on every rank
         return None
+    got = ctx.ref.next_batch(weight_version, stop=ctx.overlap.stopped) if ctx.overlap.running else None
+    ctx.prefetched = got
     blob = base64.b64encode(codec.encode(got)).decode() if got is not None else None
     batches = collectives.all_gather_objects(blob, ctx.dist.device)
     sampler = ctx.overlap.sampler
