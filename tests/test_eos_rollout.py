@@ -56,12 +56,18 @@ def token_count(completion: str, example: dict) -> float:
 
 
 class InOrder:
+    """A prompt stream that serves the examples in their order; each batch's sampling seed is
+    where the stream stands (as PromptStream's)."""
+
     def __init__(self, examples):
         self.examples, self.i = examples, 0
 
     def next_batch(self, n):
         self.i += n
         return self.examples[self.i - n:self.i]
+
+    def sampling_seed(self):
+        return self.i
 
 
 def first_eos_lengths(ids_NC: torch.Tensor, eos: int) -> list[int]:

@@ -3,6 +3,8 @@ never lost, even when it lands inside a weakref callback (where Python swallows 
 from __future__ import annotations
 
 import subprocess
+
+import pytest
 import sys
 import textwrap
 from pathlib import Path
@@ -59,3 +61,43 @@ def test_user_error_is_one_line_and_exit_code_2(tmp_path):
     r = run(tmp_path, "bad")
     assert r.returncode == 2
     assert r.stderr.strip() == "prog: error: --x must be > 0"
+
+
+def test_a_line_every_rank_meets_is_printed_once_per_launch(monkeypatch, tmp_path):
+    """Under a launcher (WORLD_SIZE > 1) the first rank to report a line prints it and the others of
+    the launch stay quiet; another line, another launch (MASTER_PORT) or a stale marker prints."""
+    import os
+    import time
+
+    from simple_grpo import errors
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert errors.first_report("x: error: a") and errors.first_report("x: error: a")  # no launcher
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert errors.first_report("x: error: a")  # rank 0
+    assert not errors.first_report("x: error: a")  # rank 1: the same line
+    assert errors.first_report("x: error: b")  # a line of its own
+    monkeypatch.setenv("MASTER_PORT", "29501")
+    assert errors.first_report("x: error: a")  # another launch
+    for p in tmp_path.iterdir():
+        os.utime(p, (time.time() - 600, time.time() - 600))  # every marker an old launch's
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert errors.first_report("x: error: a")  # the old marker is claimed again
+    assert not errors.first_report("x: error: a")
+
+
+@pytest.mark.slow
+def test_torchrun_prints_a_bad_option_once(tmp_path):
+    """Two real ranks under torchrun, one bad option: its line once, the launcher's block after."""
+    from simple_grpo.train.engine import free_port, standalone_env
+
+    got = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", str(ROOT / "grpo_ref_split.py"), "--lr=-1",
+                          f"--run_dir={tmp_path}"],
+                         cwd=ROOT, env={**standalone_env(OMP_NUM_THREADS="1"), "TMPDIR": str(tmp_path)},
+                         capture_output=True, text=True, timeout=300)
+    lines = [x for x in got.stderr.splitlines() if "error: --lr must be > 0" in x]
+    assert got.returncode != 0 and len(lines) == 1, got.stderr[-3000:]
+    assert "exitcode  : 2" in got.stderr, got.stderr[-3000:]  # what the README says torchrun adds

@@ -117,6 +117,8 @@ OFF, TOK, MASK_TIS = TISSettings(), TISSettings("token"), TISSettings("token", "
     ("trainer-0", 4, True, 4, OFF, {}, ("trainer", False, False, None)),
     # ours, back one version late, tis off: bypass (sampling log-probs), dual clip 3
     ("trainer-0", 3, True, 4, OFF, {}, ("sampling", False, False, 3.0)),
+    # the overlap sampler's fresh batch (--max_ahead=0; the trainer's weights bit for bit): ours
+    ("trainer-sampler", 4, True, 4, OFF, {}, ("trainer", False, False, None)),
     # a worker's fresh batch, tis off: bypass, dual clip
     ("gen-1", 4, True, 4, OFF, {}, ("sampling", False, False, 3.0)),
     # ... tis on: decoupled, the trainer's own pi_old and the TIS weight

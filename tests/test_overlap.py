@@ -156,6 +156,7 @@ def test_a_dead_sampler_falls_back_to_local_generation(tiny_model_dir, tmp_path,
     ({"overlap": "true", "beta": 0.0}, "true"),             # asked on: a server is started for it
     ({"overlap": "auto", "num_iterations": 5}, "false"),    # auto: 5 versions a step > --max_staleness
     ({"overlap": "true", "num_iterations": 5, "max_staleness": -1}, "true"),  # nothing dropped
+    ({"overlap": "true", "max_ahead": 0, "max_staleness": 0}, "true"),  # on-policy: nothing stale
 ])
 def test_overlap_auto_and_its_tis(overrides, want):
     from types import SimpleNamespace
@@ -166,7 +167,8 @@ def test_overlap_auto_and_its_tis(overrides, want):
     cfg = resolve(parse_config(TrainConfig, [f"--{k}={v}" for k, v in overrides.items()]))
     dist = SimpleNamespace(device=SimpleNamespace(type="cpu"), local_world_size=1, world_size=1, rank=0)
     got = sampler.finalize(cfg, dist)
-    assert got.overlap == want and got.tis == ("token" if want == "true" else "off")
+    late = want == "true" and overrides.get("max_ahead") != 0  # --max_ahead=0: on-policy, no TIS
+    assert got.overlap == want and got.tis == ("token" if late else "off")
 
 
 def test_overlap_true_with_a_users_server_is_one_line():
@@ -253,6 +255,27 @@ def test_two_seeded_overlap_runs_end_bitwise_equal(tiny_model_dir, tmp_path, mon
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
     assert [r["reward_mean"] for r in _rows(tmp_path / "a")] == [r["reward_mean"] for r in _rows(tmp_path / "b")]
+
+
+@pytest.mark.slow
+def test_overlap_zero_steps_ahead_is_the_synchronous_run(tiny_model_dir, tmp_path):
+    """--max_ahead=0: the sampler samples each batch with the current weights, the trainer rank's
+    own prompts under the same seeds, and its batch is the trainer's (on-policy): the run is
+    bitwise the synchronous one, weights and every step's reward."""
+    from safetensors.torch import load_file
+
+    grpo_ref_split.main(_args(tiny_model_dir, tmp_path / "sync", steps=4, overlap="false"))
+    grpo_ref_split.main(_args(tiny_model_dir, tmp_path / "zero", steps=4, overlap="true", max_ahead=0))
+    rows = _rows(tmp_path / "zero")
+    assert all(r["overlap_batch"] == 1.0 and r["local_generation"] == 0.0 for r in rows), rows
+    assert [r["batch_staleness"] for r in rows] == [0] * 4
+    trained = [json.loads(x) for x in (tmp_path / "zero" / "batches.jsonl").read_text().splitlines()]
+    assert {t["producer"] for t in trained} == {"trainer-sampler"}, trained  # on-policy, as ours
+    a = load_file(str(tmp_path / "sync" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "zero" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    for key in ("reward_mean", "loss", "completion_len_mean"):
+        assert [r[key] for r in rows] == [r[key] for r in _rows(tmp_path / "sync")], key
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from simple_grpo.train.policy_step import loss_mask
 from simple_grpo.gen.reward_registry import RewardSpec, register
 from simple_grpo.gen.rollout import SampleSettings, eos_token_ids, make_rollout, sample
 from simple_grpo.wire.codec import RolloutBatch
+from test_eos_rollout import InOrder
 
 G = 4
 
@@ -19,18 +20,6 @@ G = 4
 def flat_or_varied(completion: str, example: dict) -> float:
     """Constant for examples marked flat (a zero-variance group), varied otherwise."""
     return 1.0 if example["flat"] else float(len(set(completion)))
-
-
-class InOrder:
-    """A prompt stream that serves the examples in their order (the trainer only calls next_batch)."""
-
-    def __init__(self, examples):
-        self.examples, self.i = examples, 0
-
-    def next_batch(self, n):
-        out = self.examples[self.i:self.i + n]
-        self.i += n
-        return out
 
 
 @pytest.fixture(scope="module")
@@ -358,3 +347,56 @@ def test_batch_stats_log_the_topped_up_fraction_of_the_trained_batch(loss_rows, 
 
     batch = RolloutBatch(**_rows(4, seed=0, adv=[0.0] * 4), loss_rows=loss_rows)
     assert batch_stats(batch, weight_version=0, eval_reward="correct")["topped_up_frac"] == frac
+
+
+def test_a_batch_is_sampled_under_the_seed_of_its_stream_position(tok_model):
+    """make_rollout seeds each batch's sampling by where the stream stands: the same position gives
+    the same completions whatever ran before (the overlap sampler draws what the trainer's rank
+    would), another position other ones, and the caller's RNG is left as it was."""
+    from simple_grpo.gen.data import PromptStream
+
+    tok, model = tok_model
+    stream = PromptStream([{"question": f"q{i}", "answer": "0", "flat": False} for i in range(8)], seed=3)
+
+    def one():
+        return make_rollout(model, tok, stream, 2, SampleSettings(num_generations=G, max_new_tokens=6),
+                            [RewardSpec("test_flat_or_varied")], system_render=lambda e: e["question"],
+                            eos_ids=eos_token_ids(tok, model)).batch.completion_ids
+
+    start = stream.state_dict()
+    torch.manual_seed(1)
+    a = one()
+    after = torch.get_rng_state()
+    torch.manual_seed(2)  # another RNG state before the same position
+    stream.load_state_dict(start)
+    b = one()
+    assert torch.equal(a, b)
+    torch.manual_seed(1)
+    stream.load_state_dict(start)
+    stream.next_batch(2)  # the next position: other draws
+    c = one()
+    assert not torch.equal(a, c)
+    torch.manual_seed(1)
+    stream.load_state_dict(start)
+    one()
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(1).get_state())  # untouched by sampling
+    assert torch.equal(after, torch.manual_seed(1).get_state())
+
+
+def test_rank_streams_give_each_rank_its_own_prompts():
+    """The overlap sampler's streams take one example from each rank's PromptStream in turn, so
+    part r of a step's batch (groups r, r + N, ...) is what rank r draws; state round-trips."""
+    from simple_grpo.gen.data import PromptStream, RankStreams
+
+    examples = [{"question": f"q{i}"} for i in range(10)]
+    ranks = [PromptStream(examples, seed=5, rank=r, world_size=2) for r in range(2)]
+    both = RankStreams(examples, seed=5, world_size=2)
+    assert both.next_batch(4) == [next(ranks[0]), next(ranks[1]), next(ranks[0]), next(ranks[1])]
+    saved = both.state_dict()
+    three = both.next_batch(3)
+    assert three == [next(ranks[0]), next(ranks[1]), next(ranks[0])]
+    again = RankStreams(examples, seed=5, world_size=2)
+    again.load_state_dict(saved)
+    assert again.next_batch(3) == three and again.state_dict() == both.state_dict()
+    one = RankStreams(examples, seed=5, world_size=1)
+    assert one.sampling_seed() == PromptStream(examples, seed=5).sampling_seed()  # one rank: its seed

@@ -317,7 +317,10 @@ class TrainConfig:
     prompt stream and RNG after the batches the checkpoint holds), so that a resumed overlapped run
     samples what the uninterrupted one would have; set by the trainer when it starts its sampler."""
     max_ahead: int = -1
-    """Worker: sample at most this many steps ahead of the newest weights (the sampler: 1); -1: any."""
+    """Worker: sample at most this many steps ahead of the newest weights; -1: any. Trainer with
+    --overlap: its sampler's, -1 (1) | 1: batch k+1 sampled with step k-1's weights while step k
+    trains | 0: every batch with the current weights (no overlap gain, TIS auto off; a check of
+    the machinery: with one rank the run is bitwise the synchronous one)."""
 
     ALIASES: ClassVar[dict[str, str]] = {"token": "ref_token"}
     # names other trainers (TRL's GRPOConfig, verl) use, named in the unknown-option line
@@ -340,7 +343,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.mode == "generate":  # only a trainer overlaps; a worker's batches get the trainer's TIS
         cfg = dataclasses.replace(cfg, overlap="false")
     if cfg.overlap != "auto":  # else decided at start-up (sampler.finalize), knowing the devices
-        cfg = dataclasses.replace(cfg, tis=resolved_tis(cfg.tis, cfg.overlap == "true"))
+        cfg = dataclasses.replace(cfg, tis=resolved_tis(cfg, cfg.overlap == "true"))
     checks = [
         (cfg.beta >= 0, "--beta must be >= 0"),
         (cfg.eps_low >= 0 and cfg.eps_high >= 0, "--eps_low/--eps_high must be >= 0"),
@@ -383,6 +386,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (cfg.lr > 0 and cfg.weight_decay >= 0 and cfg.warmup_steps >= 0 and cfg.grad_clip >= 0,
          "--lr must be > 0, and --weight_decay, --warmup_steps and --grad_clip >= 0"),
         (cfg.keep_last >= 0, "--keep_last must be >= 0 (0 keeps every checkpoint)"),
+        (cfg.max_ahead >= -1 and (cfg.mode == "generate" or cfg.max_ahead <= 1),
+         "--max_ahead: the trainer's overlap sampler runs 0 or 1 steps ahead (-1: 1); a worker's "
+         "must be >= -1 (-1: any)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -390,9 +396,16 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def resolved_tis(tis: str, overlap: bool) -> str:
-    """--tis with auto resolved: token when generation overlaps training, else off."""
-    return ("token" if overlap else "off") if tis == "auto" else tis
+def overlap_ahead(cfg) -> int:
+    """How many steps ahead of the weights the trainer's overlap sampler samples (--max_ahead)."""
+    return 1 if cfg.max_ahead < 0 else cfg.max_ahead
+
+
+def resolved_tis(cfg, overlap: bool) -> str:
+    """--tis with auto resolved: token when generation overlaps training (its batches one step
+    stale), else off (also with --max_ahead=0: the sampler's batches are on-policy)."""
+    late = overlap and overlap_ahead(cfg) > 0
+    return ("token" if late else "off") if cfg.tis == "auto" else cfg.tis
 
 
 # derived values, computed once (simple_grpo/common/derived.py); imported from here as well

@@ -29,6 +29,7 @@ after the last "####" with commas removed ("1234"). `size` keeps a random subset
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -305,6 +306,14 @@ class PromptStream:
         assert n >= 0, f"batch size must be >= 0, got {n}"
         return [next(self) for _ in range(n)]
 
+    def sampling_seed(self) -> int:
+        """The seed of the sampling that draws completions for the next examples: a function of
+        the stream and where it stands, so whoever samples this stream's next batch (the trainer's
+        rank, or the overlap sampler for it) draws the same numbers, and a resumed run draws what
+        the uninterrupted one did, with no RNG state kept."""
+        key = f"simple_grpo:sample:{self.seed}:{self.rank}/{self.world_size}:{self.epoch}:{self.position}"
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
+
     def state_dict(self) -> dict:
         """JSON-able position in the stream."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
@@ -321,3 +330,41 @@ class PromptStream:
         self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
         assert 0 <= self.position <= self.epoch_size, f"position {self.position} out of range"
         self._order = self._epoch_order(self.epoch)
+
+
+class RankStreams:
+    """Every trainer rank's PromptStream side by side (the overlap sampler's): `next_batch` takes
+    one example from each rank's stream in turn, so group g of a step's batch is rank g % N's and
+    part r of it (rollout.split: groups r, r + N, ...) holds the prompts rank r would have drawn
+    itself (refill rounds continue the turn)."""
+
+    def __init__(self, examples: list[dict], *, seed: int, world_size: int = 1):
+        self.shards = [PromptStream(examples, seed=seed, rank=r, world_size=world_size)
+                       for r in range(world_size)]
+        self.turn = 0  # the rank whose stream gives the next example
+
+    def next_batch(self, n: int) -> list[dict]:
+        assert n >= 0, f"batch size must be >= 0, got {n}"
+        out = []
+        for _ in range(n):
+            out.append(next(self.shards[self.turn]))
+            self.turn = (self.turn + 1) % len(self.shards)
+        return out
+
+    def sampling_seed(self) -> int:
+        """One rank: that rank's stream's (the trainer's own draws); several: of all of them."""
+        if len(self.shards) == 1:
+            return self.shards[0].sampling_seed()
+        key = ":".join(str(s.sampling_seed()) for s in self.shards) + f":{self.turn}"
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
+
+    def state_dict(self) -> dict:
+        return {"shards": [s.state_dict() for s in self.shards], "turn": self.turn}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state.get("shards", ())) != len(self.shards):
+            raise UserError(f"cannot resume the sampler's prompt streams: saved for "
+                            f"{len(state.get('shards', ()))} ranks, now {len(self.shards)}")
+        for s, st in zip(self.shards, state["shards"]):
+            s.load_state_dict(st)
+        self.turn = int(state["turn"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +75,19 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
     return sorted(i for i in ids if i is not None)
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device):
+    """Sample under the generator state `seed` on `device` (and the CPU), leaving the caller's
+    RNG as it was: a batch's draws depend on its seed alone, not on what ran before it."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        if devices:
+            torch.cuda.default_generators[devices[0]].manual_seed(seed)
+        yield
 
 
 @torch.no_grad()
@@ -228,7 +242,8 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
     metric, what differs is noise: DAPO's length penalty alone, scaled by 1 / std); loss_rows is
     None when nothing was topped up.
     `record_logprobs` stores the sampling log-probs as the batch's gen_logprobs and
-    gen_logprobs_full (the whole tempered softmax's)."""
+    gen_logprobs_full (the whole tempered softmax's). Each round samples under the seed of where
+    `stream` stands (`seeded`, `PromptStream.sampling_seed`)."""
     G = s.num_generations
     kept: list[tuple] = []  # (example, prompt_ids, prompt_lens, comp_ids, comp_lens, rewards, texts,
     #                          breakdown, sampling log-probs or None, whole-softmax log-probs or None)
@@ -238,10 +253,12 @@ def make_rollout(model, tokenizer, stream, n_prompts: int, s: SampleSettings, sp
     t0, rounds, generated_groups, n_top = time.perf_counter(), 0, 0, 0  # n_top: last groups of kept
     while len(kept) < n_prompts:
         want = n_prompts - len(kept)
+        seed = stream.sampling_seed()  # where the stream stands: the same draws for whoever samples it
         examples = stream.next_batch(want)
-        p_ids, p_lens, c_ids, c_lens, *gen = sample(model, tokenizer,
-                                                    [system_render(e) for e in examples], s, eos_ids,
-                                                    record_logprobs=record_logprobs)
+        with seeded(seed, next(model.parameters()).device):
+            p_ids, p_lens, c_ids, c_lens, *gen = sample(model, tokenizer,
+                                                        [system_render(e) for e in examples], s,
+                                                        eos_ids, record_logprobs=record_logprobs)
         texts = decode_completions(tokenizer, c_ids, c_lens)
         rep = [ex for ex in examples for _ in range(G)]
         rewards_N, breakdown, failures = score(texts, rep, c_lens, specs, s, failure_value)

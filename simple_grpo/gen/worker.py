@@ -68,15 +68,19 @@ class Worker:
         from simple_grpo.gen.reward_registry import reward_specs
         from simple_grpo.gen.rollout import dynamic_filter_metric, sample_settings
 
-        self.cfg, self.client, self.id = cfg, client, default_worker_id()
+        self.cfg, self.client = cfg, client
+        # the overlap sampler samples the trainer's ranks' prompts (their streams, their seeds) and
+        # its batches are the trainer's (bit-exact weights): offpolicy.is_trainer_batch
+        self.id = "trainer-sampler" if cfg.weights_from else default_worker_id()
         index = cfg.worker_index if cfg.worker_index >= 0 else random.SystemRandom().randrange(1 << 30)
-        self.seed = cfg.seed + 1009 * (index + 1)  # never the trainer's order (seed + 0)
-        torch.manual_seed(self.seed)
+        self.seed = cfg.seed if cfg.weights_from else cfg.seed + 1009 * (index + 1)  # a worker: never
+        torch.manual_seed(self.seed)  # the trainer's order (seed + 0)
         self.device = models.pick_device(cfg.device)
         self.specs = reward_specs(cfg)
         fields = dict(question_field=cfg.question_field, answer_field=cfg.answer_field)
         examples = data.load_examples(cfg.task, "train", seed=cfg.seed, **fields)
-        self.stream = data.PromptStream(examples, seed=self.seed)
+        self.stream = data.RankStreams(examples, seed=cfg.seed, world_size=cfg.trainer_ranks) \
+            if cfg.weights_from else data.PromptStream(examples, seed=self.seed)
         self.tokenizer = models.load_tokenizer(cfg.model, **models.hub_options(cfg))
         self.model = models.load_model(cfg.model, cfg.dtype, str(self.device), cfg.attn_implementation,
                                        **models.hub_options(cfg)).eval()
@@ -217,19 +221,14 @@ class Worker:
                 self.counts["weight_updates"] += 1
 
     def position(self) -> dict:
-        """Where the worker's prompt stream and RNG stand (JSON-able): after every batch made so
-        far, what a checkpoint keeps for an exact resume (`restore`)."""
-        rng = {"cpu": torch.get_rng_state().tolist()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device).tolist()
-        return {"stream": self.stream.state_dict(), "rng": rng}
+        """Where the worker's prompt stream stands (JSON-able): after every batch made so far, what
+        a checkpoint keeps for an exact resume (`restore`); a batch's sampling is seeded by the
+        stream's position (rollout.make_rollout), so no RNG state is needed."""
+        return {"stream": self.stream.state_dict()}
 
     def restore(self, position: dict) -> None:
         """Continue from `position()`'s answer (--sampler_state)."""
         self.stream.load_state_dict(position["stream"])
-        torch.set_rng_state(torch.tensor(position["rng"]["cpu"], dtype=torch.uint8))
-        if "cuda" in position["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(torch.tensor(position["rng"]["cuda"], dtype=torch.uint8), self.device)
 
     def make_batches(self, parts: int | None = None):
         """A trainer step's rows, every rank's share, in one sampling call (refill rounds aside),

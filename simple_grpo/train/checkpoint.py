@@ -189,9 +189,10 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, *, k
         if not is_write_failure(e):
             raise
         error = e
-        # DeepSpeed's file writes sit between its tag-validation all-reduce and its closing barrier,
-        # so a rank that failed here skipped exactly that barrier: take it to stay in step.
-        _barrier()
+        # DeepSpeed's file writes sit between its tag-validation all-reduce and its closing barrier
+        # (torch.distributed.barrier), so a rank that failed here skipped exactly that barrier:
+        # take the same one to stay in step (an all-reduce would not match it, and both would hang).
+        collectives.deepspeed_barrier()
     if _any_rank(error is not None):
         return _failed(ckpt_root, tmp_tag, step, error, on_error, rank0)
 
@@ -232,17 +233,21 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, *, k
 
 def _failed(ckpt_root: Path, tmp_tag: str, step: int, error: BaseException | None, on_error: str,
             rank0: bool) -> None:
-    """Clean up after a failed save on all ranks, then warn (return None) or raise UserError."""
+    """Clean up after a failed save on all ranks, then warn (rank 0; return None) or raise
+    UserError (every rank, the same line: printed once). The line names the first failed rank's
+    error, whichever rank it was."""
     if rank0:
         shutil.rmtree(ckpt_root / tmp_tag, ignore_errors=True)
-    _barrier()
+    mine = describe_write_failure(error, ckpt_root) if error is not None else None
+    why = next((w for w in collectives.all_gather_objects(mine, collectives.rank_device()) if w),
+               "a write failed")  # also the barrier after the cleanup
     latest = _read_latest(ckpt_root)
-    msg = (f"checkpoint of step {step} in {ckpt_root} failed ({describe_write_failure(error, ckpt_root)}); "
-           f"the partial files were removed and the previous checkpoint {latest or '(none)'} is still "
-           "the latest")
+    msg = (f"checkpoint of step {step} in {ckpt_root} failed ({why}); the partial files were removed "
+           f"and the previous checkpoint {latest or '(none)'} is still the latest")
     if on_error == "stop":
         raise UserError(msg)  # the trainer prints it as its one error line
-    log.warning(msg + "; training continues (--on_save_error=stop ends the run instead)")
+    if rank0:
+        log.warning(msg + "; training continues (--on_save_error=stop ends the run instead)")
     return None
 
 

@@ -80,6 +80,14 @@ def all_gather_objects(obj, device: torch.device) -> list:
     return [json.loads(p[:int(n)].cpu().numpy().tobytes()) for p, n in zip(parts, size.tolist())]
 
 
+def deepspeed_barrier() -> None:
+    """The barrier DeepSpeed's own code takes (torch.distributed.barrier): a rank whose DeepSpeed
+    call failed before that call's barrier takes it here, so its peers' barrier completes (an
+    all-reduce is another collective and would not match it: both would wait forever)."""
+    if active():
+        torch.distributed.barrier()
+
+
 def barrier(device: torch.device) -> None:
     """Wait for every rank (an all-reduce on the rank's device: NCCL's barrier guesses devices)."""
     if active():

@@ -87,6 +87,13 @@ def init_distributed(backend: str = "auto", timeout_min: float = 60.0) -> Dist:
         torch.cuda.set_device(gpu)
     if not cuda and hasattr(ds_torch_comm, "build_shm_op"):
         ds_torch_comm.build_shm_op = lambda: None  # no JIT compile on CPU; gloo all-reduce instead
+    import warnings
+
+    # deepspeed 0.19.8's ZeRO-2 gathers updated partitions with torch.distributed.
+    # all_gather_into_tensor, which torch 2.13 deprecates (FutureWarning on every multi-rank run);
+    # DeepSpeed's call, not ours: silenced by message until a DeepSpeed release moves off it
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     if not torch.distributed.is_initialized():  # DeepSpeed adopts the group
         _init_process_group(backend, torch.device("cuda", gpu) if cuda else None, timeout_min)
         atexit.register(_destroy_process_group)  # before the interpreter tears down its threads

@@ -15,7 +15,8 @@ to the trainer's reference server; two things differ from a worker on another bo
     The sampler receives every step's publish in order, so the send waits until it has finished
     the batch it is sampling (the trainer would wait for that batch next anyway) and then takes
     the transfer's time; a step that left the weights as they were sends only its step number;
-  * `--max_ahead=1`, counted in trainer steps, not weight versions (a step advances the version
+  * `--max_ahead=1` (the trainer's --max_ahead; 0: no overlap, below), counted in trainer
+    steps, not weight versions (a step advances the version
     by --num_iterations, or not at all when it trained nothing): the sampler's n-th batch
     (n = 1, 2, ...; trainer_ranks batches per step) is sampled with the weights of trainer step
     first + ceil(n / trainer_ranks) - 2 (first: the step of the first weights published, the
@@ -23,6 +24,12 @@ to the trainer's reference server; two things differ from a worker on another bo
     timing. So batch k+1 is sampled with the weights of step k-1 while step k trains: one step
     (--num_iterations versions) stale, corrected by the off-policy machinery (TIS on by default
     in this mode). The last step publishes nothing (no batch after it is trained).
+  * its prompts are the trainer ranks' own (their streams, `data.RankStreams`: batch part r holds
+    what rank r would have drawn) and every batch's sampling is seeded by where those streams
+    stand (`rollout.make_rollout`), as the trainer's own batches are; its batches count as the
+    trainer's (producer "trainer-sampler": the weights are the trainer's, bit for bit). So with
+    `--max_ahead=0` (each batch sampled with the current weights: no overlap gain) and one rank,
+    a run is bitwise the synchronous one (tests/test_overlap.py).
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from pathlib import Path
 import torch
 
 from simple_grpo.common import lora
+from simple_grpo.common.config import overlap_ahead
 from simple_grpo.train import publish
 from simple_grpo.train.engine import standalone_env
 from simple_grpo.wire import handoff
@@ -72,7 +80,7 @@ class Sampler:
             state.write_text(json.dumps(position))
         args = [sys.executable, str(ROOT / "grpo_ref_split.py"), f"--config={config}",
                 "--mode=generate", f"--ref_url={ref_url}", f"--weights_from={sender.address}",
-                "--max_ahead=1", f"--trainer_ranks={world_size}", f"--device={device}",
+                f"--max_ahead={overlap_ahead(cfg)}", f"--trainer_ranks={world_size}", f"--device={device}",
                 "--worker_index=0", "--worker_batches=0", "--overlap=false"] + \
             ([f"--sampler_state={state}"] if position is not None else [])
         env = standalone_env(OMP_NUM_THREADS="1", **({"GRPO_REF_TOKEN": token} if token else {}))
@@ -138,7 +146,7 @@ def enabled(cfg, dist) -> bool:
                             "drop --ref_url and --generate_locally=false (generation workers on other "
                             "boxes feed that server's queue instead)")
         return False
-    if 0 <= cfg.max_staleness < cfg.num_iterations:  # its batches would all be dropped as stale
+    if 0 <= cfg.max_staleness < cfg.num_iterations * overlap_ahead(cfg):  # its batches: all stale
         if cfg.overlap == "true":
             raise UserError(f"--overlap=true trains each batch one step (--num_iterations="
                             f"{cfg.num_iterations} weight versions) stale, more than --max_staleness="
@@ -209,7 +217,7 @@ def finalize(cfg, dist):
     from simple_grpo.common.config import resolved_tis
 
     on = enabled(cfg, dist)
-    return dataclasses.replace(cfg, overlap="true" if on else "false", tis=resolved_tis(cfg.tis, on))
+    return dataclasses.replace(cfg, overlap="true" if on else "false", tis=resolved_tis(cfg, on))
 
 
 def start_overlap(cfg, dist, ref, module: torch.nn.Module, version: int, step: int,
