@@ -48,10 +48,14 @@ def main(argv: list[str]) -> dict:
         from simple_grpo.gen.worker import run_worker
 
         return run_worker(cfg)
+    run_dir = train_loop.run_dir_of(cfg)
+    if cfg.check:  # what this launch needs and has, loading nothing; exit 2 on a blocker
+        from simple_grpo.train import preflight
+
+        return preflight.run(cfg, run_dir)
     dist = eng.init_distributed(cfg.dist_backend, cfg.dist_timeout)
     cfg = sampler.finalize(cfg, dist)  # --overlap decided (a device to spare?), --tis=auto resolved
     d = derive(cfg, dist.world_size)
-    run_dir = Path(cfg.run_dir or f"runs/{cfg.preset}-{Path(cfg.task).stem}-{cfg.seed}")
     train_loop.claim_run_dir(run_dir, cfg.resume, cfg.overwrite, dist.rank)  # one run per folder
     inputs.check_inputs(cfg, run_dir)  # rewards, task, --resume, packages: before anything loads
     torch.manual_seed(cfg.seed + dist.rank)

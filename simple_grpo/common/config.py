@@ -189,6 +189,10 @@ class TrainConfig:
     run_dir: str | None = None
     """Output folder; default runs/<preset>-<task>-<seed>. One run per folder: a new run into a
     folder that holds another run's logs or checkpoints is an error (see --overwrite, --resume)."""
+    check: bool = False
+    """Print what this launch needs and has (devices and memory from the model's config, the
+    reference server, /dev/shm, flash-attn, publish size, disk) and exit, loading no weights;
+    exit code 2 on a blocker (simple_grpo/train/preflight.py). Give it the run's options."""
     overwrite: bool = False
     """A new run (--resume=false) into a --run_dir that holds another run removes that run's files
     (metrics, samples, plots, checkpoints, final model) first, instead of stopping."""

@@ -202,6 +202,11 @@ RUN_FILES = ("metrics.jsonl", "batches.jsonl", "samples.jsonl", "plots.png", "ch
              "sampler.log", "sampler-config.json", "sampler-state.json", "tensorboard")
 
 
+def run_dir_of(cfg) -> Path:
+    """--run_dir, or the default runs/<preset>-<task>-<seed>."""
+    return Path(cfg.run_dir or f"runs/{cfg.preset}-{Path(cfg.task).stem}-{cfg.seed}")
+
+
 def claim_run_dir(run_dir: Path, resume: str, overwrite: bool, rank: int) -> None:
     """One run per folder: a fresh run (--resume=false) into a folder that holds another run's
     files stops with one line, before anything loads; with --overwrite rank 0 removes them first.
