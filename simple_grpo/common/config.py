@@ -190,9 +190,8 @@ class TrainConfig:
     """Output folder; default runs/<preset>-<task>-<seed>. One run per folder: a new run into a
     folder that holds another run's logs or checkpoints is an error (see --overwrite, --resume)."""
     check: bool = False
-    """Print what this launch needs and has (devices and memory from the model's config, the
-    reference server, /dev/shm, flash-attn, publish size, disk) and exit, loading no weights;
-    exit code 2 on a blocker (simple_grpo/train/preflight.py). Give it the run's options."""
+    """Print what this launch (its other options) needs and has, loading no weights, and exit:
+    2 on a blocker (memory, reference server, /dev/shm, flash-attn, publish size, disk)."""
     overwrite: bool = False
     """A new run (--resume=false) into a --run_dir that holds another run removes that run's files
     (metrics, samples, plots, checkpoints, final model) first, instead of stopping."""
@@ -321,10 +320,8 @@ class TrainConfig:
     prompt stream and RNG after the batches the checkpoint holds), so that a resumed overlapped run
     samples what the uninterrupted one would have; set by the trainer when it starts its sampler."""
     max_ahead: int = -1
-    """Worker: sample at most this many steps ahead of the newest weights; -1: any. Trainer with
-    --overlap: its sampler's, -1 (1) | 1: batch k+1 sampled with step k-1's weights while step k
-    trains | 0: every batch with the current weights (no overlap gain, TIS auto off; a check of
-    the machinery: with one rank the run is bitwise the synchronous one)."""
+    """Worker: sample at most this many steps ahead of the newest weights (-1: any). --overlap:
+    the sampler's, 1 (-1) | 0: each batch with the current weights (no gain; bitwise sync, 1 rank)."""
 
     ALIASES: ClassVar[dict[str, str]] = {"token": "ref_token"}
     # names other trainers (TRL's GRPOConfig, verl) use, named in the unknown-option line
@@ -391,8 +388,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
          "--lr must be > 0, and --weight_decay, --warmup_steps and --grad_clip >= 0"),
         (cfg.keep_last >= 0, "--keep_last must be >= 0 (0 keeps every checkpoint)"),
         (cfg.max_ahead >= -1 and (cfg.mode == "generate" or cfg.max_ahead <= 1),
-         "--max_ahead: the trainer's overlap sampler runs 0 or 1 steps ahead (-1: 1); a worker's "
-         "must be >= -1 (-1: any)"),
+         "--max_ahead: a worker's is >= -1 (-1: any); the overlap sampler's 0 or 1 (-1: 1)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -400,17 +396,5 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def overlap_ahead(cfg) -> int:
-    """How many steps ahead of the weights the trainer's overlap sampler samples (--max_ahead)."""
-    return 1 if cfg.max_ahead < 0 else cfg.max_ahead
-
-
-def resolved_tis(cfg, overlap: bool) -> str:
-    """--tis with auto resolved: token when generation overlaps training (its batches one step
-    stale), else off (also with --max_ahead=0: the sampler's batches are on-policy)."""
-    late = overlap and overlap_ahead(cfg) > 0
-    return ("token" if late else "off") if cfg.tis == "auto" else cfg.tis
-
-
 # derived values, computed once (simple_grpo/common/derived.py); imported from here as well
-from simple_grpo.common.derived import Derived, derive, loss_kwargs  # noqa: E402,F401
+from simple_grpo.common.derived import Derived, derive, loss_kwargs, overlap_ahead, resolved_tis  # noqa: E402,F401

@@ -36,3 +36,15 @@ def loss_kwargs(cfg) -> dict:
     return dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, kl=cfg.kl, agg=cfg.agg,
                 max_tokens=cfg.max_new_tokens, ratio_level=cfg.ratio_level, pg_loss=cfg.pg_loss,
                 tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg, clip_ratio_c=cfg.clip_ratio_c)
+
+
+def overlap_ahead(cfg) -> int:
+    """How many steps ahead of the weights the trainer's overlap sampler samples (--max_ahead)."""
+    return 1 if cfg.max_ahead < 0 else cfg.max_ahead
+
+
+def resolved_tis(cfg, overlap: bool) -> str:
+    """--tis with auto resolved: token when generation overlaps training (its batches one step
+    stale), else off (also with --max_ahead=0: the sampler's batches are on-policy)."""
+    late = overlap and overlap_ahead(cfg) > 0
+    return ("token" if late else "off") if cfg.tis == "auto" else cfg.tis

@@ -82,10 +82,8 @@ def is_write_failure(e: BaseException) -> bool:
     return wrapped and any(m in str(e) for m in _WRITE_FAILURE_MARKERS)
 
 
-def describe_write_failure(e: BaseException | None, folder: Path) -> str:
+def describe_write_failure(e: BaseException, folder: Path) -> str:
     """One line: the error and its likely cause (torch and safetensors do not carry the errno)."""
-    if e is None:
-        return "a write failed on another rank"
     why = " ".join(f"{type(e).__name__}: {e}".split())
     code = e.errno if isinstance(e, OSError) else None  # None: torch / safetensors, errno unknown
     if isinstance(e, OSError) and code not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -233,14 +231,13 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, *, k
 
 def _failed(ckpt_root: Path, tmp_tag: str, step: int, error: BaseException | None, on_error: str,
             rank0: bool) -> None:
-    """Clean up after a failed save on all ranks, then warn (rank 0; return None) or raise
-    UserError (every rank, the same line: printed once). The line names the first failed rank's
-    error, whichever rank it was."""
+    """Clean up after a failed save on all ranks, then warn (rank 0) or raise UserError (every
+    rank, the same line): either names the first failed rank's error."""
     if rank0:
         shutil.rmtree(ckpt_root / tmp_tag, ignore_errors=True)
     mine = describe_write_failure(error, ckpt_root) if error is not None else None
-    why = next((w for w in collectives.all_gather_objects(mine, collectives.rank_device()) if w),
-               "a write failed")  # also the barrier after the cleanup
+    gathered = collectives.all_gather_objects(mine, collectives.rank_device())  # also a barrier
+    why = next((w for w in gathered if w), "a write failed")
     latest = _read_latest(ckpt_root)
     msg = (f"checkpoint of step {step} in {ckpt_root} failed ({why}); the partial files were removed "
            f"and the previous checkpoint {latest or '(none)'} is still the latest")
