@@ -443,3 +443,45 @@ def test_a_worker_and_a_server_outlive_a_run_and_serve_the_next(tiny_model_dir, 
     out = capsys.readouterr().out
     assert "new run" in out and "dropped the previous run's weights" in out, out[-2000:]
     assert RefClient(again.url).weights_version()["version"] == 1, "run c's own weights"
+
+
+@pytest.mark.slow
+def test_a_worker_that_stops_is_one_line_on_the_trainer(tiny_model_dir, ref_server, tmp_path, monkeypatch, capsys):
+    """A live worker reports every HEARTBEAT_S even while it generates; killed, it falls silent
+    and the trainer's watch (rank 0, at each step and while it waits for a batch) says so in one
+    line within WORKER_SILENCE_S + its 5 s interval, once; a report under that id is 'back'."""
+    from simple_grpo.gen import worker as worker_mod
+
+    monkeypatch.setattr(worker_mod, "WORKER_SILENCE_S", 12.0)  # > the worker's 10 s heartbeat
+    srv = ref_server(queue_size=1)  # the worker blocks on the full queue: alive, not polling weights
+    client = RefClient(srv.url)
+    a = _spawn([f"--model={tiny_model_dir}", f"--ref_url={srv.url}", "--rewards=overlong", "--mode=generate",
+                "--worker_index=1"] + [f"--{k}={v}" for k, v in SMALL.items()], tmp_path / "a.log")
+    conn = RefConnection(srv.url, None, 30.0)
+    conn.watch = True
+    try:
+        _wait_for(lambda: client.stats()["batches_in"] >= 1, 240, "the worker's first batch", [a])
+        (wid,) = client.stats()["workers"]
+        alive_until = time.monotonic() + 25  # blocked on the full queue, yet reported: not silent
+        while time.monotonic() < alive_until:
+            conn.watch_workers(every_s=1.0)
+            time.sleep(0.5)
+        assert "silent" not in capsys.readouterr().err
+        a.kill()
+        a.wait()
+        killed = time.monotonic()
+        while "silent" not in capsys.readouterr().err:
+            assert time.monotonic() - killed < 12 + 10 + 5, "no line for the stopped worker"
+            conn.watch_workers(every_s=1.0)
+            time.sleep(0.2)
+        print(f"\nworker killed: one line after {time.monotonic() - killed:.1f} s")
+        conn.watch_workers(every_s=0.0)
+        assert "silent" not in capsys.readouterr().err, "said once"
+        client.weights_version(wid, 0)  # its id reports again
+        conn.watch_workers(every_s=0.0)
+        assert f"generation worker {wid} is back" in capsys.readouterr().err
+    finally:
+        conn.close()
+        if a.poll() is None:
+            a.kill()
+            a.wait()

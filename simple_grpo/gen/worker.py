@@ -48,6 +48,8 @@ T = TypeVar("T")
 # server had no chain (too far behind, a new run), links applied, bytes downloaded (deltas + full
 # files); seconds of the last sync (what generation waited), its delta application and model load
 NO_WEIGHTS = -1  # our version after the server started a new run: nothing to sample with yet
+HEARTBEAT_S = 10.0  # a worker reports its version this often, generating or not ...
+WORKER_SILENCE_S = 30.0  # ... so the trainer says one silent this long has stopped
 SYNC_COUNTS = {"delta_syncs": 0, "full_syncs": 0, "delta_fallbacks": 0, "delta_unavailable": 0,
                "delta_links": 0, "bytes_downloaded": 0, "sync_seconds": 0.0, "apply_seconds": 0.0,
                "load_seconds": 0.0, "sync_seconds_total": 0.0}
@@ -296,12 +298,33 @@ def load_into(model: torch.nn.Module, path: Path) -> None:
                 param.copy_(t)
 
 
+def heartbeat(w: Worker) -> None:
+    """Report the worker's version every HEARTBEAT_S from a thread of its own (a batch can take
+    minutes), so the trainer can tell a stopped worker from a busy one; outages are the main
+    loop's to report."""
+    import threading
+
+    client = RefClient(w.cfg.ref_url, token=w.cfg.ref_token, retries=0, timeout=HEARTBEAT_S)
+
+    def beat():
+        while True:
+            time.sleep(HEARTBEAT_S)
+            try:
+                client.weights_version(w.id, w.version)
+            except (RefServerUnavailable, RefServerError):
+                pass
+
+    threading.Thread(target=beat, name="worker-heartbeat", daemon=True).start()
+
+
 def run_worker(cfg) -> dict:
     """The worker's main loop (until stopped, or --worker_batches uploads)."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     client = RefClient(cfg.ref_url, token=cfg.ref_token, timeout=max(600.0, cfg.ref_timeout))
     client.wait_ready(cfg.ref_timeout)
     w = Worker(cfg, client)
+    if not cfg.weights_from:  # the overlap sampler is watched by the trainer's rank 0 directly
+        heartbeat(w)
     if cfg.weights_from and cfg.max_ahead < 0:
         raise UserError("--weights_from takes every publish in order: give --max_ahead >= 0")
     if cfg.sampler_state:  # a resumed overlapped run: its checkpoint holds the first step's batches

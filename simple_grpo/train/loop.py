@@ -52,6 +52,8 @@ def step(ctx: StepContext, weight_version: int):
     runs, its batch from the queue (simple_grpo/train/sampler.py); then the policy update
     -> (metrics averaged over ranks, our rollout or None, the trained batch's provenance)."""
     c = ctx.cfg
+    if ctx.ref is not None:  # rank 0: a generation worker that fell silent is one line
+        ctx.ref.watch_workers()
     roll, batch, pending = None, None, None
     overlapped = ctx.overlap is not None and ctx.overlap.running  # decided before the step (all ranks)
     if overlapped or ctx.prefetched is not None:  # the sampler's batch, sampled while the last step

@@ -64,6 +64,9 @@ class RefConnection:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ref-exchange")
         self.health = self.client.wait_ready(timeout, dead=process.why_dead if process is not None else None)
         self.instance = self.health.get("instance")
+        self.watch = False  # rank 0: say when a generation worker falls silent (`watch_workers`)
+        self._silent: set[str] = set()
+        self._watched_at = 0.0
 
     def _call(self, fn, is_get: bool = False):
         """fn() against the server; through an outage, wait (with messages) for it to return.
@@ -159,11 +162,38 @@ class RefConnection:
         print(f"[trainer] dropping a batch from {b.meta.get('producer', '?')}: {why} ({how})",
               file=sys.stderr, flush=True)
 
+    def watch_workers(self, every_s: float = 5.0) -> None:
+        """With `watch` (rank 0), at most every `every_s`: one line when a generation worker that
+        reported to the server has been silent for WORKER_SILENCE_S (a live worker reports every
+        HEARTBEAT_S, generating or not: it stopped, or its box did), one when it is back.
+        Training goes on with the batches that arrive."""
+        from simple_grpo.gen.worker import WORKER_SILENCE_S
+        from simple_grpo.wire.client import RefServerError, RefServerUnavailable
+
+        if not self.watch or time.monotonic() - self._watched_at < every_s:
+            return
+        self._watched_at = time.monotonic()
+        try:
+            workers = self.client.stats().get("workers", {})
+        except (RefServerUnavailable, RefServerError):
+            return  # an outage is reported where the trainer waits for it
+        for wid, w in workers.items():
+            ago = float(w.get("last_seen_s_ago", 0.0))
+            if ago > WORKER_SILENCE_S and wid not in self._silent:
+                self._silent.add(wid)
+                print(f"[trainer] generation worker {wid} has been silent for {ago:.0f} s (stopped, "
+                      f"or its box did; its log says why): training goes on with the batches that "
+                      f"arrive", file=sys.stderr, flush=True)
+            elif ago <= WORKER_SILENCE_S and wid in self._silent:
+                self._silent.discard(wid)
+                print(f"[trainer] generation worker {wid} is back", file=sys.stderr, flush=True)
+
     def next_batch(self, weight_version: int, stop: Callable[[], bool] | None = None) -> RolloutBatch | None:
         """The next usable ready batch (ours or a worker's), reporting our version to the server;
         None when `stop()` turns true while waiting (the overlap sampler has died)."""
         deadline = time.monotonic() + self.timeout
         while True:
+            self.watch_workers()
             if stop is not None and stop():
                 return None
             mine = self._outstanding.batch_id if self._outstanding is not None else None
@@ -277,6 +307,7 @@ def connect_ref(cfg, dist, d, target: RefTarget | None, model,
     conn = RefConnection(target.url, target.token, cfg.ref_timeout, target.process,
                          batch_rows=d.seqs_per_rank, max_staleness=cfg.max_staleness,
                          contract=contract)
+    conn.watch = dist.rank == 0
     inflight = conn.health.get("max_inflight")
     if inflight is not None and inflight < d.world_size and dist.rank == 0:
         print(f"[trainer] the reference server admits {inflight} uploads at once, fewer than the "
