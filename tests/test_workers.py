@@ -452,7 +452,7 @@ def test_a_worker_that_stops_is_one_line_on_the_trainer(tiny_model_dir, ref_serv
     line within WORKER_SILENCE_S + its 5 s interval, once; a report under that id is 'back'."""
     from simple_grpo.gen import worker as worker_mod
 
-    monkeypatch.setattr(worker_mod, "WORKER_SILENCE_S", 12.0)  # > the worker's 10 s heartbeat
+    monkeypatch.setattr(worker_mod, "WORKER_SILENCE_S", 8.0)  # > the worker's 5 s heartbeat
     srv = ref_server(queue_size=1)  # the worker blocks on the full queue: alive, not polling weights
     client = RefClient(srv.url)
     a = _spawn([f"--model={tiny_model_dir}", f"--ref_url={srv.url}", "--rewards=overlong", "--mode=generate",
@@ -462,7 +462,7 @@ def test_a_worker_that_stops_is_one_line_on_the_trainer(tiny_model_dir, ref_serv
     try:
         _wait_for(lambda: client.stats()["batches_in"] >= 1, 240, "the worker's first batch", [a])
         (wid,) = client.stats()["workers"]
-        alive_until = time.monotonic() + 25  # blocked on the full queue, yet reported: not silent
+        alive_until = time.monotonic() + 20  # blocked on the full queue, yet reported: not silent
         while time.monotonic() < alive_until:
             conn.watch_workers(every_s=1.0)
             time.sleep(0.5)
@@ -471,7 +471,7 @@ def test_a_worker_that_stops_is_one_line_on_the_trainer(tiny_model_dir, ref_serv
         a.wait()
         killed = time.monotonic()
         while "silent" not in capsys.readouterr().err:
-            assert time.monotonic() - killed < 12 + 10 + 5, "no line for the stopped worker"
+            assert time.monotonic() - killed < 8 + 5 + 5, "no line for the stopped worker"
             conn.watch_workers(every_s=1.0)
             time.sleep(0.2)
         print(f"\nworker killed: one line after {time.monotonic() - killed:.1f} s")

@@ -48,8 +48,9 @@ T = TypeVar("T")
 # server had no chain (too far behind, a new run), links applied, bytes downloaded (deltas + full
 # files); seconds of the last sync (what generation waited), its delta application and model load
 NO_WEIGHTS = -1  # our version after the server started a new run: nothing to sample with yet
-HEARTBEAT_S = 10.0  # a worker reports its version this often, generating or not ...
-WORKER_SILENCE_S = 30.0  # ... so the trainer says one silent this long has stopped
+HEARTBEAT_S = 5.0  # a worker (and the overlap sampler) reports this often, generating or not ...
+WORKER_SILENCE_S = 20.0  # ... so the trainer says one silent this long has stopped
+SAMPLER_ID = "trainer-sampler"  # the overlap sampler's producer and worker id
 SYNC_COUNTS = {"delta_syncs": 0, "full_syncs": 0, "delta_fallbacks": 0, "delta_unavailable": 0,
                "delta_links": 0, "bytes_downloaded": 0, "sync_seconds": 0.0, "apply_seconds": 0.0,
                "load_seconds": 0.0, "sync_seconds_total": 0.0}
@@ -73,7 +74,7 @@ class Worker:
         self.cfg, self.client = cfg, client
         # the overlap sampler samples the trainer's ranks' prompts (their streams, their seeds) and
         # its batches are the trainer's (bit-exact weights): offpolicy.is_trainer_batch
-        self.id = "trainer-sampler" if cfg.weights_from else default_worker_id()
+        self.id = SAMPLER_ID if cfg.weights_from else default_worker_id()
         index = cfg.worker_index if cfg.worker_index >= 0 else random.SystemRandom().randrange(1 << 30)
         self.seed = cfg.seed if cfg.weights_from else cfg.seed + 1009 * (index + 1)  # a worker: never
         torch.manual_seed(self.seed)  # the trainer's order (seed + 0)
@@ -308,11 +309,11 @@ def heartbeat(w: Worker) -> None:
 
     def beat():
         while True:
-            time.sleep(HEARTBEAT_S)
             try:
                 client.weights_version(w.id, w.version)
             except (RefServerUnavailable, RefServerError):
                 pass
+            time.sleep(HEARTBEAT_S)
 
     threading.Thread(target=beat, name="worker-heartbeat", daemon=True).start()
 
@@ -323,8 +324,7 @@ def run_worker(cfg) -> dict:
     client = RefClient(cfg.ref_url, token=cfg.ref_token, timeout=max(600.0, cfg.ref_timeout))
     client.wait_ready(cfg.ref_timeout)
     w = Worker(cfg, client)
-    if not cfg.weights_from:  # the overlap sampler is watched by the trainer's rank 0 directly
-        heartbeat(w)
+    heartbeat(w)  # the overlap sampler's tells trainer ranks on other nodes than rank 0 it lives
     if cfg.weights_from and cfg.max_ahead < 0:
         raise UserError("--weights_from takes every publish in order: give --max_ahead >= 0")
     if cfg.sampler_state:  # a resumed overlapped run: its checkpoint holds the first step's batches

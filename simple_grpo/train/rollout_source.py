@@ -178,6 +178,8 @@ class RefConnection:
         except (RefServerUnavailable, RefServerError):
             return  # an outage is reported where the trainer waits for it
         for wid, w in workers.items():
+            if wid.startswith("trainer"):  # the overlap sampler: its own line (sampler.Overlap)
+                continue
             ago = float(w.get("last_seen_s_ago", 0.0))
             if ago > WORKER_SILENCE_S and wid not in self._silent:
                 self._silent.add(wid)

@@ -164,9 +164,11 @@ def enabled(cfg, dist) -> bool:
 class Overlap:
     """Every rank's view of the sampler (which runs beside global rank 0)."""
 
-    def __init__(self, sampler: Sampler | None, dist, pid: int):
+    def __init__(self, sampler: Sampler | None, dist, pid: int, ref_url: str = "", token: str | None = None):
         self.sampler, self.dist, self.pid, self.running = sampler, dist, pid, True
         self.one_node = dist.world_size == dist.local_world_size  # the pid is visible to every rank
+        self.ref_url, self.token = ref_url, token  # other nodes: the sampler's heartbeat, there
+        self._asked_at, self._silent = 0.0, False
 
     def begin_step(self, step: int) -> bool:
         """Whether the sampler still feeds this step (rank 0 decides; one collective a step).
@@ -197,12 +199,12 @@ class Overlap:
             self.sampler.stop()
 
     def stopped(self) -> bool:
-        """Polled while a rank waits for the sampler's batch: its process is gone (ranks on
-        other nodes than rank 0 cannot see it and wait up to --ref_timeout)."""
+        """Polled while a rank waits for the sampler's batch: its process is gone (rank 0's node),
+        or (other nodes) the reference server has not heard its heartbeat for WORKER_SILENCE_S."""
         if self.sampler is not None:
             return not self.sampler.alive()
         if not self.one_node:
-            return False
+            return self._silent_on_server()
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
@@ -210,6 +212,24 @@ class Overlap:
         except PermissionError:
             return False
         return False
+
+    def _silent_on_server(self, every_s: float = 2.0) -> bool:
+        """The sampler's heartbeat as the reference server last heard it (asked at most every
+        `every_s`): a sampler never heard yet is not silent (it is heard before the first batch)."""
+        import time
+
+        from simple_grpo.gen.worker import SAMPLER_ID, WORKER_SILENCE_S
+        from simple_grpo.wire.client import RefClient, RefServerError, RefServerUnavailable
+
+        if time.monotonic() - self._asked_at >= every_s:
+            self._asked_at = time.monotonic()
+            try:
+                seen = RefClient(self.ref_url, token=self.token, retries=0, timeout=5.0).stats() \
+                    .get("workers", {}).get(SAMPLER_ID)
+            except (RefServerUnavailable, RefServerError):
+                return self._silent  # an outage is the queue wait's to report
+            self._silent = seen is not None and float(seen["last_seen_s_ago"]) > WORKER_SILENCE_S
+        return self._silent
 
 
 def finalize(cfg, dist):
@@ -241,7 +261,7 @@ def start_overlap(cfg, dist, ref, module: torch.nn.Module, version: int, step: i
               f"trains (pid {pid}, weights by {sampler.sender.backend}, log: {sampler.log})", flush=True)
         sampler.publish(module, version, step)
     pid = collectives.all_gather_objects(pid, dist.device)[0]
-    return Overlap(sampler, dist, pid)
+    return Overlap(sampler, dist, pid, ref.url, ref.token)
 
 
 def hold_next_batch(ctx, weight_version: int) -> dict | None:

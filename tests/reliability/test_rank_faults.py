@@ -10,6 +10,7 @@ collective for --dist_timeout.
   checkpoint."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -96,3 +97,71 @@ def test_a_full_disk_on_two_ranks_is_one_line(tiny_model_dir, tmp_path, small_tm
         assert len(ours(output, "checkpoint of step 4 in")) == 1, output[-4000:]
         assert logged_steps(tmp_path / "metrics.jsonl") == [1, 2, 3, 4]
         assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def sampler_pid(run_dir: Path) -> int:
+    """The pid of the overlap sampler of the run in `run_dir` (started with its sampler-config.json)."""
+    want = f"--config={run_dir / 'sampler-config.json'}".encode()
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if want in cmd and b"--mode=generate" in cmd:
+            return int(d.name)
+    raise AssertionError(f"no sampler runs for {run_dir}")
+
+
+@pytest.mark.slow
+def test_a_dead_sampler_reaches_a_rank_on_another_node(tiny_model_dir, tmp_path):
+    """Two one-rank nodes (two torchrun agents, --nnodes=2; one machine, so LOCAL_WORLD_SIZE=1 and
+    rank 1 cannot see rank 0's processes: it learns through the reference server, where the
+    sampler's heartbeat stops). --max_ahead=0, so both ranks wait for the sampler's batch after
+    each publish; the sampler is frozen right after it loads step 3's weights (its batches never
+    come), then killed: rank 0 sees its process go, rank 1 the silence, within WORKER_SILENCE_S
+    and a poll, not --ref_timeout; one line says so, and the run finishes generating locally."""
+    port = free_port()
+    args = {"model": tiny_model_dir, "run_dir": tmp_path / "run", "prompts_per_step": 2,
+            "num_generations": 4, "micro_batch_size": 4, "max_new_tokens": 8, "eval_every": 0,
+            "plot_every": 0, "save_every": -1, "lr": 1e-3, "beta": 0.04, "overlap": "true",
+            "max_ahead": 0, "steps": 6, "ref_timeout": 200}
+    procs, logs = [], []
+    for node in (0, 1):
+        logs.append(tmp_path / f"node{node}.log")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+               str(ROOT / "grpo_ref_split.py"), *[f"--{k}={v}" for k, v in args.items()]]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=standalone_env(OMP_NUM_THREADS="1",
+                                                                        DS_ACCELERATOR="cpu"),
+                                      stdout=open(logs[-1], "w"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    sampler_log, metrics = tmp_path / "run" / "sampler.log", tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 240
+        while not (sampler_log.exists() and "(trainer step 3)" in sampler_log.read_text()):
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, \
+                logs[0].read_text()[-3000:]
+            time.sleep(0.01)
+        pid = sampler_pid(tmp_path / "run")
+        os.kill(pid, signal.SIGSTOP)  # a box that froze: no batch, no heartbeat
+        frozen = time.monotonic()
+        assert logged_steps(metrics) == [1, 2, 3], "frozen while the ranks wait for step 4's batch"
+        time.sleep(2.0)
+        os.kill(pid, signal.SIGKILL)
+        while len(logged_steps(metrics)) < 4:
+            assert all(p.poll() is None for p in procs), logs[1].read_text()[-3000:]
+            assert time.monotonic() - frozen < 90, "a rank waited for the dead sampler's batch"
+            time.sleep(0.05)
+        took = time.monotonic() - frozen
+        rcs = [finish(p, timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                finish(p, timeout=0)
+    out = logs[0].read_text(errors="replace")
+    print(f"\nsampler frozen and killed before step 4's batch: step 4 logged {took:.1f} s later")
+    assert rcs == [0, 0], out[-3000:] + logs[1].read_text()[-3000:]
+    assert took < 30, took  # 20 s of silence, a 2 s poll, one step generated locally
+    assert len(ours(out, "the overlap sampler stopped")) == 1, out[-3000:]
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["overlap_batch"] for r in rows] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0], rows
