@@ -7,6 +7,8 @@ weights), built on the device.
     decode_vs_generate   our decode loop vs HF generate(do_sample=False), greedy, shared prompts,
                          fp32 and bf16: identical up to near-ties that the rounding may flip
     shared_prompt_logp   completion_logprobs with the shared-prompt KV cache vs the plain forward
+    packed_logp          rows packed into one sequence (flash-attention's varlen path when installed,
+                         else sdpa's block mask) vs the padded forward
     sampling_logp        log-probs recorded while sampling (T = 0.7) vs the trainer's recomputation
     losses               every preset's policy_loss on the device vs float64 on the CPU, computed
                          from the formulas one token at a time (not by policy_loss again)
@@ -94,6 +96,40 @@ def shared_prompt_logp(models: dict, new: int) -> dict:
     return {"check": "shared-prompt log-probs vs plain forward", "ok": ok, "detail": "; ".join(out)}
 
 
+def packed_logp(models: dict, new: int) -> dict:
+    """Rows packed into one sequence (position ids restarting, no mask: what flash-attention's
+    varlen kernel gets) vs the padded path; with flash-attn installed the bf16 model's packed pass
+    runs on flash_attention_2 itself, else on sdpa's block-diagonal mask."""
+    import importlib.util
+
+    flash = importlib.util.find_spec("flash_attn") is not None
+    out, ok = [], True
+    for name, model in models.items():
+        ids, attn = _prompts(model.config.vocab_size, model.device)
+        comp = decode(model, ids, attn, repeat=4, max_new_tokens=new, min_new_tokens=new, eos_ids=[], pad_id=0,
+                      temperature=1.0).completion_ids_NC
+        N, C = comp.shape
+        p_ids, p_lens = ids.repeat_interleave(4, 0), attn.sum(1).repeat_interleave(4, 0)
+        c_lens = torch.randint(1, C + 1, (N,), generator=torch.Generator().manual_seed(2)).to(model.device)
+        with torch.no_grad():
+            plain = completion_logprobs(model, p_ids, p_lens, comp, c_lens, share_prompts=False, packed=False)
+            kernel = "sdpa"
+            if flash and name == "bf16":
+                model.set_attn_implementation("flash_attention_2")
+                kernel = "flash_attention_2"
+            try:
+                packed = completion_logprobs(model, p_ids, p_lens, comp, c_lens, packed=True)
+            finally:
+                if kernel != "sdpa":
+                    model.set_attn_implementation("sdpa")
+        m = mask_from_lengths(c_lens, C)
+        diff = (packed - plain).abs()[m]
+        tol = (1e-4, 1e-5) if name == "fp32" else (0.25, 0.03)  # (max, mean) |log-prob difference|
+        ok &= float(diff.max()) < tol[0] and float(diff.mean()) < tol[1]
+        out.append(f"{name} ({kernel}): max {float(diff.max()):.2e}, mean {float(diff.mean()):.2e}")
+    return {"check": "packed (varlen) log-probs vs padded", "ok": ok, "detail": "; ".join(out)}
+
+
 def sampling_logp(models: dict, new: int) -> dict:
     out, ok = [], True
     for name, model in models.items():
@@ -177,7 +213,7 @@ def run_all(model_fp32, device, new: int) -> list[dict]:
     models = model_pair(model_fp32, device)
     rows = []
     for fn, args in ((decode_vs_generate, (models, new)), (shared_prompt_logp, (models, new)),
-                     (sampling_logp, (models, new)), (losses, (device,))):
+                     (packed_logp, (models, new)), (sampling_logp, (models, new)), (losses, (device,))):
         try:
             rows.append(fn(*args))
         except Exception as e:  # noqa: BLE001 - a broken check is a failed row, the others still run

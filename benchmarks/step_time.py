@@ -9,6 +9,8 @@ are excluded.
     python benchmarks/step_time.py [--steps=6] [--warmup=1] [--skip_trl] [--model=smollm2-135m]
                                    [--ranks=2]  (the trainer as 2 data-parallel processes, torchrun)
                                    [--modes=sync,overlap]  (--overlap=false / true, side by side)
+                                   [--variable] [--modes=sync,budget --budget=N]  (lengths as they
+                                   fall; fixed --micro_batch_size vs --max_tokens_per_micro_batch=N)
 
 Each row is the median over the timed steps; "peak RSS" is the largest resident memory of the
 whole process tree (trainer, reference server, sampler), sampled every 0.2 s from /proc.
@@ -32,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 sys.path.insert(0, str(ROOT))
 from simple_grpo.train.engine import free_port  # noqa: E402  (after the environment is set)
-PHASES = ("gen_seconds", "ref_seconds", "train_seconds", "step_seconds")
+PHASES = ("gen_seconds", "ref_seconds", "train_seconds", "step_seconds", "pad_frac", "micro_batches",
+          "completion_len_mean")
 
 
 def tree_rss(pid: int) -> int:
@@ -62,7 +65,8 @@ def run_ours(a, run_dir: Path, mode: str) -> tuple[list[dict], int]:
          f"--master_port={free_port()}"]
     cmd = [*launch, str(ROOT / "grpo_ref_split.py"), f"--model={a.model}", f"--steps={a.steps}",
            f"--prompts_per_step={a.prompts}", f"--num_generations={a.G}", f"--micro_batch_size={a.micro}",
-           f"--max_new_tokens={a.tokens}", f"--min_new_tokens={a.tokens}", f"--beta={a.beta}",
+           f"--max_new_tokens={a.tokens}", f"--min_new_tokens={0 if a.variable else a.tokens}",
+           f"--beta={a.beta}", f"--max_tokens_per_micro_batch={a.budget if mode == 'budget' else 0}",
            "--eval_every=0", "--save_every=0", "--plot_every=0", "--samples_every=0",
            "--rewards=correct_lenient", f"--run_dir={run_dir}",
            f"--overlap={'true' if mode == 'overlap' else 'false'}"]
@@ -130,7 +134,10 @@ def main() -> None:
     p.add_argument("--skip_trl", action="store_true")
     p.add_argument("--ranks", type=int, default=1,
                    help="trainer processes (torchrun, data parallel); 1 = plain python")
-    p.add_argument("--modes", default="sync,overlap", help="simple_grpo runs: sync (--overlap=false), overlap")
+    p.add_argument("--modes", default="sync,overlap",
+                   help="simple_grpo runs: sync (--overlap=false), overlap, budget (sync with --budget)")
+    p.add_argument("--variable", action="store_true", help="completion lengths as they fall (no min_new_tokens)")
+    p.add_argument("--budget", type=int, default=0, help="--max_tokens_per_micro_batch of the budget mode")
     a = p.parse_args()
     a.micro = a.micro or a.prompts * a.G // a.ranks
     ours, trl = {}, None
@@ -142,14 +149,21 @@ def main() -> None:
         if not a.skip_trl:
             t = run_trl(a, Path(tmp) / "trl")[a.warmup:]  # in this process: its peak RSS (Linux: KiB)
             trl = (statistics.median(t), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, len(t))
-    print(f"\n{a.prompts} prompts x G={a.G} x {a.tokens} new tokens (fixed), beta {a.beta}, "
-          f"model {a.model}; medians of the timed steps")
-    print("| trainer | steps | s/step | generate | ref | train | steps/hour | peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n{a.prompts} prompts x G={a.G} x {a.tokens} new tokens ({'as they fall' if a.variable else 'fixed'}), "
+          f"beta {a.beta}, model {a.model}, micro-batch {a.micro}; medians of the timed steps")
+    print("| trainer | steps | s/step | generate | ref | train | completion len | pad_frac | micro-batches "
+          "| steps/hour | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for mode, (m, peak, n) in ours.items():
-        name = f"simple_grpo {mode}" + ("" if a.ranks == 1 else f", {a.ranks} ranks")
+        name = f"simple_grpo {mode}" + (f" {a.budget}" if mode == "budget" else "") + \
+            ("" if a.ranks == 1 else f", {a.ranks} ranks")
         print(f"| {name} | {n} | {m['step_seconds']:.1f} | {m['gen_seconds']:.1f} | {m['ref_seconds']:.1f} | "
-              f"{m['train_seconds']:.1f} | {3600 / m['step_seconds']:.0f} | {peak / 2**30:.2f} |")
+              f"{m['train_seconds']:.2f} | {m['completion_len_mean']:.1f} | {m['pad_frac']:.2f} | "
+              f"{m['micro_batches']:.1f} | {3600 / m['step_seconds']:.0f} | {peak / 2**30:.2f} |")
+    if "sync" in ours and "budget" in ours:
+        s, b = ours["sync"][0], ours["budget"][0]
+        print(f"train seconds budget / fixed: {b['train_seconds'] / s['train_seconds']:.2f}; positions run "
+              f"budget / fixed (from pad_frac, equal real tokens): {(1 - s['pad_frac']) / (1 - b['pad_frac']):.2f}")
     if trl is not None:
         print(f"| TRL GRPOTrainer | {trl[2]} | {trl[0]:.1f} | | | | {3600 / trl[0]:.0f} | {trl[1] / 2**30:.2f} |")
         for mode, (m, _, _) in ours.items():

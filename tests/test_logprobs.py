@@ -115,3 +115,57 @@ def test_soft_capped_logits_use_the_models_own_head():
         want = torch.log_softmax(logits / 0.7, -1)[[len(p) - 1 + t for t in range(len(c))], c]
         assert torch.allclose(got[i, :len(c)], want, atol=1e-5)
     assert got.requires_grad and got[1, 2] == 0
+
+
+@pytest.mark.parametrize("max_logits_bytes", [1, 1 << 30])
+def test_packed_rows_match_the_padded_path(model, max_logits_bytes):
+    """Rows packed into one sequence, position ids restarting per row and no attention mask (what
+    flash-attention's varlen kernel gets; transformers cuts the sequence where positions restart,
+    for sdpa with a block-diagonal mask): the same log-probs as the padded path, empty rows too."""
+    g = torch.Generator().manual_seed(2)
+    P, C = 6, 5
+    p_lens, c_lens = torch.tensor([4, 4, 6, 1, 6]), torch.tensor([5, 0, 2, 3, 1])
+    p_ids = torch.where(torch.arange(P)[None] >= P - p_lens[:, None], torch.randint(3, 300, (5, P), generator=g), 2)
+    c_ids = torch.where(torch.arange(C)[None] < c_lens[:, None], torch.randint(3, 300, (5, C), generator=g), 2)
+    with torch.inference_mode():
+        padded = completion_logprobs(model, p_ids, p_lens, c_ids, c_lens, share_prompts=False)
+        packed = completion_logprobs(model, p_ids, p_lens, c_ids, c_lens, packed=True,
+                                     max_logits_bytes=max_logits_bytes)
+    assert torch.allclose(padded, packed, atol=1e-5), (padded - packed).abs().max()
+    assert (packed[c_lens[:, None] <= torch.arange(C)[None]] == 0).all()
+
+
+def test_packed_inputs_layout():
+    from simple_grpo.algo.logprobs import packed_inputs
+
+    ids, pos, predict = packed_inputs(torch.tensor([[0, 5, 6], [4, 5, 6]]), torch.tensor([2, 3]),
+                                      torch.tensor([[7, 8], [9, 0]]), torch.tensor([2, 1]))
+    assert ids.tolist() == [[5, 6, 7, 8, 4, 5, 6, 9]]  # no padding
+    assert pos.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]  # restarting per row
+    assert predict.tolist() == [1, 2, 6]  # the positions before each completion token
+
+
+def test_packed_gradients_match_the_padded_path():
+    model = build_tiny_model(seed=5)
+    p_ids = torch.tensor([[2, 5, 6, 7], [2, 2, 8, 9]])
+    p_lens, c_ids, c_lens = torch.tensor([3, 2]), torch.tensor([[8, 9, 10], [11, 2, 2]]), torch.tensor([3, 1])
+    grads = []
+    for packed in (False, True):
+        model.zero_grad(set_to_none=True)
+        completion_logprobs(model, p_ids, p_lens, c_ids, c_lens, share_prompts=False,
+                            packed=packed).sum().backward()
+        grads.append([q.grad.clone() for q in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_flash_attention_models_are_packed(model):
+    from simple_grpo.algo.logprobs import packs
+
+    assert not packs(model)  # sdpa here
+    before = model.config._attn_implementation
+    model.config._attn_implementation = "flash_attention_2"
+    try:
+        assert packs(model)
+    finally:
+        model.config._attn_implementation = before

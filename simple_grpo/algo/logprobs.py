@@ -46,14 +46,41 @@ def sequence_inputs(prompt_ids_BP: torch.Tensor, prompt_lens_B: torch.Tensor,
     return torch.cat([prompt_ids_BP, completion_ids_BC], 1), attn_BT, pos_BT
 
 
+def packs(model) -> bool:
+    """Whether `completion_logprobs` packs rows for `model`: its attention is flash-attention,
+    whose varlen kernel runs the real tokens only (transformers cuts the packed sequence where the
+    position ids restart)."""
+    return getattr(_hf_config(model), "_attn_implementation", None) in PACKED_ATTENTION
+
+
+PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def packed_inputs(prompt_ids_BP: torch.Tensor, prompt_lens_B: torch.Tensor,
+                  completion_ids_BC: torch.Tensor, completion_lens_B: torch.Tensor):
+    """The rows' real tokens one after another -> (input_ids [1, N], position_ids [1, N], restarting
+    at 0 for each row, and predict_n: the index into N of the position predicting each completion
+    token, row-major [n = sum c_i]), N = sum(p_i + c_i): no padding at all."""
+    ids_BT, attn_BT, pos_BT = sequence_inputs(prompt_ids_BP, prompt_lens_B, completion_ids_BC, completion_lens_B)
+    real_BT = attn_BT.bool()
+    C = completion_ids_BC.shape[1]
+    lens_B = prompt_lens_B + completion_lens_B
+    starts_B = torch.cumsum(lens_B, 0) - lens_B
+    predict_BC = (starts_B + prompt_lens_B - 1)[:, None] + torch.arange(C, device=lens_B.device)[None]
+    predict_n = predict_BC[mask_from_lengths(completion_lens_B, C)]
+    return ids_BT[real_BT][None], pos_BT[real_BT][None], predict_n
+
+
 def completion_logprobs(model, prompt_ids_BP: torch.Tensor, prompt_lens_B: torch.Tensor,
                         completion_ids_BC: torch.Tensor, completion_lens_B: torch.Tensor, *,
                         temperature: float = 1.0, max_logits_bytes: int = 1 << 30,
-                        share_prompts: bool = True) -> torch.Tensor:
+                        share_prompts: bool = True, packed: bool | None = None) -> torch.Tensor:
     """log p(completion token | prefix) for every completion token -> [B, C] float32.
 
     Differentiable when called with grad enabled (the trainer), cheap under inference_mode
-    (the reference server). `max_logits_bytes`: fp32 logits alive at once (forward and backward)."""
+    (the reference server). `max_logits_bytes`: fp32 logits alive at once (forward and backward).
+    `packed` (default `packs(model)`): each row chunk's real tokens as one sequence
+    (`packed_inputs`, no attention mask): no padding runs, and no shared prompt pass either."""
     B, C = completion_ids_BC.shape
     if B == 0 or C == 0:
         return torch.zeros(B, C, dtype=torch.float32, device=completion_ids_BC.device)
@@ -65,9 +92,20 @@ def completion_logprobs(model, prompt_ids_BP: torch.Tensor, prompt_lens_B: torch
     rows, tokens = plan_chunks(B, prompt_ids_BP.shape[1] + C, hidden, vocab, max_logits_bytes,
                                grad=torch.is_grad_enabled())
     group_B = prompt_groups(prompt_ids_BP, prompt_lens_B)
+    packed = packs(model) if packed is None else packed
     out = []
     for s in range(0, B, rows):
         sl = slice(s, s + rows)
+        mask_bC = mask_from_lengths(completion_lens_B[sl], C)
+        if packed:
+            ids_1N, pos_1N, predict_n = packed_inputs(prompt_ids_BP[sl], prompt_lens_B[sl],
+                                                      completion_ids_BC[sl], completion_lens_B[sl])
+            hidden_nH = final_hidden(model, input_ids=ids_1N, position_ids=pos_1N, use_cache=False)[0, predict_n]
+            logp_N = head_logprobs(hidden_nH, head.weight, head.bias, completion_ids_BC[sl][mask_bC],
+                                   temperature, tokens)
+            out.append(torch.zeros(mask_bC.shape, dtype=torch.float32,
+                                   device=logp_N.device).masked_scatter(mask_bC, logp_N))
+            continue
         if share_prompts and int(group_B[sl].unique().numel()) < len(group_B[sl]) \
                 and _prefix_cache(model) is not None:
             hidden_bCH = _shared_prompt_hidden(model, prompt_ids_BP[sl], prompt_lens_B[sl],
@@ -77,7 +115,6 @@ def completion_logprobs(model, prompt_ids_BP: torch.Tensor, prompt_lens_B: torch
                                                       completion_ids_BC[sl], completion_lens_B[sl])
             hidden_bCH = final_hidden(model, input_ids=ids_bT, attention_mask=attn_bT,
                                       position_ids=pos_bT, use_cache=False)[:, -C - 1:-1]
-        mask_bC = mask_from_lengths(completion_lens_B[sl], C)
         logp_N = head_logprobs(hidden_bCH[mask_bC], head.weight, head.bias,
                                completion_ids_BC[sl][mask_bC], temperature, tokens)
         out.append(torch.zeros(mask_bC.shape, dtype=torch.float32,

@@ -20,7 +20,7 @@ from concurrent.futures import Future
 import torch
 
 from simple_grpo.algo import packing
-from simple_grpo.algo.logprobs import completion_logprobs
+from simple_grpo.algo.logprobs import completion_logprobs, packs
 from simple_grpo.algo.losses import policy_loss
 from simple_grpo.algo.masks import mask_from_lengths, truncated
 from simple_grpo.algo.tis import TISSettings, ratio_max, tis_sums, tis_weights
@@ -123,6 +123,10 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
     B, C = batch.batch_size, batch.completion_ids.shape[1]
     mbs = packing.plan(batch, micro_batch=micro_batch, max_tokens=max_tokens)  # same plan as `early`
     real = positions = 0  # pad_frac's counts over this rank's passes
+    packed = packs(engine)  # flash-attention: rows packed, only real tokens run (algo/logprobs.py)
+
+    def ran(mb) -> int:  # positions one pass over `mb` runs
+        return packing.real_positions(mb, batch) if packed else mb.positions
     assert batch.ref_logprobs is not None or loss_kw["beta"] == 0, "beta > 0 needs ref log-probs"
     module = getattr(engine, "module", engine)  # the model under the DeepSpeed engine
     plan = offpolicy.correction(batch, weight_version, tis=tis, num_iterations=num_iterations,
@@ -137,7 +141,7 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
             trainer_BC = packing.scatter([(mb, completion_logprobs(engine, *mb.inputs(batch, device), **lp_kw))
                                           for mb in mbs], B, C)
         real += sum(packing.real_positions(mb, batch) for mb in mbs)
-        positions += sum(mb.positions for mb in mbs)
+        positions += sum(ran(mb) for mb in mbs)
     old_BC = offpolicy.sampling_old(batch) if plan.old == "sampling" else trainer_BC  # None: pi detached
     gen_BC = batch.gen_logprobs  # the behaviour policy of the TIS weight (nucleus, EOS mask)
     numerics_BC = offpolicy.sampling_old(batch)  # logprob_mismatch: the same distribution as pi_old's
@@ -170,11 +174,11 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
                 logp_bC = completion_logprobs(engine, *filler.inputs(batch, device), **lp_kw)
                 engine.backward(logp_bC.sum() * 0.0, scale_wrt_gas=False)
                 engine.step()
-                positions += filler.positions
+                positions += ran(filler)
                 continue
             mb = mbs[i]
             real += packing.real_positions(mb, batch)
-            positions += mb.positions
+            positions += ran(mb)
             if i in prefetched:
                 logp_bC = prefetched.pop(i)
             else:

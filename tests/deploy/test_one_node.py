@@ -73,6 +73,7 @@ def test_lora_in_one_process(tiny_model_dir, procs, tmp_path):
     print(f"lora recipe: {time.monotonic() - t0:.1f} s")
 
 
+@pytest.mark.slow
 def test_overlap_feeds_two_ranks(tiny_model_dir, procs, tmp_path):
     """The N-GPU overlap recipe on 2 CPU ranks: the one sampler's batches reach both ranks every
     step, at most one step stale; the 1+1 recipe is the same command with one rank."""
