@@ -82,8 +82,9 @@ def step(ctx: StepContext, weight_version: int):
         batch.contract = ctx.contract  # what the queue's batches are checked against: ours too
         batch.meta.update(producer=f"trainer-{ctx.dist.rank}",
                           reward_breakdown=rollout.json_breakdown(roll.breakdown))
-    if ctx.ref is not None and pending is None:
-        pending = ctx.ref.exchange_async(batch, weight_version)
+    if ctx.ref is not None and pending is None:  # the sampler died while we waited: ours skips the
+        pending = ctx.ref.score_async(batch) if overlapped else \
+            ctx.ref.exchange_async(batch, weight_version)  # queue, where a rank still waiting takes any
     ref_seconds = None
     if ctx.ref is None and c.beta > 0 and c.lora_r > 0:  # reference = our model, adapter disabled
         t = time.perf_counter()

@@ -236,11 +236,19 @@ class RefConnection:
             except RefServerQueueFull:  # workers filled the queue while we generated: don't wait
                 self._outstanding = None  # for room we would only make by training; score ours
                 self.counts["queue_full_bypass"] += 1  # directly (/logprobs has no queue)
-                batch.ref_logprobs = self._call(lambda: self.client.logprobs(
-                    batch.prompt_ids, batch.prompt_lens, batch.completion_ids, batch.completion_lens,
-                    temperature=batch.temperature))
-                return batch
+                return self.score(batch)
         return self.next_batch(weight_version)
+
+    def score(self, batch: RolloutBatch) -> RolloutBatch:
+        """Our batch with its reference log-probs from /logprobs, past the queue (where another
+        rank waiting for someone else's batch could take it)."""
+        batch.ref_logprobs = self._call(lambda: self.client.logprobs(
+            batch.prompt_ids, batch.prompt_lens, batch.completion_ids, batch.completion_lens,
+            temperature=batch.temperature))
+        return batch
+
+    def score_async(self, batch: RolloutBatch) -> Future:
+        return self._pool.submit(self.score, batch)
 
     def exchange_async(self, batch: RolloutBatch | None, weight_version: int) -> Future:
         """`exchange` in a background thread (HTTP waits release the GIL)."""
