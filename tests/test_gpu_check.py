@@ -115,6 +115,12 @@ def _shared_off(real):  # the shared-prompt path 1e-3 off
     return wrong
 
 
+def _packed_off(real):  # the packed path 1e-3 off
+    def wrong(*a, **kw):
+        return real(*a, **kw) + (1e-3 if kw.get("packed") else 0.0)
+    return wrong
+
+
 def _clip_off(real):  # a loss that clips at half the upper clip range
     def wrong(*a, **kw):
         return real(*a, **{**kw, "eps_high": kw["eps_high"] / 2})
@@ -123,7 +129,8 @@ def _clip_off(real):  # a loss that clips at half the upper clip range
 
 @pytest.mark.parametrize("check, target, plant", [
     ("decode_vs_generate", "decode", _one_token_off), ("shared_prompt_logp", "completion_logprobs", _shared_off),
-    ("sampling_logp", "decode", _recorded_off), ("losses", "policy_loss", _clip_off)])
+    ("packed_logp", "completion_logprobs", _packed_off), ("sampling_logp", "decode", _recorded_off),
+    ("losses", "policy_loss", _clip_off)])
 def test_each_numerics_check_fails_on_a_planted_error(numerics, monkeypatch, check, target, plant):
     """The CPU mode compares CPU with CPU, so each check must be able to fail there: it passes on
     the real code and reports failure when one side of its comparison (`target`) is planted wrong."""
@@ -145,7 +152,7 @@ def test_deadline_reports_what_ran_and_skips_the_rest(tmp_path):
                        timeout=600)
     assert r.returncode == 1 and "gpu_check: FAIL" in r.stdout, (r.stdout + r.stderr)[-3000:]
     report = json.loads((report_dir / "gpu_check.json").read_text())
-    assert len(report["numerics"]) == 4, "what ran before the deadline is reported"
+    assert len(report["numerics"]) == 5, "what ran before the deadline is reported"
     assert all("skipped" in run["error"] for run in report["train"]), report["train"]
     assert len(report["gen"]["rows"]) == 15 and all("skipped" in r["error"] for r in report["gen"]["rows"])
     assert "skipped: the overall --deadline_s had passed" in (report_dir / "gpu_check.md").read_text()

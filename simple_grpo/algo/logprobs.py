@@ -50,7 +50,8 @@ def packs(model) -> bool:
     """Whether `completion_logprobs` packs rows for `model`: its attention is flash-attention,
     whose varlen kernel runs the real tokens only (transformers cuts the packed sequence where the
     position ids restart)."""
-    return getattr(_hf_config(model), "_attn_implementation", None) in PACKED_ATTENTION
+    config = getattr(getattr(model, "module", model), "config", None)
+    return getattr(config, "_attn_implementation", None) in PACKED_ATTENTION
 
 
 PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3")

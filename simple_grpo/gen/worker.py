@@ -11,6 +11,10 @@ own version to the file it keeps (or, when there is none, downloads the whole fi
 the result into the model one tensor at a time. Any number of workers can be started and stopped
 at any time.
 
+A thread of its own reports the worker's version every HEARTBEAT_S, even in the middle of a long
+batch, so the trainer can tell a stopped worker (silent for WORKER_SILENCE_S: one line) from a busy
+one; the overlap sampler's heartbeat tells trainer ranks on other nodes that it lives.
+
 Faults: a failed or interrupted download keeps the current weights (tried again before the next
 batch); an unreachable or busy server is waited for with a message and retried (an upload keeps
 its batch id, so a retry is never enqueued twice) until --ref_timeout seconds pass without
