@@ -76,23 +76,37 @@ def decode_vs_generate(models: dict, new: int) -> dict:
     return {"check": "decode loop vs generate (greedy)", "ok": ok, "detail": "; ".join(out)}
 
 
+def _ragged_rows(model, new: int, seed: int):
+    """Groups of 4 sampled completions per prompt, cut to random lengths -> completion_logprobs'
+    (prompt_ids, prompt_lens, completion_ids, completion_lens) and the valid-token mask [N, C]."""
+    ids, attn = _prompts(model.config.vocab_size, model.device)
+    comp = decode(model, ids, attn, repeat=4, max_new_tokens=new, min_new_tokens=new, eos_ids=[], pad_id=0,
+                  temperature=1.0).completion_ids_NC
+    N, C = comp.shape
+    p_ids, p_lens = ids.repeat_interleave(4, 0), attn.sum(1).repeat_interleave(4, 0)
+    c_lens = torch.randint(1, C + 1, (N,), generator=torch.Generator().manual_seed(seed)).to(model.device)
+    return (p_ids, p_lens, comp, c_lens), mask_from_lengths(c_lens, C)
+
+
+def _logp_gap(name: str, got, want, mask) -> tuple[bool, str]:
+    """Whether two [N, C] log-prob tensors agree at the valid tokens, within fp32's or bf16's
+    tolerance (by `name`), and the line that says by how much."""
+    diff = (got - want).abs()[mask]
+    tol = (1e-4, 1e-5) if name == "fp32" else (0.25, 0.03)  # (max, mean) |log-prob difference|
+    ok = float(diff.max()) < tol[0] and float(diff.mean()) < tol[1]
+    return ok, f"max {float(diff.max()):.2e}, mean {float(diff.mean()):.2e}"
+
+
 def shared_prompt_logp(models: dict, new: int) -> dict:
     out, ok = [], True
     for name, model in models.items():
-        ids, attn = _prompts(model.config.vocab_size, model.device)
-        comp = decode(model, ids, attn, repeat=4, max_new_tokens=new, min_new_tokens=new, eos_ids=[], pad_id=0,
-                      temperature=1.0).completion_ids_NC
-        N, C = comp.shape
-        p_ids, p_lens = ids.repeat_interleave(4, 0), attn.sum(1).repeat_interleave(4, 0)
-        c_lens = torch.randint(1, C + 1, (N,), generator=torch.Generator().manual_seed(1)).to(model.device)
+        rows, mask = _ragged_rows(model, new, seed=1)
         with torch.no_grad():
-            shared = completion_logprobs(model, p_ids, p_lens, comp, c_lens, share_prompts=True)
-            plain = completion_logprobs(model, p_ids, p_lens, comp, c_lens, share_prompts=False)
-        m = mask_from_lengths(c_lens, C)
-        diff = (shared - plain).abs()[m]
-        tol = (1e-4, 1e-5) if name == "fp32" else (0.25, 0.03)  # (max, mean) |log-prob difference|
-        ok &= float(diff.max()) < tol[0] and float(diff.mean()) < tol[1]
-        out.append(f"{name}: max {float(diff.max()):.2e}, mean {float(diff.mean()):.2e}")
+            shared = completion_logprobs(model, *rows, share_prompts=True)
+            plain = completion_logprobs(model, *rows, share_prompts=False)
+        good, line = _logp_gap(name, shared, plain, mask)
+        ok &= good
+        out.append(f"{name}: {line}")
     return {"check": "shared-prompt log-probs vs plain forward", "ok": ok, "detail": "; ".join(out)}
 
 
@@ -105,28 +119,18 @@ def packed_logp(models: dict, new: int) -> dict:
     flash = importlib.util.find_spec("flash_attn") is not None
     out, ok = [], True
     for name, model in models.items():
-        ids, attn = _prompts(model.config.vocab_size, model.device)
-        comp = decode(model, ids, attn, repeat=4, max_new_tokens=new, min_new_tokens=new, eos_ids=[], pad_id=0,
-                      temperature=1.0).completion_ids_NC
-        N, C = comp.shape
-        p_ids, p_lens = ids.repeat_interleave(4, 0), attn.sum(1).repeat_interleave(4, 0)
-        c_lens = torch.randint(1, C + 1, (N,), generator=torch.Generator().manual_seed(2)).to(model.device)
+        rows, mask = _ragged_rows(model, new, seed=2)
+        kernel = "flash_attention_2" if flash and name == "bf16" else "sdpa"
         with torch.no_grad():
-            plain = completion_logprobs(model, p_ids, p_lens, comp, c_lens, share_prompts=False, packed=False)
-            kernel = "sdpa"
-            if flash and name == "bf16":
-                model.set_attn_implementation("flash_attention_2")
-                kernel = "flash_attention_2"
+            plain = completion_logprobs(model, *rows, share_prompts=False, packed=False)
+            model.set_attn_implementation(kernel)
             try:
-                packed = completion_logprobs(model, p_ids, p_lens, comp, c_lens, packed=True)
+                packed = completion_logprobs(model, *rows, packed=True)
             finally:
-                if kernel != "sdpa":
-                    model.set_attn_implementation("sdpa")
-        m = mask_from_lengths(c_lens, C)
-        diff = (packed - plain).abs()[m]
-        tol = (1e-4, 1e-5) if name == "fp32" else (0.25, 0.03)  # (max, mean) |log-prob difference|
-        ok &= float(diff.max()) < tol[0] and float(diff.mean()) < tol[1]
-        out.append(f"{name} ({kernel}): max {float(diff.max()):.2e}, mean {float(diff.mean()):.2e}")
+                model.set_attn_implementation("sdpa")
+        good, line = _logp_gap(name, packed, plain, mask)
+        ok &= good
+        out.append(f"{name} ({kernel}): {line}")
     return {"check": "packed (varlen) log-probs vs padded", "ok": ok, "detail": "; ".join(out)}
 
 

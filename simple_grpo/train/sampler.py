@@ -168,7 +168,7 @@ class Overlap:
         self.sampler, self.dist, self.pid, self.running = sampler, dist, pid, True
         self.one_node = dist.world_size == dist.local_world_size  # the pid is visible to every rank
         self.ref_url, self.token = ref_url, token  # other nodes: the sampler's heartbeat, there
-        self._asked_at, self._silent = 0.0, False
+        self._client, self._asked_at, self._silent = None, 0.0, False
 
     def begin_step(self, step: int) -> bool:
         """Whether the sampler still feeds this step (rank 0 decides; one collective a step).
@@ -223,9 +223,10 @@ class Overlap:
 
         if time.monotonic() - self._asked_at >= every_s:
             self._asked_at = time.monotonic()
+            if self._client is None:
+                self._client = RefClient(self.ref_url, token=self.token, retries=0, timeout=5.0)
             try:
-                seen = RefClient(self.ref_url, token=self.token, retries=0, timeout=5.0).stats() \
-                    .get("workers", {}).get(SAMPLER_ID)
+                seen = self._client.stats().get("workers", {}).get(SAMPLER_ID)
             except (RefServerUnavailable, RefServerError):
                 return self._silent  # an outage is the queue wait's to report
             self._silent = seen is not None and float(seen["last_seen_s_ago"]) > WORKER_SILENCE_S
