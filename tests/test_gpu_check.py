@@ -29,7 +29,7 @@ def test_gpu_check_cpu_mode_passes_and_reports_every_part(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [row["check"] for row in report["numerics"]] == [
         "decode loop vs generate (greedy)", "shared-prompt log-probs vs plain forward",
-        "sampling log-probs vs trainer (T=0.7)", "losses on device vs float64 CPU"]
+        "packed (varlen) log-probs vs padded", "sampling log-probs vs trainer (T=0.7)", "losses on device vs float64 CPU"]
     one, two = report["train"]
     assert one["part"] == "train_1rank" and two["part"] == "train_2ranks"
     for run in (one, two):
