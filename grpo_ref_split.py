@@ -115,6 +115,7 @@ def main(argv: list[str]) -> dict:
     publisher = publish.publisher_for(cfg, dist, ref, state["weight_version"],  # rank 0, if workers
                                       engine.module)  # one line: do the weights fit the server?
     if publisher is not None:  # workers already polling start from this run's current weights
+        publisher.hook(engine)  # an optimizer step waits for a publish's read of the weights
         publisher.step_end(engine.module, state["weight_version"], state["step"], cfg.publish_every,
                            wait=True)
 

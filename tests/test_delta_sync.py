@@ -6,7 +6,6 @@ egress with deltas is a small fraction of full files; a corrupted or truncated d
 to the full file; a new run sends workers back to the full file."""
 from __future__ import annotations
 
-import hashlib
 import random
 
 import pytest
@@ -18,6 +17,7 @@ from simple_grpo.train import publish
 from simple_grpo.common.config import TrainConfig, resolve
 from simple_grpo.train.publish import WeightPublisher, cpu_snapshot
 from simple_grpo.gen.worker import Worker
+from simple_grpo.wire import delta
 from simple_grpo.wire.client import RefClient
 from simple_grpo.wire.weights import iter_state_dict_safetensors
 
@@ -50,13 +50,11 @@ def optimizer_step(model, g: torch.Generator, lr: float, frac: float) -> None:
 
 
 def published(model, dtype, version: int) -> tuple[str, dict, dict]:
-    """What the trainer publishes as `version`: (the file's sha256, its tensors, aliases)."""
+    """What the trainer publishes as `version`: (the file's digest, its tensors, aliases)."""
     tensors, aliases = cpu_snapshot(model, dtype)
     meta = publish.file_metadata(version, aliases, lora.publish_metadata(model))
-    sha = hashlib.sha256()
-    for chunk in iter_state_dict_safetensors(tensors, metadata=meta):
-        sha.update(chunk)
-    return sha.hexdigest(), tensors, aliases
+    head = next(iter_state_dict_safetensors(tensors, metadata=meta))
+    return delta.version_digest(head, [delta.tensor_digest(t) for t in tensors.values()]), tensors, aliases
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -64,9 +62,8 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def assert_bit_identical(w: Worker, version: int, pub: tuple[str, dict, dict]) -> None:
-    sha, tensors, aliases = pub
-    assert w.version == version and w.weights_sha256 == sha
-    assert hashlib.sha256((w.dir / "policy.safetensors").read_bytes()).hexdigest() == sha
+    digest, tensors, aliases = pub
+    assert w.version == version and w.weights_digest == digest
     params = w.model.state_dict()
     for name in [*tensors, *aliases]:
         want = tensors[aliases.get(name, name)]
@@ -94,12 +91,17 @@ def test_twenty_versions_with_workers_dropping_out_and_joining(tiny_model_dir, t
         m = pub.metrics()
         assert m["published_version"] == v and m["publish_delta"] == float(v not in FULLS), (v, m)
         last_full = v if v in FULLS else last_full
-        files = folder(tmp_path / "w")  # bounded: the full file + the last K deltas, nothing else
-        full_size = files["weights.safetensors"]
-        deltas = [f"delta-{u}-{u + 1}.sgwd" for u in range(max(last_full, v - K), v)]
-        assert sorted(files) == sorted(["weights.json", "weights.safetensors", *deltas]), (v, files)
-        assert sum(files.values()) - files["weights.json"] <= full_size * (1 + 0.5 * K)
-        assert [d["bytes"] for d in client.stats()["weight_deltas"]] == [files[d] for d in deltas]
+        files = folder(tmp_path / "w")  # bounded: the full file (rebuilt in the background every
+        full_size = files["weights.safetensors"]  # K links), the links since it and K before it
+        deltas = sorted((f for f in files if f.startswith("delta-")), key=lambda f: int(f.split("-")[1]))
+        assert deltas == [f"delta-{u}-{u + 1}.sgwd" for u in range(v - len(deltas), v)], (v, files)
+        assert len(deltas) >= min(K, v - last_full) and (v - len(deltas) >= last_full), (v, files)
+        assert len(deltas) <= 2 * K + 1, (v, files)  # a rebuild may be under way
+        assert sorted(set(files) - set(deltas)) == ["full.json", "weights.json", "weights.safetensors"]
+        listed = {f"delta-{d['from_version']}-{d['to_version']}.sgwd": d["bytes"]
+                  for d in client.stats()["weight_deltas"]}
+        assert all(files[d] == n for d, n in listed.items() if d in files) and deltas[-K:] == \
+            [d for d in listed if d in deltas][-K:]
         for i, w in enumerate(slots):
             roll = rng.random()
             if w is None:
@@ -120,15 +122,17 @@ def test_twenty_versions_with_workers_dropping_out_and_joining(tiny_model_dir, t
             kind = "delta" if w.counts["delta_syncs"] > before["delta_syncs"] else "full"
             assert w.counts["full_syncs"] + w.counts["delta_syncs"] == before["full_syncs"] + \
                 before["delta_syncs"] + 1 and w.counts["delta_fallbacks"] == 0
-            expect = "delta" if u > 0 and v - u <= K and u >= last_full else "full"
-            assert kind == expect, (u, v, kind)
+            if u > 0 and v - u <= K and u >= last_full:  # the newest K links are always kept
+                assert kind == "delta", (u, v, kind)
+            elif u <= 0 or u < last_full:  # nothing leads from there
+                assert kind == "full", (u, v, kind)
             if kind == "delta":
                 assert w.counts["delta_links"] - before["delta_links"] == v - u
             syncs.append((u, v, kind))
     pub.close()
     assert [d for d in syncs if d[2] == "delta" and d[1] - d[0] >= 2], "no sync over a multi-link chain"
-    assert [d for d in syncs if d[2] == "full" and d[0] > 0 and d[1] - d[0] > K and d[0] >= 9], \
-        "no sync through a chain too long for the server's K deltas"
+    assert [d for d in syncs if d[2] == "full" and d[0] > 0 and d[0] >= 9], \
+        "no full sync after the trainer's periodic full upload"
     assert [d for d in syncs if d[0] == 0] and joined >= 4, "no fresh worker joined"
 
     # egress: the server's counters are what the workers received, and with deltas a version
@@ -168,20 +172,25 @@ def test_a_corrupted_or_truncated_delta_falls_back_to_the_full_file(tiny_model_d
     full = tmp_path / "w" / "weights.safetensors"  # and the full file breaks once too
     good = full.read_bytes()
     full.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
-    assert not w.sync_weights() and w.version == 1  # the delta rewrote its file, then failed
-    assert (w.counts["delta_fallbacks"], w.counts["download_failures"]) == (1, 1)
+    assert not w.sync_weights() and w.version == 1  # the delta changed its model, then failed;
+    assert (w.counts["delta_fallbacks"], w.counts["download_failures"]) == (1, 1)  # full: broken
     lines = [x for x in capsys.readouterr().err.splitlines() if "weight delta" in x]
-    assert len(lines) == 1 and "from version 1 failed, downloading the full file" in lines[0], lines
+    assert len(lines) == 2 and "from version 1 failed, downloading the full file" in lines[0], lines
+    assert "do not rebuild, dropped" in lines[1], lines  # the server's line: it serves version 1
+    assert RefClient(srv.url).weights_version()["version"] == 1
     full.write_bytes(good)
+    optimizer_step(trainer, g, 5e-6, 1.0)
+    pub.publish(trainer, version=3, wait=True)  # its delta from 2 is refused (412): the full file
+    assert pub.metrics()["publish_delta"] == 0.0
     chains = RefClient(srv.url).stats()["weights_egress"]["delta_downloads"]
-    assert w.sync_weights()  # its own file is no longer version 1's: no chain asked for, the full file
+    assert w.sync_weights()  # its model is no longer version 1's: no chain asked for, the full file
     assert RefClient(srv.url).stats()["weights_egress"]["delta_downloads"] == chains
-    assert_bit_identical(w, 2, published(trainer, torch.bfloat16, 2))
+    assert_bit_identical(w, 3, published(trainer, torch.bfloat16, 3))
     assert (w.counts["delta_fallbacks"], w.counts["full_syncs"], w.counts["delta_syncs"]) == (1, 2, 0)
 
     # 2. a chain cut short on the way (a broken connection, every retry)
     optimizer_step(trainer, g, 5e-6, 1.0)
-    pub.publish(trainer, version=3, wait=True)
+    pub.publish(trainer, version=4, wait=True)
     real = w.client.session.request
 
     def cut(method, url, **kw):
@@ -192,25 +201,36 @@ def test_a_corrupted_or_truncated_delta_falls_back_to_the_full_file(tiny_model_d
         return r
     w.client.session.request = cut
     assert w.sync_weights()
-    assert_bit_identical(w, 3, published(trainer, torch.bfloat16, 3))
+    v4 = published(trainer, torch.bfloat16, 4)  # and the server's full file is now version 4's
+    assert_bit_identical(w, 4, v4)
     assert (w.counts["delta_fallbacks"], w.counts["full_syncs"], w.counts["delta_syncs"]) == (2, 3, 0)
 
-    # 3. the server's delta file lost its tail (the server sends fewer bytes than it announced)
+    # 3. the server's delta file lost its tail (the server sends fewer bytes than it announced):
+    # the worker's chain fails, and the server cannot rebuild version 5 for the full download
+    # either, so it serves its full file's version (4, rebuilt for the last full download) and
+    # drops the links after it
     w.client.session.request = real
     optimizer_step(trainer, g, 5e-6, 1.0)
-    pub.publish(trainer, version=4, wait=True)
-    stored = tmp_path / "w" / "delta-3-4.sgwd"
+    pub.publish(trainer, version=5, wait=True)
+    stored = tmp_path / "w" / "delta-4-5.sgwd"
     stored.write_bytes(stored.read_bytes()[:-5])
     assert w.sync_weights()
-    assert_bit_identical(w, 4, published(trainer, torch.bfloat16, 4))
+    assert_bit_identical(w, 4, v4)
     assert (w.counts["delta_fallbacks"], w.counts["full_syncs"], w.counts["delta_syncs"]) == (3, 4, 0)
 
-    # 4. and an intact delta goes through
+    # 4. the trainer's next publish goes up in full (the server no longer holds its base), and
+    # an intact delta after it goes through
     optimizer_step(trainer, g, 5e-6, 1.0)
-    pub.publish(trainer, version=5, wait=True)
+    pub.publish(trainer, version=6, wait=True)
+    assert pub.metrics()["publish_delta"] == 0.0
     assert w.sync_weights()
-    assert_bit_identical(w, 5, published(trainer, torch.bfloat16, 5))
-    assert (w.counts["delta_fallbacks"], w.counts["full_syncs"], w.counts["delta_syncs"]) == (3, 4, 1)
+    assert_bit_identical(w, 6, published(trainer, torch.bfloat16, 6))
+    optimizer_step(trainer, g, 5e-6, 1.0)
+    pub.publish(trainer, version=7, wait=True)
+    assert pub.metrics()["publish_delta"] == 1.0
+    assert w.sync_weights()
+    assert_bit_identical(w, 7, published(trainer, torch.bfloat16, 7))
+    assert (w.counts["delta_fallbacks"], w.counts["full_syncs"], w.counts["delta_syncs"]) == (3, 5, 1)
     pub.close()
 
 

@@ -4,15 +4,16 @@ uploads are refused and leave the previous version served, auth, resumable and c
 downloads, worker version reports in /stats; and the streamed serialiser against safetensors."""
 from __future__ import annotations
 
-import hashlib
 import io
 import json
+import struct
 import threading
 
 import pytest
 import requests
 import safetensors.torch
 import torch
+import xxhash
 
 from simple_grpo.server.weight_store import WeightStore
 from simple_grpo.wire.client import RefClient, RefServerAuthError, RefServerError
@@ -21,7 +22,14 @@ from simple_grpo.wire.weights import (InvalidWeights, check_safetensors, iter_st
 
 
 def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    """A weights file's digest by its definition (simple_grpo/wire/delta.py): xxh3-128 of the
+    header (with its length) and of the tensors' own xxh3-128 digests, in file order."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    h = xxhash.xxh3_128(data[:8 + n])
+    for a, b in sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__"):
+        h.update(xxhash.xxh3_128(data[8 + n + a:8 + n + b]).digest())
+    return h.hexdigest()
 
 
 def assert_tensors_equal(got: dict, want: dict) -> None:
@@ -68,12 +76,12 @@ def test_store_versions_and_restart(tmp_path):
     assert store.current() is None and store.open() is None
     data = state_dict_safetensors_bytes({"w": torch.arange(6.0)})
     meta = store.publish([data[:5], data[5:]], 3)
-    assert meta == {"version": 3, "bytes": len(data), "sha256": sha(data), "dtype": "F32"}
+    assert meta == {"version": 3, "bytes": len(data), "digest": sha(data), "dtype": "F32"}
     assert json.loads((tmp_path / "weights.json").read_text()) == meta
     with pytest.raises(Exception, match="not newer"):
         store.publish([data], 3)
     assert WeightStore(tmp_path).current() == meta  # survives a restart
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.json", "weights.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.json", "weights.json", "weights.safetensors"]
 
 
 def test_publish_download_roundtrip_and_workers(ref_server, tiny_model, tmp_path):
@@ -86,9 +94,9 @@ def test_publish_download_roundtrip_and_workers(ref_server, tiny_model, tmp_path
     meta = client.publish_weights(iter_state_dict_safetensors(sd, chunk_bytes=8192), version=1)
     assert meta["version"] == 1 and meta["dtype"] == "F32"
     assert client.weights_version("gen-0", running_version=0) == {**meta, "run_id": None}
-    dest = client.download_weights(tmp_path / "policy.safetensors", expected_sha256=meta["sha256"])
+    dest = client.download_weights(tmp_path / "policy.safetensors", expected_digest=meta["digest"])
     assert_tensors_equal(load_safetensors_file(dest), sd)
-    assert client.last_weights == {"version": 1, "sha256": meta["sha256"], "bytes": meta["bytes"]}
+    assert client.last_weights == {"version": 1, "digest": meta["digest"], "bytes": meta["bytes"]}
 
     meta2 = client.publish_weights(state_dict_safetensors_bytes(sd, torch.bfloat16), version=5)
     assert meta2["version"] == 5 and meta2["dtype"] == "BF16"
@@ -145,7 +153,7 @@ def test_interrupted_download_resumes_and_stays_consistent(ref_server, tmp_path)
     client = RefClient(srv.url, retries=2, backoff_s=0.01)
     v1 = state_dict_safetensors_bytes({"w": torch.randn(300_000)})  # 1.2 MB
     meta = client.publish_weights(v1, version=1)
-    etag = f'"{meta["sha256"]}"'
+    etag = f'"{meta["digest"]}"'
     with requests.get(srv.url + "/weights", stream=True) as r:  # read half, then hang up
         assert r.status_code == 200 and r.headers["ETag"] == etag
         assert int(r.headers["Content-Length"]) == len(v1) and r.headers["X-Weight-Version"] == "1"
@@ -154,7 +162,7 @@ def test_interrupted_download_resumes_and_stays_consistent(ref_server, tmp_path)
                                                      "If-Range": etag})
     assert r.status_code == 206
     assert r.headers["Content-Range"] == f"bytes {len(half)}-{len(v1) - 1}/{len(v1)}"
-    assert sha(half + r.content) == meta["sha256"]
+    assert sha(half + r.content) == meta["digest"]
     assert requests.get(srv.url + "/weights", headers={"Range": "bytes=2-5"}).content == v1[2:6]
     assert requests.get(srv.url + "/weights",
                         headers={"Range": f"bytes={len(v1)}-"}).status_code == 416
@@ -186,12 +194,12 @@ def test_interrupted_download_resumes_and_stays_consistent(ref_server, tmp_path)
     dest = tmp_path / "p.safetensors"
     assert client.download_weights(dest) == dest and dest.read_bytes() == v2
     assert calls[0] == {} and calls[1]["Range"] == "bytes=1048576-"
-    assert calls[1]["If-Range"] == f'"{meta2["sha256"]}"'
+    assert calls[1]["If-Range"] == f'"{meta2["digest"]}"'
 
     # a failed download leaves the old file untouched and no temp file behind
     client.session.get = real_get
-    with pytest.raises(RefServerError, match="sha256"):
-        client.download_weights(dest, expected_sha256="0" * 64)
+    with pytest.raises(RefServerError, match="digest"):
+        client.download_weights(dest, expected_digest="0" * 32)
     assert dest.read_bytes() == v2 and sorted(tmp_path.iterdir()) == [dest]
 
 
@@ -215,7 +223,7 @@ def test_large_cap_only_for_weight_uploads(ref_server):
 
 def test_publish_during_download_completes_with_the_version_sent(ref_server, tmp_path):
     """A publish (from another thread) between the first and last chunk of a slow download: the
-    download finishes in one GET with the version it was sending (that version's sha256), and the
+    download finishes in one GET with the version it was sending (that version's digest), and the
     next download gets the new version."""
     srv = ref_server()
     client = RefClient(srv.url, retries=2, backoff_s=0.01)
@@ -246,10 +254,10 @@ def test_publish_during_download_completes_with_the_version_sent(ref_server, tmp
     assert published[0]["version"] == 2  # it landed mid-download
     assert sent == ["1"]  # one GET: nothing refused, nothing retried
     assert dest.read_bytes() == v1
-    assert client.last_weights == {"version": 1, "sha256": sha(v1), "bytes": len(v1)}
+    assert client.last_weights == {"version": 1, "digest": sha(v1), "bytes": len(v1)}
     client.download_weights(dest)
     assert sent == ["1", "2"] and dest.read_bytes() == v2
-    assert client.last_weights == {"version": 2, "sha256": sha(v2), "bytes": len(v2)}
+    assert client.last_weights == {"version": 2, "digest": sha(v2), "bytes": len(v2)}
 
 
 @pytest.mark.parametrize("if_range_kept", [True, False])
@@ -291,7 +299,7 @@ def test_resumed_download_after_a_publish_never_mixes_versions(ref_server, tmp_p
     else:
         assert calls == [(None, 200, "1"), (resume, 206, "2"), (None, 200, "2")]
     assert dest.read_bytes() == v2
-    assert client.last_weights == {"version": 2, "sha256": sha(v2), "bytes": len(v2)}
+    assert client.last_weights == {"version": 2, "digest": sha(v2), "bytes": len(v2)}
     assert sorted(tmp_path.iterdir()) == [dest]
 
 

@@ -5,7 +5,6 @@ trainer + late / killed worker processes) trains every batch at most once."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import signal
@@ -27,10 +26,18 @@ from simple_grpo.gen.worker import Worker
 from simple_grpo.wire.client import RefClient
 from simple_grpo.wire.codec import RolloutBatch
 from simple_grpo.wire.contract import BatchContract
+from simple_grpo.wire.delta_apply import file_digest
 from simple_grpo.wire.weights import load_safetensors_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(prompts_per_step=2, num_generations=4, micro_batch_size=4, max_new_tokens=8)
+
+
+def digest_of(data: bytes, folder) -> str:
+    """The digest of a weights file's bytes (simple_grpo/wire/delta.py), through a file."""
+    path = folder / "digest-of.safetensors"
+    path.write_bytes(data)
+    return file_digest(path)[0]
 
 
 def worker_cfg(model_dir, url, **kw) -> TrainConfig:
@@ -149,7 +156,7 @@ def test_worker_takes_the_version_sent_when_publishes_land_mid_sync(tiny_model_d
                                                                      ref_server, tmp_path):
     """publish_every=1 on a fast trainer: version 2 lands between the worker's poll (version 1)
     and its download, version 3 between the download's first and last chunk. The worker loads
-    version 2 (the file being sent: its sha256), in one GET, reports 2 and tags its batch 2; its
+    version 2 (the file being sent: its digest), in one GET, reports 2 and tags its batch 2; its
     next sync loads 3. (Checking the download against the polled version refused it and retried.)"""
     srv = ref_server(weights_dir=str(tmp_path / "weights"))
     path = tmp_path / "weights" / "weights.safetensors"
@@ -185,7 +192,7 @@ def test_worker_takes_the_version_sent_when_publishes_land_mid_sync(tiny_model_d
     assert w.sync_weights() and w.version == 2 and 3 in files
     assert gets == ["2"] and w.counts["download_failures"] == 0 and w.counts["weight_updates"] == 1
     assert w.client.last_weights == {"version": 2, "bytes": len(files[2]),
-                                     "sha256": hashlib.sha256(files[2]).hexdigest()}
+                                     "digest": digest_of(files[2], tmp_path)}
     for k, v in versions[2].state_dict().items():
         assert torch.equal(w.model.state_dict()[k], v), k
     assert srv.state.stats()["workers"][w.id]["version"] == 2
@@ -305,7 +312,7 @@ def test_trainer_with_late_and_killed_workers(tiny_model_dir, ref_server, tmp_pa
         b = _spawn(common + ["--mode=generate", "--worker_index=2"], tmp_path / "b.log", TMPDIR=str(b_tmp))
         procs.append(b)
         assert trainer.wait(timeout=300) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
-        assert list(b_tmp.glob("simple_grpo-worker-*/policy.safetensors")), "b holds its weights file"
+        assert list(b_tmp.glob("simple_grpo-worker-*")), "b holds its folder (downloads, chains)"
         b.send_signal(signal.SIGTERM)  # stopped the usual way, b removes its folder
         assert b.wait(timeout=60) == 143, (tmp_path / "b.log").read_text()[-3000:]
         assert not list(b_tmp.iterdir()), f"b left files behind: {list(b_tmp.rglob('*'))}"

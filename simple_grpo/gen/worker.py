@@ -50,14 +50,15 @@ from simple_grpo.wire.delta_apply import apply_chain_file
 T = TypeVar("T")
 # weight syncs: by delta chain / full file, delta attempts that failed (then a full download), the
 # server had no chain (too far behind, a new run), links applied, bytes downloaded (deltas + full
-# files); seconds of the last sync (what generation waited), its delta application and model load
+# files); seconds of the last sync (what generation waited), its delta application and model load;
+# inexact_model 1 when the model's dtype cannot hold the published values (full downloads only)
 NO_WEIGHTS = -1  # our version after the server started a new run: nothing to sample with yet
 HEARTBEAT_S = 5.0  # a worker (and the overlap sampler) reports this often, generating or not ...
 WORKER_SILENCE_S = 20.0  # ... so the trainer says one silent this long has stopped
 SAMPLER_ID = "trainer-sampler"  # the overlap sampler's producer and worker id
 SYNC_COUNTS = {"delta_syncs": 0, "full_syncs": 0, "delta_fallbacks": 0, "delta_unavailable": 0,
                "delta_links": 0, "bytes_downloaded": 0, "sync_seconds": 0.0, "apply_seconds": 0.0,
-               "load_seconds": 0.0, "sync_seconds_total": 0.0}
+               "load_seconds": 0.0, "sync_seconds_total": 0.0, "inexact_model": 0}
 
 
 def default_worker_id() -> str:
@@ -108,7 +109,8 @@ class Worker:
         atexit.register(shutil.rmtree, self.dir, ignore_errors=True)  # exit (SIGTERM runs it too)
         self.counts = {"batches": 0, "weight_updates": 0, "download_failures": 0, "stale": 0,
                        **SYNC_COUNTS}
-        self.weights_sha256: str | None = None  # of self.dir / policy.safetensors: our version's file
+        self.weights_digest: str | None = None  # our version's digest, while the model holds it exactly
+        self.targets: dict[str, torch.Tensor] | None = None  # the model's tensors a delta writes
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         """fn(), waiting out an unreachable / busy server (with a message) for up to
@@ -132,29 +134,30 @@ class Worker:
         """Load the trainer's newest published weights when they differ from ours -> updated.
         The version polled only says whether to download: the worker takes whatever version the
         server sends (a publish may land between the poll and the download, or during it) and
-        records that one, verified against the sha256 sent with it -- never a refusal and retry,
+        records that one, verified against the digest sent with it -- never a refusal and retry,
         which a trainer publishing every step could keep the worker in forever.
 
-        The loaded version's file stays in the worker's folder: when behind, the worker first
-        fetches the chain of deltas from its version (GET /weights/delta), applies it to that
-        file in place on the CPU (one pass, the result's sha256 checked), then loads it; a fresh
-        worker, one too far behind (or of another run) downloads the full file, and so does one
-        whose delta fails (corrupt, truncated, a mismatch: one log line, `delta_fallbacks`)."""
+        When behind, the worker first fetches the chain of deltas from its version (GET
+        /weights/delta) and applies it to its model's tensors in place (only the changed elements
+        of a sparse tensor are written; every tensor is then checked against its digest); a fresh
+        worker, one too far behind (or of another run), one whose model cannot hold the published
+        values exactly (a narrower dtype) and one whose delta fails (corrupt, truncated, a
+        mismatch: one log line, `delta_fallbacks`) download the full file, load it and delete it."""
         info = self.call("poll weights", lambda: self.client.weights_version(self.id, self.version))
         run = info.get("run_id")
         if run is not None and self.run_id is not None and run != self.run_id:  # a new run: our
             log(f"[{self.id}] the server follows a new run ({run}): dropping weight version "  # weights
                 f"{self.version} of run {self.run_id}, waiting for the new run's")  # are the old run's
-            self.version, self.weights_sha256 = NO_WEIGHTS, None
+            self.version, self.weights_digest = NO_WEIGHTS, None
         self.run_id = run if run is not None else self.run_id
         if info.get("version") is None or info["version"] == self.version:
             return False
         t0 = time.perf_counter()
-        path = self.dir / "policy.safetensors"
-        got = self._sync_delta(path) if self.weights_sha256 is not None else None
+        got = self._sync_delta() if self.weights_digest is not None else None
         if got is None:
+            path = self.dir / "policy.safetensors"
             try:
-                self.client.download_weights(path)  # checked against the sha256 of what was sent
+                self.client.download_weights(path)  # checked against the digest of what was sent
             except (RefServerUnavailable, RefServerError) as e:
                 if isinstance(e, RefServerAuthError):
                     raise
@@ -164,36 +167,41 @@ class Worker:
             got = self.client.last_weights
             self.counts["full_syncs"] += 1
             self.counts["bytes_downloaded"] += got["bytes"]
-        self.weights_sha256 = None  # the file is ahead of the model until it is loaded
-        t1 = time.perf_counter()
-        load_into(self.model, path)
-        self.counts["load_seconds"] = time.perf_counter() - t1
-        self.version, self.weights_sha256 = int(got["version"]), got["sha256"]
+            self.weights_digest = None  # the model is between versions until loaded
+            t1 = time.perf_counter()
+            self.targets = load_into(self.model, path)
+            path.unlink()
+            self.counts["load_seconds"] = time.perf_counter() - t1
+            if self.targets is None and not self.counts["inexact_model"]:
+                self.counts["inexact_model"] = 1
+                log(f"[{self.id}] the model's dtype cannot hold the published weights exactly: every "
+                    f"update is a full download (publish in the workers' dtype for deltas)")
+        self.version = int(got["version"])
+        self.weights_digest = got["digest"] if self.targets is not None else None
         self.counts["weight_updates"] += 1
         self.counts["sync_seconds"] = time.perf_counter() - t0
         self.counts["sync_seconds_total"] += self.counts["sync_seconds"]
         self.call("report version", lambda: self.client.weights_version(self.id, self.version))
         return True
 
-    def _sync_delta(self, path: Path) -> dict | None:
-        """Bring our version's file at `path` to the server's newest version through its delta
-        chain -> {"version", "sha256", "bytes"} of the new file now at `path`, or None (download
-        the full file): the server has no chain from our version, or applying it failed."""
-        chain, sha = self.dir / "chain.part", self.weights_sha256
+    def _sync_delta(self) -> dict | None:
+        """Bring the model from our version to the server's newest through its delta chain ->
+        {"version", "digest"} of the model now, or None (download the full file): the server has
+        no chain from our version, or applying it failed (the model then holds neither)."""
+        chain, digest = self.dir / "chain.part", self.weights_digest
         try:
-            got = self.client.download_delta(self.version, chain, sha256=sha)
+            got = self.client.download_delta(self.version, chain, digest=digest)
             if got is None or not got["links"]:
                 self.counts["delta_unavailable"] += 1
                 return None
             self.counts["bytes_downloaded"] += got["bytes"]
             t0 = time.perf_counter()
-            self.weights_sha256 = None  # rewritten in place: our version's file no more
-            links = apply_chain_file(path, chain, base_sha256=sha, from_version=self.version)
+            self.weights_digest = None  # changed in place: our version no more until verified
+            links = apply_chain_file(chain, self.targets, self.version, digest)
             self.counts["apply_seconds"] = time.perf_counter() - t0
             self.counts["delta_syncs"] += 1
             self.counts["delta_links"] += len(links)
-            return {"version": links[-1]["to_version"], "sha256": links[-1]["sha256"],
-                    "bytes": links[-1]["bytes"]}
+            return {"version": links[-1]["to_version"], "digest": links[-1]["digest"]}
         except RefServerAuthError:
             raise
         except (DeltaError, RefServerError, RefServerUnavailable, OSError) as e:
@@ -284,13 +292,16 @@ def published_params(model: torch.nn.Module, names: list[str], aliases: dict[str
     return params
 
 
-def load_into(model: torch.nn.Module, path: Path) -> None:
+def load_into(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor] | None:
     """Copy a published safetensors file into `model`, one tensor at a time (no second full copy
     of the weights in memory); tied tensors sent once are found through the file's "aliases"
-    metadata; a LoRA adapter (metadata format=lora-adapter) fills only the model's adapter.
-    Raises UserError when the names or shapes don't fit the model."""
+    metadata; a LoRA adapter (metadata format=lora-adapter) fills only the model's adapter ->
+    the model's tensors under the file's names (what a delta writes), or None when a tensor's
+    dtype cannot hold the published values exactly (a narrower float). Raises UserError when the
+    names or shapes don't fit the model."""
     from safetensors import safe_open
 
+    exact = True
     with safe_open(str(path), framework="pt", device="cpu") as f:
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
         params = published_params(model, list(f.keys()), aliases, f.metadata() or {})
@@ -301,6 +312,13 @@ def load_into(model: torch.nn.Module, path: Path) -> None:
                     raise UserError(f"published weight {name} has shape {tuple(t.shape)}, the model "
                                     f"{tuple(param.shape)}: start workers with the trainer's --model")
                 param.copy_(t)
+                exact = exact and holds_exactly(param.dtype, t.dtype)
+        return {name: params[name] for name in f.keys()} if exact else None
+
+
+def holds_exactly(dtype: torch.dtype, published: torch.dtype) -> bool:
+    """Whether a tensor of `dtype` keeps every value of `published` (deltas then apply to it)."""
+    return dtype == published or (dtype == torch.float32 and published in (torch.bfloat16, torch.float16))
 
 
 def heartbeat(w: Worker) -> None:

@@ -2,22 +2,25 @@
 generation workers poll the version and download the file.
 
     POST /weights?version=N   body = a safetensors file (Content-Length or chunked), streamed to
-                              disk -> 200 {"version", "bytes", "sha256", "dtype"}; 400 invalid
+                              disk -> 200 {"version", "bytes", "digest", "dtype"}; 400 invalid
                               body or version, 409 version not newer than the current, 413 too big
-    GET  /weights/version     200 {"version": N | null, "bytes", "sha256", "dtype", "run_id"}; headers
+    GET  /weights/version     200 {"version": N | null, "bytes", "digest", "dtype", "run_id"}; headers
                               X-Worker-Id + X-Weight-Version record what a worker runs (/stats)
-    GET  /weights             the current file (Content-Length, ETag = "sha256", X-Weight-Version);
+    GET  /weights             the current file (Content-Length, ETag = "digest", X-Weight-Version),
+                              rebuilt from the deltas first when the full file trails the latest;
                               Range: bytes=START- (or START-END) -> 206 to resume (If-Range with
                               the ETag: a newer version answers 200 with the whole new file);
                               404 when nothing is published, 416 for an unsatisfiable range
     POST /weights/delta?from=P&version=N   body = a delta (simple_grpo/wire/delta.py) of version N
-                              against P; the server rebuilds N from its file of P and checks the
-                              declared sha256 -> 200 {"version", "bytes", "sha256", "dtype",
-                              "delta_bytes"}; 412 when the current version is not P (send the
-                              full file), 400 a bad delta, 409 not newer, 413 too big
-    GET  /weights/delta?from=U[&sha256=S]  the chain of kept deltas from version U (whose file has
-                              sha256 S) to the current one: 200 (X-Weight-Version, X-Delta-Links,
-                              ETag = the result's "sha256"); 204 when U is current; 409 when there
+                              against P, whose header is checked and which is kept as the newest
+                              link (nothing rebuilt) -> 200 {"version", "bytes", "digest", "dtype",
+                              "delta_bytes"}; 412 when the current version is not P or has
+                              another digest (send the full file), 400 a bad delta, 409 not
+                              newer, 413 too big
+    GET  /weights/delta?from=U[&digest=D]  the chain of kept deltas from version U (whose digest is
+                              D) to the current one, streamed from the files without holding a
+                              request thread: 200 (X-Weight-Version, X-Delta-Links, ETag = the
+                              result's digest); 204 when U is current; 409 when there
                               is none (U too old, no delta from U, U newer or another file, e.g.
                               a new run): download GET /weights
     POST /run?id=RUN          a trainer starts (or resumes) run RUN -> 200 {"run_id", "reset",
@@ -41,7 +44,7 @@ from simple_grpo.server.wsgi import ApiError, iter_body, json_response, raw_head
 from simple_grpo.wire import delta
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+_DIGEST = re.compile(r"[0-9a-f]{32}")
 _WORKER_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 MAX_WORKERS = 4096  # bound on remembered worker ids
 
@@ -86,6 +89,31 @@ class Traffic:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {"weights_egress": dict(self.egress), "weights_ingress": dict(self.ingress)}
+
+
+class ChainReader:
+    """A chain's bytes as one file-like object (its header, then each link's file): a body with
+    `read` goes to waitress's wsgi.file_wrapper, which feeds the socket from it without holding a
+    request thread for the whole transfer (a generator body would)."""
+
+    def __init__(self, head: bytes, files: list):
+        self.head, self.files = head, list(files)
+
+    def read(self, n: int = -1) -> bytes:
+        n = (1 << 20) if n is None or n < 0 else n
+        if self.head:
+            out, self.head = self.head[:n], self.head[n:]
+            return out
+        while self.files:
+            if piece := self.files[0].read(n):
+                return piece
+            self.files.pop(0).close()
+        return b""
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+        self.files = []
 
 
 def add_weight_routes(app: bottle.Bottle, state, handler, store: WeightStore) -> WorkerTable:
@@ -137,11 +165,11 @@ def add_weight_routes(app: bottle.Bottle, state, handler, store: WeightStore) ->
             start = int(q["from"])
         except (KeyError, ValueError):
             raise ApiError(400, "GET /weights/delta needs ?from=VERSION (an int)") from None
-        sha = q.get("sha256") or None
-        if sha is not None and not _SHA256.fullmatch(sha):
-            raise ApiError(400, "sha256 must be 64 lowercase hex digits")
-        meta, links, files = store.open_chain(start, sha)
-        headers = {"X-Weight-Version": str(meta["version"]), "ETag": f'"{meta["sha256"]}"'}
+        digest = q.get("digest") or None
+        if digest is not None and not _DIGEST.fullmatch(digest):
+            raise ApiError(400, "digest must be 32 lowercase hex digits")
+        meta, links, files = store.open_chain(start, digest)
+        headers = {"X-Weight-Version": str(meta["version"]), "ETag": f'"{meta["digest"]}"'}
         if links is None:  # `files` says why: the worker downloads the full file
             traffic.add("egress", delta_refused=1)
             return json_response({"error": f"no delta chain: {files}; download GET /weights",
@@ -153,16 +181,7 @@ def add_weight_routes(app: bottle.Bottle, state, handler, store: WeightStore) ->
         size = len(head) + sum(d["bytes"] for d in links)
         traffic.add("egress", delta_downloads=1, delta_bytes=size, delta_links=len(links))
 
-        def body():
-            try:
-                yield head
-                for f in files:
-                    while piece := f.read(1 << 20):
-                        yield piece
-            finally:
-                for f in files:
-                    f.close()
-        return bottle.HTTPResponse(body(), status=200, headers={
+        return bottle.HTTPResponse(ChainReader(head, files), status=200, headers={
             **headers, "Content-Type": "application/octet-stream", "Content-Length": str(size),
             "X-Weight-Version": str(links[-1]["to_version"]), "X-Delta-Links": str(len(links))})
 
@@ -207,7 +226,7 @@ def add_weight_routes(app: bottle.Bottle, state, handler, store: WeightStore) ->
             raise ApiError(404, "no weights published yet")
         meta, f = opened
         try:
-            size, etag = meta["bytes"], f'"{meta["sha256"]}"'
+            size, etag = meta["bytes"], f'"{meta["digest"]}"'
             headers = {"Content-Type": "application/octet-stream", "ETag": etag,
                        "X-Weight-Version": str(meta["version"]), "Accept-Ranges": "bytes"}
             start, end, status = 0, size - 1, 200

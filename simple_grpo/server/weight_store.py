@@ -1,20 +1,23 @@
-"""The reference server's copy of the published policy weights: the latest version as
-`weights.safetensors` + `weights.json` in a folder, each upload validated (simple_grpo/wire/weights.py)
-before it replaces the current one, plus the last K deltas (`delta-P-V.sgwd`, simple_grpo/wire/delta.py)
-that lead to it, for workers a few versions behind.
+"""The reference server's copy of the published policy weights: the latest version's metadata
+(`weights.json`), a full file (`weights.safetensors`, described by `full.json`) and the deltas
+(`delta-P-V.sgwd`, simple_grpo/wire/delta.py) that lead from it to the latest version and, for
+workers a few versions behind, from before it.
 
-A delta upload (version V against base P) is rebuilt here into the full file of V from the current
-full file (which must be P: else 412 and the trainer sends the full file), its sha256 checked
-against the one the trainer declared, then committed with the delta kept as the newest link. A
-full upload drops every delta (none leads to it). The folder holds at most the full file, K deltas
-and one upload in progress (a delta and the file rebuilt from it).
+A delta upload (version V against base P) is checked (its header, and P must be the latest version
+with the digest the delta names: else 412 and the trainer sends the full file), written and
+fsynced as the newest link: nothing is rebuilt on the upload's path. The full file follows in the
+background every `max(keep_deltas, 1)` links, and at once when a full download asks for a version
+it does not hold yet (`rebuild`: a copy of the full file with the links applied in place through a
+memory map, each tensor verified). A full upload drops every delta (none leads to it). The folder
+holds the full file, the links since it plus at most `keep_deltas` older ones, and one upload or
+rebuild in progress.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -23,26 +26,24 @@ from typing import IO, Any
 from simple_grpo.io import write_text_atomic
 from simple_grpo.server.wsgi import ApiError
 from simple_grpo.wire import delta
-from simple_grpo.wire.delta_apply import apply_deltas
+from simple_grpo.wire.delta_apply import file_digest, published_dtypes, rebuild_file
 from simple_grpo.wire.weights import InvalidWeights, check_safetensors
 
-WEIGHTS_FILE, META_FILE, RUN_FILE = "weights.safetensors", "weights.json", "run.json"
+WEIGHTS_FILE, META_FILE, FULL_FILE, RUN_FILE = "weights.safetensors", "weights.json", "full.json", "run.json"
 DELTA_FILE = "delta-{}-{}.sgwd"
 
 
-# ---------------------------------------------------------------------------- the store
+# ---------------------------------------------------------------------------- uploads
 class WeightWriter:
     """One upload in progress: write() chunks to a temp file, then commit() or abort()."""
 
     def __init__(self, store: "WeightStore", version: int):
         self.store, self.version, self.bytes = store, version, 0
-        self.sha = hashlib.sha256()
         fd, name = tempfile.mkstemp(dir=store.folder, prefix=".upload-", suffix=".tmp")
         self.tmp, self.file = Path(name), os.fdopen(fd, "w+b")
 
     def write(self, chunk: bytes) -> None:
         self.file.write(chunk)
-        self.sha.update(chunk)
         self.bytes += len(chunk)
 
     def commit(self) -> dict[str, Any]:
@@ -55,9 +56,9 @@ class WeightWriter:
                 raise ApiError(400, f"invalid weights upload: {e}") from None
             os.fsync(self.file.fileno())
             self.file.close()
-            meta = {"version": self.version, "bytes": self.bytes, "sha256": self.sha.hexdigest(),
+            meta = {"version": self.version, "bytes": self.bytes, "digest": file_digest(self.tmp)[0],
                     "dtype": _dtype(header)}
-            self.store._commit(self.tmp, meta)
+            self.store._commit_full(self.tmp, meta)
             return meta
         finally:
             self.abort()
@@ -74,63 +75,54 @@ def _dtype(header: dict[str, Any]) -> str:
 
 class DeltaWriter(WeightWriter):
     """A delta upload in progress (version `version` against `base`): its bytes go to a temp
-    file; commit() rebuilds the new version's full file from the current one, checks it, and
-    commits both (ApiError 400 bad delta, 409 not newer, 412 the current version is not `base`)."""
+    file; commit() checks its header and makes it the newest link (ApiError 400 bad delta, 409 not
+    newer, 412 the current version is not `base` or another file)."""
 
     def __init__(self, store: "WeightStore", version: int, base: int):
         super().__init__(store, version)
         self.base = base
 
     def commit(self) -> dict[str, Any]:
-        rebuilt = None
         try:
             self.file.flush()
             self.file.seek(0)
             try:
                 h = delta.read_header(self.file)
+                if self.file.tell() + h["body_bytes"] != self.bytes:
+                    raise delta.DeltaError(f"the delta is {self.bytes} bytes, its header describes "
+                                           f"{self.file.tell() + h['body_bytes']}")
+                published_dtypes(h["st_header"])  # a readable safetensors header
             except delta.DeltaError as e:
                 raise ApiError(400, f"invalid weight delta: {e}") from None
             if (h["from_version"], h["to_version"]) != (self.base, self.version):
                 raise ApiError(400, f"the delta leads from version {h['from_version']} to "
                                     f"{h['to_version']}, the request says {self.base} to {self.version}")
-            meta, base = self.store._open_base(self.base, h["base_sha256"])
-            fd, name = tempfile.mkstemp(dir=self.store.folder, prefix=".upload-", suffix=".tmp")
-            rebuilt = Path(name)
-            self.file.seek(0)
-            with base, os.fdopen(fd, "w+b") as out:
-                try:
-                    apply_deltas(base, [(self.file, self.bytes)], out, base_sha256=meta["sha256"],
-                                 from_version=self.base)
-                    out.flush()
-                    header = check_safetensors(out, h["bytes"])
-                except (delta.DeltaError, InvalidWeights) as e:
-                    raise ApiError(400, f"invalid weight delta: {e}") from None
-                os.fsync(out.fileno())
             os.fsync(self.file.fileno())
             self.file.close()
-            full = {"version": self.version, "bytes": h["bytes"], "sha256": h["sha256"],
-                    "dtype": _dtype(header)}
+            meta = {"version": self.version, "bytes": h["bytes"], "digest": h["digest"],
+                    "dtype": _dtype(json.loads(h["st_header"]))}
             link = {"from_version": self.base, "to_version": self.version, "bytes": self.bytes,
-                    "base_sha256": h["base_sha256"], "sha256": h["sha256"]}
-            self.store._commit(rebuilt, full, (self.tmp, link))
-            return {**full, "delta_bytes": self.bytes}
+                    "base_digest": h["base_digest"], "digest": h["digest"]}
+            self.store._commit_link(self.tmp, meta, link)
+            return {**meta, "delta_bytes": self.bytes}
         finally:
             self.abort()
-            if rebuilt is not None:
-                rebuilt.unlink(missing_ok=True)
 
 
+# ---------------------------------------------------------------------------- the store
 class WeightStore:
-    """The latest published weights in `folder`: weights.safetensors + weights.json (version,
-    bytes, sha256, dtype), and up to `keep_deltas` deltas leading to it. Versions must increase;
-    files are replaced atomically, and a reader that opened the old file keeps reading the old
-    version (POSIX rename semantics)."""
+    """The latest published weights in `folder`; see the module docstring. Versions must increase;
+    files are replaced atomically, and a reader that opened the old full file keeps reading it
+    (POSIX rename semantics)."""
 
     def __init__(self, folder: str | Path | None, keep_deltas: int = 0):
         """folder None or "": a temporary folder, made at the first publish."""
-        self._lock = threading.Lock()
-        self._meta: dict[str, Any] | None = None
+        self._lock = threading.Lock()  # the metadata and the folder's files
+        self._rebuilding = threading.Lock()  # one rebuild at a time
+        self._meta: dict[str, Any] | None = None  # the latest version
+        self._full: dict[str, Any] | None = None  # the version weights.safetensors holds
         self._deltas: list[dict[str, Any]] = []  # oldest first, contiguous, ending at _meta's version
+        self._rebuild_error: str | None = None
         self.keep = keep_deltas
         self._folder = Path(folder).expanduser() if folder else None
         if self._folder is None:
@@ -138,36 +130,39 @@ class WeightStore:
         self._folder.mkdir(parents=True, exist_ok=True)
         for stale in self._folder.glob(".upload-*.tmp"):
             stale.unlink(missing_ok=True)
-        try:
-            meta = json.loads((self.folder / META_FILE).read_text())
-            if os.path.getsize(self.path()) == meta["bytes"] and _sha256(self.path()) == meta["sha256"]:
-                self._meta = meta  # a restarted server keeps serving what it had
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        self._deltas = self._restore_deltas()
+        self._restore()
 
-    def _restore_deltas(self) -> list[dict[str, Any]]:
-        """The delta files that still lead to the current version (the others are deleted)."""
+    def _restore(self) -> None:
+        """A restarted server keeps serving what its folder holds: the full file (checked against
+        its digest) and the links that lead on from it (the others are deleted)."""
+        try:
+            full = json.loads((self._folder / FULL_FILE).read_text())
+            if os.path.getsize(self.path()) == full["bytes"] and file_digest(self.path())[0] == full["digest"]:
+                self._full = self._meta = full
+        except (OSError, ValueError, KeyError, TypeError, delta.DeltaError):
+            pass
         found = {}
         for p in self._folder.glob("delta-*.sgwd"):
             try:
                 with open(p, "rb") as f:
                     h = delta.read_header(f)
-                    if f.tell() + h["body_bytes"] == p.stat().st_size and \
-                            p.name == DELTA_FILE.format(h["from_version"], h["to_version"]):
-                        found[h["to_version"]] = {"from_version": h["from_version"],
-                                                  "to_version": h["to_version"], "bytes": p.stat().st_size,
-                                                  "base_sha256": h["base_sha256"], "sha256": h["sha256"]}
+                ok = p.name == DELTA_FILE.format(h["from_version"], h["to_version"])
             except (OSError, delta.DeltaError):
-                pass
-        chain, want = [], self._meta and (self._meta["version"], self._meta["sha256"])
-        while want and len(chain) < self.keep and (link := found.get(want[0])) and link["sha256"] == want[1]:
-            chain.insert(0, link)
-            want = (link["from_version"], link["base_sha256"])
+                ok = False
+            if ok:
+                found[h["from_version"]] = ({"from_version": h["from_version"], "to_version": h["to_version"],
+                                             "bytes": p.stat().st_size, "base_digest": h["base_digest"],
+                                             "digest": h["digest"]}, h)
+        while self._meta is not None and (got := found.get(self._meta["version"])) \
+                and got[0]["base_digest"] == self._meta["digest"]:
+            link, h = got
+            self._deltas.append(link)
+            self._meta = {"version": h["to_version"], "bytes": h["bytes"], "digest": h["digest"],
+                          "dtype": self._meta["dtype"]}
+        kept = {DELTA_FILE.format(x["from_version"], x["to_version"]) for x in self._deltas}
         for p in self._folder.glob("delta-*.sgwd"):
-            if p.name not in {DELTA_FILE.format(x["from_version"], x["to_version"]) for x in chain}:
+            if p.name not in kept:
                 p.unlink(missing_ok=True)
-        return chain
 
     @property
     def folder(self) -> Path:
@@ -177,7 +172,7 @@ class WeightStore:
             return self._folder
 
     def path(self) -> Path:
-        return self.folder / WEIGHTS_FILE
+        return self._folder / WEIGHTS_FILE
 
     def current(self) -> dict[str, Any] | None:
         with self._lock:
@@ -206,37 +201,40 @@ class WeightStore:
             self._check_base(base, None)
         return DeltaWriter(self, version, base)
 
-    def _check_base(self, base: int, sha256: str | None) -> None:
+    def _check_base(self, base: int, digest: str | None) -> None:
         cur = self._meta
-        if cur is None or cur["version"] != base or (sha256 is not None and cur["sha256"] != sha256):
+        if cur is None or cur["version"] != base or (digest is not None and cur["digest"] != digest):
             held = "no weights" if cur is None else f"version {cur['version']}"
             why = "another file" if cur is not None and cur["version"] == base else held
             raise ApiError(412, f"the server holds {why}, not the delta's base version {base}: "
                                 f"upload the full file")
 
-    def _open_base(self, base: int, sha256: str) -> tuple[dict[str, Any], IO[bytes]]:
-        with self._lock:
-            self._check_base(base, sha256)
-            return dict(self._meta), open(self._folder / WEIGHTS_FILE, "rb")
-
-    def _commit(self, tmp: Path, meta: dict[str, Any],
-                link: tuple[Path, dict[str, Any]] | None = None) -> None:
-        """Make `tmp` the current full file; with `link` = (its delta's temp file, the link) the
-        delta becomes the newest link (else every delta goes: none leads to a full upload)."""
+    def _commit_full(self, tmp: Path, meta: dict[str, Any]) -> None:
+        """Make the uploaded `tmp` the full file and the latest version; every delta goes."""
         with self._lock:
             self._check_version(meta["version"])  # a concurrent publish may have won
-            if link is not None:
-                self._check_base(link[1]["from_version"], link[1]["base_sha256"])
             os.replace(tmp, self._folder / WEIGHTS_FILE)
-            if link is not None and self.keep > 0:
-                os.replace(link[0], self._folder / DELTA_FILE.format(link[1]["from_version"],
-                                                                     meta["version"]))
-                self._deltas.append(link[1])
-            else:
-                self._drop_deltas(len(self._deltas))
-            self._drop_deltas(len(self._deltas) - self.keep)
+            self._drop_deltas(len(self._deltas))
+            write_text_atomic(self._folder / FULL_FILE, json.dumps(meta))
+            write_text_atomic(self._folder / META_FILE, json.dumps(meta))
+            self._meta = self._full = meta
+
+    def _commit_link(self, tmp: Path, meta: dict[str, Any], link: dict[str, Any]) -> None:
+        """Make the uploaded delta `tmp` the newest link and its version the latest."""
+        with self._lock:
+            self._check_version(meta["version"])
+            self._check_base(link["from_version"], link["base_digest"])
+            os.replace(tmp, self._folder / DELTA_FILE.format(link["from_version"], meta["version"]))
+            self._deltas.append(link)
             write_text_atomic(self._folder / META_FILE, json.dumps(meta))
             self._meta = meta
+            due = self._behind() >= max(self.keep, 1)
+        if due and not self._rebuilding.locked():
+            threading.Thread(target=self._rebuild_quietly, name="weights-rebuild", daemon=True).start()
+
+    def _behind(self) -> int:
+        """Links between the full file and the latest version (caller holds the lock)."""
+        return sum(d["to_version"] > self._full["version"] for d in self._deltas) if self._full else 0
 
     def _drop_deltas(self, n: int) -> None:
         """Delete the n oldest deltas (caller holds the lock)."""
@@ -244,12 +242,66 @@ class WeightStore:
             (self._folder / DELTA_FILE.format(link["from_version"], link["to_version"])).unlink(missing_ok=True)
         del self._deltas[:max(n, 0)]
 
+    def rebuild(self) -> dict[str, Any] | None:
+        """Bring the full file up to the latest version (from the full file and the links after
+        it) -> the full file's metadata. Old links beyond the newest `keep` go once the full file
+        has passed them. Raises DeltaError when the links do not rebuild (a corrupt folder)."""
+        with self._rebuilding:
+            with self._lock:
+                if self._full is None or self._meta is None or self._full["version"] == self._meta["version"]:
+                    return dict(self._full) if self._full else None
+                full, links = dict(self._full), [d for d in self._deltas if d["to_version"] > self._full["version"]]
+                paths = [self._folder / DELTA_FILE.format(d["from_version"], d["to_version"]) for d in links]
+                fd, name = tempfile.mkstemp(dir=self._folder, prefix=".upload-", suffix=".tmp")
+                os.close(fd)
+            out = Path(name)
+            try:
+                try:
+                    last = rebuild_file(self.path(), paths, out, full["version"], full["digest"])
+                except delta.DeltaError:
+                    self._revert(full)
+                    raise
+                meta = {"version": last["to_version"], "bytes": last["bytes"], "digest": last["digest"],
+                        "dtype": full["dtype"]}
+                with self._lock:
+                    if self._full is not None and self._full["version"] == full["version"] and \
+                            any(d["to_version"] == meta["version"] for d in self._deltas):
+                        os.replace(out, self._folder / WEIGHTS_FILE)
+                        write_text_atomic(self._folder / FULL_FILE, json.dumps(meta))
+                        self._full = meta
+                        older = [d for d in self._deltas if d["to_version"] <= meta["version"]]
+                        self._drop_deltas(len(older) - self.keep)
+                    return dict(self._full)
+            finally:
+                out.unlink(missing_ok=True)
+
+    def _revert(self, full: dict[str, Any]) -> None:
+        """Links that do not rebuild (a damaged folder): back to the full file's version, so the
+        trainer's next delta is refused (412) and the full file comes instead."""
+        with self._lock:
+            if self._full is not None and self._full["version"] == full["version"]:
+                self._drop_deltas(len(self._deltas))
+                write_text_atomic(self._folder / META_FILE, json.dumps(self._full))
+                self._meta = dict(self._full)
+
+    def _rebuild_quietly(self) -> None:
+        try:
+            self.rebuild()
+            self._rebuild_error = None
+        except (OSError, delta.DeltaError) as e:  # the next full download tries again and says why
+            self._rebuild_error = str(e)[:300]
+
     def deltas(self) -> list[dict[str, int]]:
         """The kept deltas, oldest first: [{"from_version", "to_version", "bytes"}]."""
         with self._lock:
             return [{k: d[k] for k in ("from_version", "to_version", "bytes")} for d in self._deltas]
 
-    def open_chain(self, from_version: int, sha256: str | None = None):
+    def full_version(self) -> int | None:
+        """The version the full file holds (it may trail the latest by a few links)."""
+        with self._lock:
+            return self._full["version"] if self._full else None
+
+    def open_chain(self, from_version: int, digest: str | None = None):
         """The deltas from `from_version` to the current version -> (current meta, links, open
         files), or (current meta, None, why there is none). from_version == current: ([], [])."""
         with self._lock:
@@ -266,7 +318,7 @@ class WeightStore:
                 why = (f"older than the oldest delta kept (from {oldest}, --weight_deltas={self.keep})"
                        if from_version < oldest else "no delta starts there (a full upload since)")
                 return meta, None, f"version {from_version} is {why}"
-            if sha256 is not None and self._deltas[i]["base_sha256"] != sha256:
+            if digest is not None and self._deltas[i]["base_digest"] != digest:
                 return meta, None, f"version {from_version} here is another file (a new run?)"
             links = [dict(d) for d in self._deltas[i:]]
             files = [open(self._folder / DELTA_FILE.format(d["from_version"], d["to_version"]), "rb")
@@ -276,6 +328,10 @@ class WeightStore:
     def publish(self, chunks, version: int) -> dict[str, Any]:
         """In-process publish from an iterable of byte chunks."""
         return _write_all(self.begin(version), chunks)
+
+    def delta_publish(self, chunks, version: int, base: int) -> dict[str, Any]:
+        """In-process delta upload from an iterable of byte chunks (a framed delta)."""
+        return _write_all(self.begin_delta(version, base), chunks)
 
     def saved_run(self) -> str | None:
         """The run whose weights the folder holds (a restarted server's --weights_dir), if known."""
@@ -290,24 +346,29 @@ class WeightStore:
 
     def reset(self) -> None:
         """A new training run: forget the published weights (their versions were another run's)."""
-        with self._lock:
-            if self._meta is not None and self._folder is not None:
-                (self._folder / META_FILE).unlink(missing_ok=True)
-                (self._folder / WEIGHTS_FILE).unlink(missing_ok=True)  # open readers keep their copy
+        with self._rebuilding, self._lock:
             if self._folder is not None:
+                for name in (META_FILE, FULL_FILE, WEIGHTS_FILE):  # open readers keep their copy
+                    (self._folder / name).unlink(missing_ok=True)
                 self._drop_deltas(len(self._deltas))
-            self._meta = None
-
-    def delta_publish(self, chunks, version: int, base: int) -> dict[str, Any]:
-        """In-process delta upload from an iterable of byte chunks (a framed delta)."""
-        return _write_all(self.begin_delta(version, base), chunks)
+            self._meta = self._full = None
 
     def open(self) -> tuple[dict[str, Any], IO[bytes]] | None:
-        """The current metadata and an open handle on exactly that version, or None."""
+        """The latest version's metadata and an open handle on exactly its full file (rebuilt
+        first when the full file trails it; links that do not rebuild are dropped, and the full
+        file's own version is served), or None."""
+        if self.current() is None:
+            return None
+        try:
+            self.rebuild()
+        except (OSError, delta.DeltaError) as e:
+            print(f"[ref_server] the weight deltas after version {self.full_version()} do not "
+                  f"rebuild, dropped (the trainer's next publish sends the full file): {str(e)[:200]}",
+                  file=sys.stderr, flush=True)
         with self._lock:
-            if self._meta is None:
+            if self._full is None:
                 return None
-            return dict(self._meta), open(self._folder / WEIGHTS_FILE, "rb")
+            return dict(self._full), open(self._folder / WEIGHTS_FILE, "rb")
 
 
 def disk_warning(folder: str | Path | None, limit_bytes: int) -> str | None:
@@ -332,14 +393,6 @@ def disk_warning(folder: str | Path | None, limit_bytes: int) -> str | None:
             f"file and an upload in progress), and an upload that does not fit fails: free space, "
             f"give another --weights_dir, or a lower --max_weights_mb (bf16 weights are half of "
             f"fp32, a LoRA adapter far less)")
-
-
-def _sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 def _write_all(writer, chunks) -> dict[str, Any]:

@@ -14,21 +14,19 @@ steps. The weights' size in the publish dtype is checked against the server's --
 before training (`publisher_for`: one line either way) and again before the first upload: too big
 is one line and no publishing (not a 413 every step).
 
-`publish` copies the parameters to one CPU snapshot (the optimizer changes them in place while the
-upload runs), then a background thread streams that snapshot as safetensors
-(`wire.weights.iter_state_dict_safetensors`, one tensor at a time) with POST /weights?version=N.
-A publish that is due while the previous one is still uploading waits for it (one pending
-snapshot at most: a newer one replaces it, counted in publish_skipped), so the newest version
-always reaches the server; a failed one is reported and the next one is tried as usual. Training
-never waits on an upload, only on the CPU copy.
-
-Deltas: the snapshot of the last version the server accepted is kept (one extra CPU copy in the
-publish dtype; the GPU is never read again for it), and the next version goes up as a delta
-against it (`wire.delta`: the byte-wise XOR of the two files, zstd-compressed; POST /weights/delta)
-when the two files have the same length. The full file goes instead for the first publish, every
-`full_every` versions (0: only when needed), when the delta is not smaller than half the file,
-and when the server no longer holds the base (412: restarted without --weights_dir, a new run).
-`publish_delta` (1 delta, 0 full) and `publish_bytes` (bytes sent) describe the last upload.
+`publish` returns at once: a background thread reads the live parameters (`wire.delta.
+read_changes`: on their device, in the publish dtype) against the one copy kept of the last
+version (CPU, publish dtype) and brings that copy up to date in place; the optimizer's next step
+waits for that read only (`before_update`, a pre-hook on the torch optimizer: `hook`), so the
+weights it reads are the version's. Then, still in the background, the changes are compressed and
+hashed on threads and go up as a delta (`wire.delta`: per tensor sparse or dense XOR, zstd; POST
+/weights/delta), or the kept copy goes up as the full file (POST /weights): for the first publish,
+every `full_every` versions (0: only when needed), when the delta is not smaller than half the
+file, and when the server does not hold the delta's base (412, or the last upload failed). A
+publish that is due while the previous one is still uploading waits for the next step end (counted
+in publish_skipped), so the newest version always follows. Host memory: the kept copy, plus the
+changes of one version. `publish_delta` (1 delta, 0 full) and `publish_bytes` (bytes sent)
+describe the last upload; `publish_blocked_seconds` what the last optimizer step waited.
 """
 from __future__ import annotations
 
@@ -66,32 +64,54 @@ def unique_tensors(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], di
     return out, aliases
 
 
-def cpu_snapshot(module: torch.nn.Module, dtype: torch.dtype | None):
-    """-> (a detached CPU copy of `unique_tensors` in `dtype` for floats, aliases)."""
-    tensors, aliases = unique_tensors(module)
+def cpu_copy(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of `tensors`, floats in `dtype` (None: their own)."""
     return {name: t.detach().to("cpu", dtype=dtype if dtype is not None and t.is_floating_point()
-                                else t.dtype, copy=True) for name, t in tensors.items()}, aliases
+                                else t.dtype, copy=True) for name, t in tensors.items()}
+
+
+def cpu_snapshot(module: torch.nn.Module, dtype: torch.dtype | None):
+    """-> (a CPU copy of `unique_tensors` in `dtype` for floats, aliases)."""
+    tensors, aliases = unique_tensors(module)
+    return cpu_copy(tensors, dtype), aliases
 
 
 class WeightPublisher:
-    """Publishes snapshots of a module's weights in a background thread; see the module doc."""
+    """Publishes a module's weights from a background thread; see the module doc."""
 
     def __init__(self, client: RefClient, dtype: torch.dtype | None = None,
                  log=lambda msg: print(msg, file=sys.stderr, flush=True), full_every: int = 0):
         self.client, self.dtype, self.log, self.full_every = client, dtype, log, full_every
-        self._base: dict | None = None  # the last version the server accepted: snapshot, version, size
+        self._base: dict[str, torch.Tensor] | None = None  # the last version read, CPU, publish dtype
+        self._held: dict | None = None  # what the server holds of ours: {"version", "digest"}
         self._deltas_in_row = 0  # deltas since the last full upload
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-weights")
-        self._pending: Future | None = None
-        self._next: tuple[dict, int] | None = None  # the snapshot waiting for the upload in flight
-        self._draining = False
+        self._job: Future | None = None
+        self._read = threading.Event()  # set while no read pass is running
+        self._read.set()
+        self._wanted = False  # a publish came due while the last one was still uploading
         self._lock = threading.Lock()
         self.stats = {"published_version": -1.0, "publish_seconds": 0.0, "snapshot_seconds": 0.0,
-                      "publish_mb": 0.0, "publishes": 0.0, "publish_skipped": 0.0,
-                      "publish_failures": 0.0, "workers_seen": 0.0, "publish_bytes": 0.0,
-                      "publish_delta": 0.0, "publish_deltas": 0.0, "publish_fulls": 0.0,
-                      "publish_bytes_total": 0.0}
+                      "publish_blocked_seconds": 0.0, "publish_mb": 0.0, "publishes": 0.0,
+                      "publish_skipped": 0.0, "publish_failures": 0.0, "workers_seen": 0.0,
+                      "publish_bytes": 0.0, "publish_delta": 0.0, "publish_deltas": 0.0,
+                      "publish_fulls": 0.0, "publish_bytes_total": 0.0}
         self.disabled: str | None = None  # why publishing is off (the weights exceed the server's limit)
+
+    def hook(self, engine) -> None:
+        """Make the engine's optimizer wait for a running read pass before it changes weights."""
+        opt = engine.optimizer if hasattr(engine, "optimizer") else engine
+        while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+            opt = opt.optimizer  # DeepSpeed's ZeRO wrapper holds the torch optimizer
+        assert isinstance(opt, torch.optim.Optimizer), f"no torch optimizer under {type(engine).__name__}"
+        opt.register_step_pre_hook(lambda *_: self.before_update())
+
+    def before_update(self) -> None:
+        """Wait until the running read pass (if any) has read the weights."""
+        t0 = time.perf_counter()
+        self._read.wait()
+        with self._lock:
+            self.stats["publish_blocked_seconds"] = time.perf_counter() - t0
 
     def step_end(self, module: torch.nn.Module, version: int, step: int, every: int,
                  wait: bool = False) -> bool:
@@ -111,10 +131,9 @@ class WeightPublisher:
             self.stats["workers_seen"] = float(workers)
             if not self._fits(module):
                 return False
-        if not (first or step % every == 0):
+        if not (first or self._wanted or step % every == 0):
             return False
-        self.publish(module, version, wait=wait)
-        return True
+        return self.publish(module, version, wait=wait)
 
     def _fits(self, module: torch.nn.Module, announce: bool = False) -> bool:
         """Whether the weights, in the publish dtype, fit the server's --max_weights_mb; if not,
@@ -138,56 +157,64 @@ class WeightPublisher:
         self.log(f"[trainer] not publishing weights: {self.disabled}")
         return False
 
-    def publish(self, module: torch.nn.Module, version: int, wait: bool = False) -> None:
-        """Snapshot `module` and upload it as `version` in the background (after the upload in
-        flight, if any). `wait` blocks until it is on the server (or failed)."""
+    def publish(self, module: torch.nn.Module, version: int, wait: bool = False) -> bool:
+        """Read `module`'s weights and upload them as `version` in the background -> whether it
+        started (not while the last upload is still going, unless `wait`, which also blocks until
+        this one is on the server or failed)."""
+        if self._job is not None and not self._job.done():
+            if not wait:
+                with self._lock:
+                    self.stats["publish_skipped"] += 1
+                self._wanted = True
+                return False
+            self._job.result()
         t0 = time.perf_counter()
-        snapshot = (*cpu_snapshot(module, self.dtype), lora.publish_metadata(module))  # + marker
+        live, aliases = unique_tensors(module)
+        ready = None
+        if any(t.is_cuda for t in live.values()):
+            ready = torch.cuda.Event()
+            ready.record()  # the optimizer step's kernels come first
+        self._wanted = False
+        self._read.clear()
+        self._job = self._pool.submit(self._run, live, aliases, lora.publish_metadata(module), version, ready)
         with self._lock:
             self.stats["snapshot_seconds"] = time.perf_counter() - t0
-            if self._next is not None:
-                self.stats["publish_skipped"] += 1  # superseded before its turn came
-            self._next = (snapshot, version)
-            if not self._draining:
-                self._draining = True
-                self._pending = self._pool.submit(self._drain)
-            pending = self._pending
         if wait:
-            pending.result()
+            self._job.result()
+        return True
 
-    def _drain(self) -> None:
-        while True:
-            with self._lock:
-                if self._next is None:
-                    self._draining = False
-                    return
-                (snapshot, version), self._next = self._next, None
-            self._send(snapshot, version)
-
-    def _send(self, snapshot: tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]],
-              version: int) -> None:
+    def _run(self, live: dict[str, torch.Tensor], aliases: dict[str, str], extra: dict[str, str],
+             version: int, ready) -> None:
         t0 = time.perf_counter()
-        tensors, aliases, extra = snapshot  # extra: the LoRA adapter marker (simple_grpo/common/lora.py)
-        metadata = file_metadata(version, aliases, extra)
-        current = {"tensors": tensors, "metadata": metadata, "version": version,
-                   "size": file_size(tensors, metadata)}
         try:
-            sent = self._send_delta(current) if self._delta_due(current) else None
+            changes, base_version = self._read_pass(live, ready)
+        finally:
+            self._read.set()
+        base = self._base
+        metadata = file_metadata(version, aliases, extra)
+        head = next(iter_state_dict_safetensors(base, metadata=metadata))
+        size = file_size(base, metadata)
+        try:
+            sent = None
+            if changes is not None and self._delta_due(base_version):
+                sent = self._send_delta(changes, head, size, base_version, version)
             if sent is None:
-                meta = self.client.publish_weights(_stream(current), version=version)
-                sent = (meta, meta.get("bytes", 0))
+                digest = delta.version_digest(head, delta.digests(list(base.values())))
+                meta = self.client.publish_weights(iter_state_dict_safetensors(base, metadata=metadata),
+                                                   version=version)
+                sent = (meta, meta.get("bytes", 0), digest)
         except RefServerError as e:
-            if e.status == 409:  # the server already has this version (a resumed run): fine, and
-                self._base = current  # most likely this very file (else a delta gets 412: full)
+            if e.status == 409:  # the server already has this version (a resumed run): most likely
+                self._held = {"version": version, "digest": None}  # this file (else a delta gets 412)
                 return
             self._failed(version, e)
             return
         except RefServerUnavailable as e:
             self._failed(version, e)
             return
-        meta, nbytes = sent
+        meta, nbytes, digest = sent
         is_delta = "delta_bytes" in meta
-        self._base = {**current, "sha256": meta.get("sha256")}  # the next base; the old one is freed
+        self._held = {"version": version, "digest": digest}
         self._deltas_in_row = self._deltas_in_row + 1 if is_delta else 0
         with self._lock:
             self.stats.update(published_version=float(version), publishes=self.stats["publishes"] + 1,
@@ -197,32 +224,45 @@ class WeightPublisher:
                               publish_bytes_total=self.stats["publish_bytes_total"] + nbytes)
             self.stats["publish_deltas" if is_delta else "publish_fulls"] += 1
 
-    def _delta_due(self, current: dict) -> bool:
-        """A delta against the last accepted version can go (the full file is due otherwise)."""
-        base = self._base
-        periodic = self.full_every > 0 and self._deltas_in_row + 1 >= self.full_every
-        return base is not None and base["size"] == current["size"] and not periodic \
-            and base["version"] < current["version"]
+    def _read_pass(self, live: dict[str, torch.Tensor], ready) -> tuple[list | None, int | None]:
+        """Bring the kept copy up to the live weights -> (the changes, the version they start
+        from), or (None, None) when a fresh copy was taken (the first publish, or other tensors)."""
+        base, held = self._base, self._held
+        same = base is not None and list(base) == list(live) and \
+            all(base[k].shape == live[k].shape for k in live)
+        if not same:
+            self._base = None  # freed before the new copy is made
+            self._base = cpu_copy(live, self.dtype)
+            return None, None
+        changes = delta.read_changes(base, live, ready=ready)
+        return changes, held["version"] if held is not None else None
 
-    def _send_delta(self, current: dict) -> tuple[dict, int] | None:
-        """Upload `current` as a delta against the base -> (the server's answer, bytes sent), or
-        None when the full file should go (the delta is not smaller than half of it, or the server
-        does not hold the base: 412)."""
-        base = self._base
-        enc = delta.encode_delta(_stream(base), _stream(current), from_version=base["version"],
-                                 to_version=current["version"], max_body_bytes=current["size"] // 2,
-                                 base_sha256=base.get("sha256"))
+    def _delta_due(self, base_version: int | None) -> bool:
+        """A delta against what the server holds of ours can go (the full file is due otherwise)."""
+        periodic = self.full_every > 0 and self._deltas_in_row + 1 >= self.full_every
+        return base_version is not None and self._held["digest"] is not None and not periodic
+
+    def _send_delta(self, changes: list, head: bytes, size: int, base_version: int,
+                    version: int) -> tuple[dict, int, str] | None:
+        """Upload the changes as a delta against the server's version -> (the server's answer,
+        bytes sent, the new digest), or None when the full file should go (the delta is not
+        smaller than half of it, or the server does not hold the base: 412)."""
+        enc, digest, _ = delta.finish(changes, self._base, head, from_version=base_version,
+                                      to_version=version, base_digest=self._held["digest"],
+                                      file_bytes=size, max_body_bytes=size // 2)
         if enc is None:
             return None
         with enc:
             try:
-                return self.client.publish_delta(enc.chunks(), current["version"], base["version"]), enc.size
+                return (self.client.publish_delta(enc.chunks(), version, base_version), enc.size,
+                        digest)
             except RefServerError as e:
                 if e.status == 412:
                     return None
                 raise
 
     def _failed(self, version: int, e: Exception) -> None:
+        self._held = None  # the kept copy is ahead of the server: the next upload is the full file
         with self._lock:
             self.stats["publish_failures"] += 1
         self.log(f"[trainer] publishing weight version {version} failed (will retry at the next "
@@ -234,8 +274,8 @@ class WeightPublisher:
 
     def close(self) -> None:
         """Wait for the upload in flight, then stop the thread."""
-        if self._pending is not None:
-            self._pending.result()
+        if self._job is not None:
+            self._job.result()
         self._pool.shutdown(wait=True)
 
 
@@ -243,11 +283,6 @@ def file_metadata(version: int, aliases: dict[str, str], extra: dict[str, str]) 
     """The safetensors metadata of a published file. The version is zero-padded, so every
     version's file has one length and a delta always fits (an unpadded "10" would not)."""
     return {"version": f"{version:012d}", "aliases": json.dumps(aliases), **extra}
-
-
-def _stream(published: dict):
-    """The published file of a kept snapshot, as byte chunks."""
-    return iter_state_dict_safetensors(published["tensors"], metadata=published["metadata"])
 
 
 def file_size(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:

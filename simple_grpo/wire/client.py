@@ -7,9 +7,9 @@
     logp_BC = client.logprobs(prompt_ids, prompt_lens, completion_ids, completion_lens,
                               temperature=0.7)  # scored at the sampling temperature
     client.publish_weights(iter_state_dict_safetensors(model.state_dict()), version=3)  # trainer
-    client.weights_version("gen-0", running_version=2)  # -> {"version": 3, "sha256", ...}
-    client.download_weights(Path("policy.safetensors"))  # resumable, sha256-checked, atomic
-    client.download_delta(2, Path("chain"), sha256=...)  # deltas from version 2, or None: full
+    client.weights_version("gen-0", running_version=2)  # -> {"version": 3, "digest", ...}
+    client.download_weights(Path("policy.safetensors"))  # resumable, digest-checked, atomic
+    client.download_delta(2, Path("chain"), digest=...)  # deltas from version 2, or None: full
 
 Retries: connection errors, timeouts, 429, 502, 503 and 504 are retried with exponential backoff
 (honouring Retry-After), up to `retries` times, then RefServerUnavailable (a UserError) is raised;
@@ -24,7 +24,6 @@ A RefClient holds a requests.Session: use one client per thread.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import sys
@@ -39,6 +38,8 @@ import torch
 
 from simple_grpo.errors import UserError
 from simple_grpo.wire import codec
+from simple_grpo.wire.delta import DeltaError
+from simple_grpo.wire.delta_apply import file_digest
 
 _RETRY_STATUS = (429, 502, 503, 504)  # queue full, busy, or a proxy in between
 
@@ -76,7 +77,7 @@ class RefClient:
         self.last_upload: dict[str, Any] = {}  # the server's answer to the last upload
         self.last_compute_ms = 0.0  # server-side forward time of the last /logprobs call
         self.last_instance: str | None = None  # the server instance that answered the last /get
-        self.last_weights: dict[str, Any] = {}  # version and sha256 of the last download
+        self.last_weights: dict[str, Any] = {}  # version and digest of the last download
         self.last_delta_refusal = ""  # why the server last had no delta chain to offer
         self.session = requests.Session()
         if token:
@@ -228,7 +229,7 @@ class RefClient:
 
     def weights_version(self, worker_id: str | None = None,
                         running_version: int | None = None) -> dict[str, Any]:
-        """GET /weights/version -> {"version": N or None, "bytes", "sha256"}; a worker_id also
+        """GET /weights/version -> {"version": N or None, "bytes", "digest"}; a worker_id also
         reports the version this worker runs (shown in /stats "workers")."""
         headers = {}
         if worker_id is not None:
@@ -237,18 +238,19 @@ class RefClient:
                 headers["X-Weight-Version"] = str(running_version)
         return self._request("GET", "/weights/version", headers=headers).json()
 
-    def download_weights(self, dest: str | Path, expected_sha256: str | None = None) -> Path:
+    def download_weights(self, dest: str | Path, expected_digest: str | None = None) -> Path:
         """GET /weights into dest: written to dest.part, resumed with Range + If-Range after a
         broken connection (up to `retries` times), then renamed over dest. Whatever version the
-        server sends is taken: its X-Weight-Version and ETag (sha256) come with the file it
-        streams, the bytes are checked against that sha256 (and against expected_sha256 when
-        given), and a resume answered with another version starts over, so two versions are never
-        mixed. On success sets last_weights = {"version", "sha256", "bytes"} of the file in dest;
+        server sends is taken: its X-Weight-Version and ETag (its digest, simple_grpo/wire/delta.py)
+        come with the file it streams, the file is checked against that digest (and against
+        expected_digest when given), and a resume answered with another version starts over, so
+        two versions are never mixed. On success sets last_weights = {"version", "digest",
+        "bytes"} of the file in dest;
         on failure dest and last_weights are untouched and RefServerError /
         RefServerUnavailable is raised."""
         dest = Path(dest)
         part, have, etag, total, last = dest.with_name(dest.name + ".part"), 0, None, None, ""
-        got: dict[str, Any] = {}  # version and sha256 of the file the server is sending
+        got: dict[str, Any] = {}  # version and digest of the file the server is sending
         try:
             with open(part, "wb") as f:
                 for attempt in range(self.retries + 1):
@@ -270,7 +272,7 @@ class RefClient:
                                     f.seek(0)
                                     f.truncate()
                                     got = {"version": int(r.headers["X-Weight-Version"]),
-                                           "sha256": etag.strip('"')}
+                                           "digest": etag.strip('"')}
                                 total = have + int(r.headers["Content-Length"])
                                 _write_body(r, f)
                                 have = f.tell()
@@ -289,13 +291,14 @@ class RefClient:
                     raise RefServerUnavailable(f"downloading weights from {self.url} failed "
                                                f"after {self.retries + 1} attempt(s): "
                                                f"{last[:300]}")
-            sha = hashlib.sha256()
-            with open(part, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    sha.update(chunk)
-            want = [w for w in (got["sha256"], expected_sha256) if w]
-            if any(sha.hexdigest() != w for w in want):
-                raise RefServerError(200, f"downloaded weights have sha256 {sha.hexdigest()}, "
+            try:
+                digest = file_digest(part)[0]
+            except DeltaError as e:
+                raise RefServerError(200, f"downloaded weights are not a safetensors file: {e}",
+                                     self.url) from None
+            want = [w for w in (got["digest"], expected_digest) if w]
+            if any(digest != w for w in want):
+                raise RefServerError(200, f"downloaded weights have digest {digest}, "
                                           f"expected {' and '.join(want)}", self.url)
             os.replace(part, dest)
         except BaseException:
@@ -318,14 +321,14 @@ class RefClient:
         return r.json()
 
     def download_delta(self, from_version: int, dest: str | Path,
-                       sha256: str | None = None) -> dict[str, Any] | None:
+                       digest: str | None = None) -> dict[str, Any] | None:
         """GET /weights/delta?from=U into dest (a chain file, simple_grpo/wire/delta.py) ->
         {"version", "links", "bytes"}; None when the server has no chain from U to offer (409:
         download the full file; `last_delta_refusal` says why); links 0 when U is current. A broken
-        transfer is retried from the start (up to `retries` times). `sha256`: that of our file of
+        transfer is retried from the start (up to `retries` times). `digest`: that of our version
         U, so a server of another run refuses instead of sending deltas that cannot apply."""
         dest, last = Path(dest), ""
-        params = {"from": from_version, **({"sha256": sha256} if sha256 else {})}
+        params = {"from": from_version, **({"digest": digest} if digest else {})}
         for attempt in range(self.retries + 1):
             try:
                 with self.session.request("GET", self.url + "/weights/delta", params=params,
