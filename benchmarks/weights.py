@@ -21,6 +21,7 @@ batches in/out, drops), the trainer's metrics.jsonl (publish_bytes, batch_stalen
 stale_dropped) and the workers' sync counters. The peer is the full design at the same worker
 count, in the same invocation.
 
+    python benchmarks/weights.py --shape=qwen2.5-1.5b   # one version stage by stage (weight_stages.py)
     python benchmarks/weights.py [--workers=1,4,16] [--modes=full,delta] [--steps=24]
                                  [--from_version=11] [--tokens=16] [--worker_dtype=bfloat16]
                                  [--lr=1e-6] [--hosts=1|2] [--keep=DIR]
@@ -313,7 +314,14 @@ def main() -> None:
                    help="2: the workers on a second network host (namespaces, root only); their host's "
                         "received bytes are reported")
     p.add_argument("--keep", default="", help="keep every run's logs in this folder (else a temporary one)")
+    p.add_argument("--shape", default="", help="instead: one version's stages at a real model's shape "
+                                               "(qwen2.5-1.5b, qwen2.5-0.5b, tiny; benchmarks/weight_stages.py)")
+    p.add_argument("--versions", type=int, default=3, help="with --shape: delta versions per lr")
+    p.add_argument("--lrs", default="1e-6,1e-5", help="with --shape: the learning rates")
     a = p.parse_args()
+    if a.shape:
+        import weight_stages
+        return weight_stages.main(a.shape, a.versions, [float(x) for x in a.lrs.split(",")])
     rows = []
     with tempfile.TemporaryDirectory(prefix="weights-bench-") as tmp:
         if a.keep:

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
 
 from simple_grpo.train.publish import WeightPublisher, publish_bytes
 from simple_grpo.wire.client import RefClient
+from simple_grpo.wire.weights import load_safetensors_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -111,3 +114,48 @@ def test_the_size_check_uses_the_publish_dtype(tiny_model, ref_server):
     meta = RefClient(srv.url).weights_version()
     assert meta["version"] == 1 and meta["dtype"] == "BF16" and meta["bytes"] < 0.75 * fp32
     assert half.metrics()["publishes"] == 1 and half.metrics()["publish_failures"] == 0
+
+
+def _adam_step(model: torch.nn.Module, opt: torch.optim.Optimizer, g: torch.Generator) -> None:
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+
+
+def test_the_optimizer_waits_for_the_read_and_the_server_gets_that_version(tiny_model, ref_server,
+                                                                          tmp_path, monkeypatch):
+    """A publish returns at once and reads the live weights in the background; the next optimizer
+    step waits for that read (the hook), so the version on the server is exactly the weights of
+    the step that published it, not a mix with the next one. Version 2 goes up as a delta."""
+    from simple_grpo.wire import delta
+
+    srv = ref_server(weights_dir=str(tmp_path / "w"))
+    model = type(tiny_model)(tiny_model.config)
+    model.load_state_dict(tiny_model.state_dict())
+    opt, g = torch.optim.AdamW(model.parameters(), lr=1e-5), torch.Generator().manual_seed(0)
+    pub = WeightPublisher(RefClient(srv.url), dtype=torch.bfloat16)
+    pub.hook(opt)
+    pub.publish(model, version=1, wait=True)
+    _adam_step(model, opt, g)
+    want = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
+    real, reading = delta.read_changes, threading.Event()
+
+    def slow_read(*args, **kw):
+        reading.set()
+        time.sleep(1.5)  # a read pass longer than what the next step does before its update
+        return real(*args, **kw)
+    monkeypatch.setattr(delta, "read_changes", slow_read)
+    t0 = time.perf_counter()
+    assert pub.publish(model, version=2)
+    assert time.perf_counter() - t0 < 0.5, "the publish itself does not wait for the read"
+    assert reading.wait(10)
+    _adam_step(model, opt, g)  # must wait for the read of version 2
+    pub.close()
+    m = pub.metrics()
+    assert m["publish_blocked_seconds"] > 0.5 and m["publish_delta"] == 1 and m["published_version"] == 2
+    path = RefClient(srv.url).download_weights(tmp_path / "v2.safetensors")
+    got = load_safetensors_file(path)
+    for k, v in got.items():
+        assert torch.equal(v.view(torch.int16), want[k].view(torch.int16)), k
+    assert not all(torch.equal(p.detach().to(torch.bfloat16), want[k])  # the step did change them
+                   for k, p in model.state_dict().items())

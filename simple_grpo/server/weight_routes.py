@@ -32,6 +32,8 @@ generation workers poll the version and download the file.
 """
 from __future__ import annotations
 
+import bisect
+import os
 import re
 import threading
 import time
@@ -92,28 +94,50 @@ class Traffic:
 
 
 class ChainReader:
-    """A chain's bytes as one file-like object (its header, then each link's file): a body with
-    `read` goes to waitress's wsgi.file_wrapper, which feeds the socket from it without holding a
-    request thread for the whole transfer (a generator body would)."""
+    """A chain's bytes as one seekable file (its header, then each link's file): a body like this
+    goes to waitress's wsgi.file_wrapper, which feeds the socket from it without holding a
+    request thread for the whole transfer (a generator body would, and waitress only takes a
+    file it can seek to size it)."""
 
     def __init__(self, head: bytes, files: list):
-        self.head, self.files = head, list(files)
+        self.head, self.files, self.pos = head, list(files), 0
+        self.starts, at = [], len(head)  # where each file's bytes begin in the chain
+        for f in self.files:
+            self.starts.append(at)
+            at += os.fstat(f.fileno()).st_size
+        self.size = at
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: 0, 1: self.pos, 2: self.size}[whence] + offset
+        return self.pos
 
     def read(self, n: int = -1) -> bytes:
-        n = (1 << 20) if n is None or n < 0 else n
-        if self.head:
-            out, self.head = self.head[:n], self.head[n:]
-            return out
-        while self.files:
-            if piece := self.files[0].read(n):
-                return piece
-            self.files.pop(0).close()
-        return b""
+        n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
+        out = []
+        while n > 0:
+            if self.pos < len(self.head):
+                piece = self.head[self.pos:self.pos + n]
+            else:
+                i = bisect.bisect_right(self.starts, self.pos) - 1
+                self.files[i].seek(self.pos - self.starts[i])
+                end = self.starts[i + 1] if i + 1 < len(self.starts) else self.size
+                piece = self.files[i].read(min(n, end - self.pos))
+                if not piece:
+                    break  # a file shorter than it was: the client sees a short body
+            out.append(piece)
+            self.pos += len(piece)
+            n -= len(piece)
+        return b"".join(out)
 
     def close(self) -> None:
         for f in self.files:
             f.close()
-        self.files = []
 
 
 def add_weight_routes(app: bottle.Bottle, state, handler, store: WeightStore) -> WorkerTable:

@@ -145,7 +145,21 @@ def read_header(f: IO[bytes]) -> dict[str, Any]:
         total += e.get("body_bytes", 0) if ok else 0
     if not ok or total != h["body_bytes"]:
         raise DeltaError(f"weight delta header has bad fields: {json.dumps(h)[:200]}")
+    described = _file_bytes(h["st_header"])
+    if described != h["bytes"]:
+        raise DeltaError(f"weight delta {h['from_version']}->{h['to_version']} says its file is "
+                         f"{h['bytes']} bytes, its safetensors header describes {described}")
     return h
+
+
+def _file_bytes(st_json: str) -> int | None:
+    """The length of the safetensors file whose header (JSON text) this is, or None."""
+    try:
+        header = json.loads(st_json)
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+    return 8 + len(st_json.encode()) + end if type(end) is int else None
 
 
 def pack_chain(links: list[dict[str, int]]) -> bytes:
@@ -184,7 +198,7 @@ class Change:
     name: str
     numel: int
     parts: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (offset, idx, xor)
-    count: int = 0
+    count: int = 0  # elements changed
     dense: bytes | None = None
 
 
@@ -222,6 +236,7 @@ def _read_tensor(name: str, b: torch.Tensor, live: torch.Tensor, level: int) -> 
         old_dev = old.to(dev, non_blocking=True) if dev.type != "cpu" else old
         if comp is not None:  # dense: compress the XOR now, take the new values
             x = torch.bitwise_xor(old_dev, new).cpu()
+            ch.count += int(torch.count_nonzero(x))
             out_dense.append(comp.compress(memoryview(x.numpy()).cast("B")))
             old.copy_(new.cpu() if dev.type != "cpu" else new)
             continue
@@ -234,14 +249,16 @@ def _read_tensor(name: str, b: torch.Tensor, live: torch.Tensor, level: int) -> 
             old[idx] = got
         if ch.count > limit:  # too many changes: the whole tensor's XOR instead
             comp = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
-            for p_off, p_idx, p_x in ch.parts:
-                full = torch.zeros(min(CHUNK_ELEMS, n - p_off), dtype=p_x.dtype)
-                full[p_idx.long()] = p_x
+            parts = {p_off: (p_idx, p_x) for p_off, p_idx, p_x in ch.parts}
+            for p_off in range(0, off + CHUNK_ELEMS, CHUNK_ELEMS):  # every chunk read so far,
+                full = torch.zeros(min(CHUNK_ELEMS, n - p_off), dtype=b_flat.dtype)  # unchanged too
+                if p_off in parts:
+                    full[parts[p_off][0].long()] = parts[p_off][1]
                 out_dense.append(comp.compress(memoryview(full.numpy()).cast("B")))
             ch.parts = []
     if comp is not None:
         out_dense.append(comp.flush())
-        ch.dense, ch.count = b"".join(out_dense), n
+        ch.dense = b"".join(out_dense)
     return ch
 
 

@@ -239,5 +239,5 @@ def rebuild_file(base_path, link_paths: list[Path], out_path, from_version: int,
             mm.flush()
         finally:
             del mm
-        os.fsync(f.fileno())
+        os.fsync(f.fileno())  # the rebuilt file
     return last
