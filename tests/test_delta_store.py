@@ -278,7 +278,8 @@ def test_hostile_delta_requests_get_4xx_and_change_nothing(ref_server, tmp_path)
                           ("?from=0&digest=XYZ", 400), (f"?from=0&digest={d0.upper()}", 400),
                           (f"?from=0&digest={d0[:31]}", 400),                  # not 32 lowercase hex
                           ("?from=-1", 409), ("?from=99999999999999999999", 409),  # no chain
-                          ("?from=1", 204), (f"?from=1&digest={d0}", 204)]:    # current
+                          ("?from=1", 204), (f"?from=1&digest={d0}", 204),     # current
+                          (f"?from=1&digest={'0' * 32}", 409)]:  # current, but another file
         r = requests.get(srv.url + "/weights/delta" + query, headers=auth)
         assert r.status_code == status, (query, r.status_code, r.text)
     assert client.weights_version()["version"] == 1 and client.stats()["weight_deltas"] == []

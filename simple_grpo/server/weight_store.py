@@ -308,6 +308,8 @@ class WeightStore:
             if self._meta is None:
                 raise ApiError(404, "no weights published yet")
             meta, cur = dict(self._meta), self._meta["version"]
+            if from_version == cur and digest is not None and digest != meta["digest"]:
+                return meta, None, f"version {from_version} here is another file (a new run?)"
             if from_version == cur:
                 return meta, [], []
             if from_version > cur:

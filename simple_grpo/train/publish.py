@@ -25,8 +25,9 @@ every `full_every` versions (0: only when needed), when the delta is not smaller
 file, and when the server does not hold the delta's base (412, or the last upload failed). A
 publish that is due while the previous one is still uploading waits for the next step end (counted
 in publish_skipped), so the newest version always follows. Host memory: the kept copy, plus the
-changes of one version. `publish_delta` (1 delta, 0 full) and `publish_bytes` (bytes sent)
-describe the last upload; `publish_blocked_seconds` what the last optimizer step waited.
+changed values of one version (a dense tensor's XOR goes to a temporary file). `publish_delta`
+(1 delta, 0 full) and `publish_bytes` (bytes sent) describe the last upload;
+`publish_blocked_seconds` what the last optimizer step waited.
 """
 from __future__ import annotations
 
@@ -198,6 +199,8 @@ class WeightPublisher:
             sent = None
             if changes is not None and self._delta_due(base_version):
                 sent = self._send_delta(changes, head, size, base_version, version)
+            elif changes is not None:
+                delta.discard(changes)
             if sent is None:
                 digest = delta.version_digest(head, delta.digests(list(base.values())))
                 meta = self.client.publish_weights(iter_state_dict_safetensors(base, metadata=metadata),

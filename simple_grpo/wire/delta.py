@@ -193,18 +193,17 @@ def read_chain(f: IO[bytes], size: int) -> tuple[dict[str, Any], list[tuple[int,
 @dataclass
 class Change:
     """What the read pass found in one tensor: nothing, the changed positions and XORed values
-    (sparse, compressed later on a thread), or the compressed XOR (dense, compressed at once: the
-    XOR of a whole tensor would be another full copy)."""
+    (sparse), or the XOR of the whole tensor written to a temporary file (dense: in memory it
+    would be another full copy). Both are compressed later, on threads (`finish`)."""
     name: str
     numel: int
     parts: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (offset, idx, xor)
     count: int = 0  # elements changed
-    dense: bytes | None = None
+    dense: IO[bytes] | None = None
 
 
 def read_changes(base: dict[str, torch.Tensor], live: dict[str, torch.Tensor],
-                 level: int = LEVEL, threads: int = THREADS,
-                 ready: "torch.cuda.Event | None" = None) -> list[Change]:
+                 threads: int = THREADS, ready: "torch.cuda.Event | None" = None) -> list[Change]:
     """Compare each live tensor (any device and float dtype) in `base`'s dtype with `base` (CPU,
     the last version's copy) and bring `base` up to it in place -> the changes, in `base`'s order.
     The one pass that reads the live weights: after it the optimizer may change them. Tensors run
@@ -218,26 +217,25 @@ def read_changes(base: dict[str, torch.Tensor], live: dict[str, torch.Tensor],
 
     def one(name: str) -> Change:
         if stream is None:
-            return _read_tensor(name, base[name], live[name], level)
+            return _read_tensor(name, base[name], live[name])
         with torch.cuda.stream(stream):
-            return _read_tensor(name, base[name], live[name], level)
+            return _read_tensor(name, base[name], live[name])
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(one, base))
 
 
-def _read_tensor(name: str, b: torch.Tensor, live: torch.Tensor, level: int) -> Change:
+def _read_tensor(name: str, b: torch.Tensor, live: torch.Tensor) -> Change:
     b_flat, l_flat, n = bits(b), live.detach().reshape(-1), b.numel()
     assert live.numel() == n, f"{name}: {live.numel()} elements, the base has {n}"
-    ch, limit, comp, dev = Change(name, n), n * SPARSE_BELOW, None, live.device
-    out_dense: list[bytes] = []  # dense: the compressed XOR so far
+    ch, limit, dev = Change(name, n), n * SPARSE_BELOW, live.device
     for off in range(0, n, CHUNK_ELEMS):
         new = bits(l_flat[off:off + CHUNK_ELEMS].to(b.dtype))  # on the live tensor's device
         old = b_flat[off:off + CHUNK_ELEMS]
         old_dev = old.to(dev, non_blocking=True) if dev.type != "cpu" else old
-        if comp is not None:  # dense: compress the XOR now, take the new values
+        if ch.dense is not None:  # dense: the XOR to the file, the new values into the base
             x = torch.bitwise_xor(old_dev, new).cpu()
             ch.count += int(torch.count_nonzero(x))
-            out_dense.append(comp.compress(memoryview(x.numpy()).cast("B")))
+            ch.dense.write(memoryview(x.numpy()).cast("B"))
             old.copy_(new.cpu() if dev.type != "cpu" else new)
             continue
         idx = torch.nonzero(new != old_dev).view(-1)
@@ -248,18 +246,33 @@ def _read_tensor(name: str, b: torch.Tensor, live: torch.Tensor, level: int) -> 
             ch.count += len(idx)
             old[idx] = got
         if ch.count > limit:  # too many changes: the whole tensor's XOR instead
-            comp = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
+            ch.dense = tempfile.TemporaryFile(prefix="simple_grpo-delta-")
             parts = {p_off: (p_idx, p_x) for p_off, p_idx, p_x in ch.parts}
             for p_off in range(0, off + CHUNK_ELEMS, CHUNK_ELEMS):  # every chunk read so far,
                 full = torch.zeros(min(CHUNK_ELEMS, n - p_off), dtype=b_flat.dtype)  # unchanged too
                 if p_off in parts:
                     full[parts[p_off][0].long()] = parts[p_off][1]
-                out_dense.append(comp.compress(memoryview(full.numpy()).cast("B")))
+                ch.dense.write(memoryview(full.numpy()).cast("B"))
             ch.parts = []
-    if comp is not None:
-        out_dense.append(comp.flush())
-        ch.dense = b"".join(out_dense)
     return ch
+
+
+def discard(changes: list[Change]) -> None:
+    """Drop a read pass's changes that will not be encoded (their dense files are closed)."""
+    for ch in changes:
+        if ch.dense is not None:
+            ch.dense.close()
+
+
+def _dense_body(ch: Change, level: int) -> bytes:
+    """A dense change's body: its XOR file, compressed as one zstd frame (the file is closed)."""
+    comp, out = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj(), []
+    with ch.dense as f:
+        f.seek(0)
+        while piece := f.read(CHUNK_ELEMS):
+            out.append(comp.compress(piece))
+    out.append(comp.flush())
+    return b"".join(out)
 
 
 def _sparse_body(ch: Change, level: int) -> tuple[bytes, int]:
@@ -308,7 +321,7 @@ def finish(changes: list[Change], base: dict[str, torch.Tensor], st_header: byte
     Compression and hashing run on `threads` threads; `base` (already the new version) is read."""
     def body(ch: Change) -> tuple[bytes, int]:
         if ch.dense is not None:
-            return ch.dense, DENSE_INDEX
+            return _dense_body(ch, level), DENSE_INDEX
         if not ch.count:
             return b"", 4
         return _sparse_body(ch, level)
@@ -338,6 +351,5 @@ def finish(changes: list[Change], base: dict[str, torch.Tensor], st_header: byte
 def encode(base: dict[str, torch.Tensor], live: dict[str, torch.Tensor], st_header: bytes,
            **kw) -> tuple[EncodedDelta | None, str, list[str]]:
     """Both passes in one call (tests, benchmarks): `read_changes` then `finish`."""
-    return finish(read_changes(base, live, kw.get("level", LEVEL), kw.get("threads", THREADS)),
-                  base, st_header, **kw)
+    return finish(read_changes(base, live, kw.get("threads", THREADS)), base, st_header, **kw)
 
