@@ -14,11 +14,11 @@ case "${1:-}" in
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
     mkdir -p .whl
     plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-    # pure-Python or cp312 wheels of what the box lacks (pydantic-core is the one compiled module)
+    # pure-Python or cp312 wheels of what the box lacks (pydantic-core, zstandard and xxhash are compiled)
     python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       "${plat[@]}" -d .whl bottle==0.13.4 waitress==3.0.2 hjson==3.1.0 pydantic==2.13.4 pydantic-core==2.46.4 \
       annotated-types==0.7.0 typing-inspection==0.4.2 typing-extensions==4.16.0 math-verify==0.9.0 \
-      latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2  # the versions the tests pass with
+      latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 zstandard==0.25.0 xxhash==4.1.0  # the versions the tests pass with
     # deepspeed is an sdist on the registry: build its pure-Python wheel here
     python -m pip wheel -q --no-deps -w .whl "$(grep '^deepspeed==' requirements-core.txt)"
     ls -la .whl

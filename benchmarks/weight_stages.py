@@ -18,7 +18,10 @@ then published in bf16 the way `WeightPublisher` does it:
 The first version is a full file (kept copy, full upload, box load). A 7B column scales each
 stage by bytes (x 4.93, Qwen2.5-7B's 15.2 GB / Qwen2.5-1.5B's 3.09 GB in bf16).
 
-    python benchmarks/weights.py --shape=qwen2.5-1.5b [--versions=3] [--lrs=1e-6,1e-5]
+    python benchmarks/weights.py --shape=qwen2.5-1.5b [--versions=3] [--lrs=1e-6,1e-5] [--device=cuda:0]
+
+With --device=cuda:0 the trainer's weights and the box's tensors live on the GPU: the read pass
+compares there (the kept copy crosses PCIe), and the box applies its chain there.
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ def next_gradients(live: dict[str, torch.Tensor], g: torch.Generator) -> dict[st
         out[k] = torch.empty(t.shape, dtype=torch.int8)
         for i in range(0, t.numel(), 1 << 24):
             out[k].view(-1)[i:i + (1 << 24)] = torch.randn(min(1 << 24, t.numel() - i), generator=g).sign()
+        out[k] = out[k].to(t.device)
     return out
 
 
@@ -76,7 +80,7 @@ def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run(shape: str, lr: float, versions: int, folder: Path) -> list[dict]:
+def run(shape: str, lr: float, versions: int, folder: Path, device: str = "cpu") -> list[dict]:
     from simple_grpo.server.weight_store import WeightStore
     from simple_grpo.train.publish import cpu_copy, file_metadata, file_size
     from simple_grpo.wire import delta
@@ -84,7 +88,7 @@ def run(shape: str, lr: float, versions: int, folder: Path) -> list[dict]:
     from simple_grpo.wire.weights import iter_state_dict_safetensors
 
     g = torch.Generator().manual_seed(0)
-    live = {k: torch.randn(s, generator=g) * 0.02 for k, s in state_shapes(shape).items()}
+    live = {k: (torch.randn(s, generator=g) * 0.02).to(device) for k, s in state_shapes(shape).items()}
     rows = []
     t = time.perf_counter()
     base = cpu_copy(live, torch.bfloat16)
@@ -96,7 +100,7 @@ def run(shape: str, lr: float, versions: int, folder: Path) -> list[dict]:
     digest = delta.version_digest(head, delta.digests(list(base.values())))
     store.publish(iter_state_dict_safetensors(base, metadata=meta_1), 1)
     t_full = time.perf_counter() - t
-    box = {k: v.clone() for k, v in base.items()}
+    box = {k: v.to(device, copy=True) for k, v in base.items()}  # a box on the trainer's device kind
     size = file_size(base, meta_1)
     rows.append({"lr": lr, "version": 1, "kind": "full", "MB": size / 1e6, "read_s": t_copy,
                  "grads_s": None, "blocked_s": None,
@@ -140,7 +144,7 @@ def run(shape: str, lr: float, versions: int, folder: Path) -> list[dict]:
                      "MB": enc.size / 1e6, "read_s": read["s"], "grads_s": t_grads,
                      "blocked_s": blocked, "encode_s": t2 - t1,
                      "commit_s": t3 - t2, "apply_s": t5 - t4, "rebuild_s": t6 - t5})
-    assert all(torch.equal(box[k].view(torch.int16), base[k].view(torch.int16)) for k in base), \
+    assert all(torch.equal(box[k].cpu().view(torch.int16), base[k].view(torch.int16)) for k in base), \
         "the box's tensors differ from the trainer's"
     return rows
 
@@ -149,15 +153,15 @@ def fmt(x, scale: float = 1.0) -> str:
     return "-" if x is None else f"{x * scale:.2f}"
 
 
-def main(shape: str, versions: int, lrs: list[float]) -> None:
+def main(shape: str, versions: int, lrs: list[float], device: str = "cpu") -> None:
     print(f"{shape}: {sum(torch.Size(s).numel() for s in state_shapes(shape).values()) / 1e9:.2f}B "
-          f"weights, published in bf16; seconds per stage (7B projected by bytes in brackets)")
+          f"weights on {device}, published in bf16; seconds per stage (7B projected by bytes in brackets)")
     print("| lr | version | upload | MB | read pass (background) | next step's gradients beside it "
           "| trainer blocked | encode (background) | server commit | box apply | server rebuild (background) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for lr in lrs:
         with tempfile.TemporaryDirectory(prefix="weight-stages-") as d:
-            for r in run(shape, lr, versions, Path(d) / "server"):
+            for r in run(shape, lr, versions, Path(d) / "server", device):
                 cells = [fmt(r[k]) + (f" ({fmt(r[k], TO_7B)})" if r[k] is not None else "")
                          for k in ("read_s", "grads_s", "blocked_s", "encode_s", "commit_s", "apply_s",
                                    "rebuild_s")]

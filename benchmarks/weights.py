@@ -318,10 +318,11 @@ def main() -> None:
                                                "(qwen2.5-1.5b, qwen2.5-0.5b, tiny; benchmarks/weight_stages.py)")
     p.add_argument("--versions", type=int, default=3, help="with --shape: delta versions per lr")
     p.add_argument("--lrs", default="1e-6,1e-5", help="with --shape: the learning rates")
+    p.add_argument("--device", default="cpu", help="with --shape: where the weights live (cuda:0 on a GPU)")
     a = p.parse_args()
     if a.shape:
         import weight_stages
-        return weight_stages.main(a.shape, a.versions, [float(x) for x in a.lrs.split(",")])
+        return weight_stages.main(a.shape, a.versions, [float(x) for x in a.lrs.split(",")], a.device)
     rows = []
     with tempfile.TemporaryDirectory(prefix="weights-bench-") as tmp:
         if a.keep:
