@@ -25,10 +25,10 @@ K, FULL_EVERY, VERSIONS = 4, 8, 20  # the server keeps 4 deltas; the trainer sen
 FULLS = {1, 9, 17}
 
 
-def worker(model_dir, url, index: int) -> Worker:
+def worker(model_dir, url, index: int, **more) -> Worker:
     args = {"model": model_dir, "ref_url": url, "rewards": "overlong", "worker_index": index,
             "ref_timeout": 20, "prompts_per_step": 2, "num_generations": 4, "micro_batch_size": 4,
-            "max_new_tokens": 8}
+            "max_new_tokens": 8, **more}
     cfg = resolve(parse_config(TrainConfig, [f"--{k}={v}" for k, v in args.items()]))
     return Worker(cfg, RefClient(url, retries=1, backoff_s=0.01))
 
@@ -232,6 +232,27 @@ def test_a_corrupted_or_truncated_delta_falls_back_to_the_full_file(tiny_model_d
     assert_bit_identical(w, 7, published(trainer, torch.bfloat16, 7))
     assert (w.counts["delta_fallbacks"], w.counts["full_syncs"], w.counts["delta_syncs"]) == (3, 5, 1)
     pub.close()
+
+
+def test_a_model_that_cannot_hold_the_published_values_takes_full_files(tiny_model_dir, tiny_model,
+                                                                        ref_server, tmp_path, capsys):
+    """fp32 publishing into a bf16 box: a delta would need values the box cannot hold, so every
+    update is a full download (one line says why), and the box holds the rounded values."""
+    srv = ref_server(weights_dir=str(tmp_path / "w"), weight_deltas=K)
+    trainer, g = trainer_copy(tiny_model), torch.Generator().manual_seed(3)
+    pub = WeightPublisher(RefClient(srv.url), dtype=torch.float32)
+    w = worker(tiny_model_dir, srv.url, index=0, dtype="bfloat16")
+    for v in (1, 2, 3):
+        optimizer_step(trainer, g, 1e-4, 0.03)
+        pub.publish(trainer, version=v, wait=True)
+        assert w.sync_weights() and w.version == v and w.weights_digest is None
+        for name, t in published(trainer, torch.float32, v)[1].items():
+            assert torch.equal(w.model.state_dict()[name], t.to(torch.bfloat16)), name
+    pub.close()
+    assert pub.metrics()["publish_deltas"] == 2  # the trainer still sends deltas (for other boxes)
+    assert (w.counts["full_syncs"], w.counts["delta_syncs"], w.counts["inexact_model"]) == (3, 0, 1)
+    lines = [x for x in capsys.readouterr().err.splitlines() if "cannot hold" in x]
+    assert len(lines) == 1, lines
 
 
 def test_a_new_run_sends_workers_back_to_the_full_file(tiny_model_dir, tiny_model, ref_server, tmp_path):
