@@ -16,7 +16,7 @@ from simple_grpo.common import lora
 from simple_grpo.train import publish
 from simple_grpo.common.config import TrainConfig, resolve
 from simple_grpo.train.publish import WeightPublisher, cpu_snapshot
-from simple_grpo.gen.worker import Worker
+from simple_grpo.gen.worker import NO_WEIGHTS, Worker
 from simple_grpo.wire import delta
 from simple_grpo.wire.client import RefClient
 from simple_grpo.wire.weights import iter_state_dict_safetensors
@@ -172,8 +172,9 @@ def test_a_corrupted_or_truncated_delta_falls_back_to_the_full_file(tiny_model_d
     full = tmp_path / "w" / "weights.safetensors"  # and the full file breaks once too
     good = full.read_bytes()
     full.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
-    assert not w.sync_weights() and w.version == 1  # the delta changed its model, then failed;
-    assert (w.counts["delta_fallbacks"], w.counts["download_failures"]) == (1, 1)  # full: broken
+    assert not w.sync_weights() and w.version == NO_WEIGHTS  # the delta changed its model, then it
+    assert (w.counts["delta_fallbacks"], w.counts["download_failures"]) == (1, 1)  # failed, and the
+    # full file is broken too: on no version, the worker's loop samples nothing meanwhile
     lines = [x for x in capsys.readouterr().err.splitlines() if "weight delta" in x]
     assert len(lines) == 2 and "from version 1 failed, downloading the full file" in lines[0], lines
     assert "do not rebuild, dropped" in lines[1], lines  # the server's line: it serves version 1

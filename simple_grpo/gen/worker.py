@@ -142,7 +142,9 @@ class Worker:
         of a sparse tensor are written; every tensor is then checked against its digest); a fresh
         worker, one too far behind (or of another run), one whose model cannot hold the published
         values exactly (a narrower dtype) and one whose delta fails (corrupt, truncated, a
-        mismatch: one log line, `delta_fallbacks`) download the full file, load it and delete it."""
+        mismatch: one log line, `delta_fallbacks`) download the full file, load it and delete it.
+        A delta that failed after it began to change the model leaves the worker on no version
+        (NO_WEIGHTS: it samples nothing) until a full download succeeds."""
         info = self.call("poll weights", lambda: self.client.weights_version(self.id, self.version))
         run = info.get("run_id")
         if run is not None and self.run_id is not None and run != self.run_id:  # a new run: our
@@ -162,7 +164,9 @@ class Worker:
                 if isinstance(e, RefServerAuthError):
                     raise
                 self.counts["download_failures"] += 1
-                log(f"[{self.id}] weight download failed, keeping version {self.version}: {str(e)[:200]}")
+                kept = f"keeping version {self.version}" if self.version != NO_WEIGHTS else \
+                    "sampling nothing until a download succeeds"
+                log(f"[{self.id}] weight download failed, {kept}: {str(e)[:200]}")
                 return False
             got = self.client.last_weights
             self.counts["full_syncs"] += 1
@@ -188,7 +192,7 @@ class Worker:
         """Bring the model from our version to the server's newest through its delta chain ->
         {"version", "digest"} of the model now, or None (download the full file): the server has
         no chain from our version, or applying it failed (the model then holds neither)."""
-        chain, digest = self.dir / "chain.part", self.weights_digest
+        chain, digest, touched = self.dir / "chain.part", self.weights_digest, False
         try:
             got = self.client.download_delta(self.version, chain, digest=digest)
             if got is None or not got["links"]:
@@ -196,7 +200,7 @@ class Worker:
                 return None
             self.counts["bytes_downloaded"] += got["bytes"]
             t0 = time.perf_counter()
-            self.weights_digest = None  # changed in place: our version no more until verified
+            self.weights_digest, touched = None, True  # changed in place: not ours until verified
             links = apply_chain_file(chain, self.targets, self.version, digest)
             self.counts["apply_seconds"] = time.perf_counter() - t0
             self.counts["delta_syncs"] += 1
@@ -208,6 +212,8 @@ class Worker:
             self.counts["delta_fallbacks"] += 1
             log(f"[{self.id}] weight delta from version {self.version} failed, downloading the full "
                 f"file: {str(e)[:200]}")
+            if touched:  # the model holds neither version: nothing is sampled until a full download
+                self.version = NO_WEIGHTS
             return None
         finally:
             chain.unlink(missing_ok=True)
