@@ -122,9 +122,12 @@ def test_delta_uploads_are_linked_checked_rebuilt_and_kept_bounded(tmp_path):
         assert [(d["from_version"], d["to_version"]) for d in store.deltas()] == kept
         assert listing(tmp_path) == sorted([f"delta-{a}-{b}.sgwd" for a, b in kept] + BASE_FILES)
         assert (tmp_path / "weights.safetensors").read_bytes() == v[full - 1]
-    again = WeightStore(tmp_path, keep_deltas=2)  # a restart: the full file and the link after it
-    assert (again.current(), again.full_version(), again.deltas()) == (store.current(), 6, store.deltas()[-1:])
-    assert listing(tmp_path) == ["delta-6-7.sgwd", *BASE_FILES]
+    again = WeightStore(tmp_path, keep_deltas=2)  # a restart: the full file, the link after it and
+    assert (again.current(), again.full_version(), again.deltas()) == (store.current(), 6, store.deltas())
+    assert listing(tmp_path) == ["delta-4-5.sgwd", "delta-5-6.sgwd", "delta-6-7.sgwd", *BASE_FILES]
+    again = WeightStore(tmp_path, keep_deltas=1)  # the 2 (then 1) that led to the full file
+    assert again.deltas() == store.deltas()[1:] and listing(tmp_path) == ["delta-5-6.sgwd", "delta-6-7.sgwd",
+                                                                          *BASE_FILES]
     again.publish([v[0]], 9)  # a full upload: no delta leads to it
     assert again.deltas() == [] and again.full_version() == 9 and listing(tmp_path) == BASE_FILES
     assert WeightStore(tmp_path).current() == again.current()

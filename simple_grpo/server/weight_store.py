@@ -58,7 +58,8 @@ class WeightStore:
 
     def _restore(self) -> None:
         """A restarted server keeps serving what its folder holds: the full file (checked against
-        its digest) and the links that lead on from it (the others are deleted)."""
+        its digest), the links that lead on from it, and up to `keep` that led to it (the others
+        are deleted)."""
         try:
             full = json.loads((self._folder / FULL_FILE).read_text())
             if os.path.getsize(self.path()) == full["bytes"] and file_digest(self.path())[0] == full["digest"]:
@@ -83,6 +84,12 @@ class WeightStore:
             self._deltas.append(link)
             self._meta = {"version": h["to_version"], "bytes": h["bytes"], "digest": h["digest"],
                           "dtype": self._meta["dtype"]}
+        ending = {link["to_version"]: link for link, _ in found.values()}  # and up to `keep` links
+        want = self._full and (self._full["version"], self._full["digest"])  # that led to the full
+        while want and len(self._deltas) < self._behind() + self.keep and (link := ending.get(want[0])) \
+                and link["digest"] == want[1]:  # file, for workers a few versions behind
+            self._deltas.insert(0, link)
+            want = (link["from_version"], link["base_digest"])
         kept = {DELTA_FILE.format(x["from_version"], x["to_version"]) for x in self._deltas}
         for p in self._folder.glob("delta-*.sgwd"):
             if p.name not in kept:
