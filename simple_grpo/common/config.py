@@ -268,11 +268,11 @@ class TrainConfig:
     publish_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Published weight dtype: auto (the training dtype) | float32 | bfloat16 (half the bytes)."""
     weights_full_every: int = 0
-    """Trainer: publish each version as a delta against the previous one (compressed XOR,
-    simple_grpo/wire/delta.py) and the full file only when needed (0: the first publish, a delta
-    not smaller than half the file, a server that lost the base), or also every N versions (1 =
-    always the full file). The server checks the sha256 of every file it rebuilds, so a periodic
-    full file adds no safety and costs every generation box a full download."""
+    """Trainer: publish each version as a delta against the previous one (per tensor, sparse or
+    dense XOR, simple_grpo/wire/delta.py) and the full file only when needed (0: the first
+    publish, a delta not smaller than half the file, a server that lost the base), or also every N
+    versions (1 = always the full file). Every tensor is checked against its digest wherever a
+    delta is applied, so a periodic full file adds no safety and costs every box a full download."""
     max_staleness: int = 4
     """Trainer: drop (and count) a queued batch generated more than this many weight versions
     (optimizer steps) ago; -1 keeps every batch."""
