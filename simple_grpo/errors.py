@@ -27,7 +27,8 @@ def first_report(line: str, fresh_s: float = 120.0) -> bool:
     would print the same line: the first rank to claim a marker file named by the launch (the
     launcher's pid, MASTER_PORT) and the line prints it, the others stay quiet (a line only one
     rank meets, such as its own disk's error, still prints). Markers older than `fresh_s` are
-    another launch's."""
+    another launch's, and the rank that claims one removes them."""
+    import glob
     import hashlib
     import os
     import tempfile
@@ -41,6 +42,12 @@ def first_report(line: str, fresh_s: float = 120.0) -> bool:
     for _ in range(2):
         try:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            for old in glob.glob(os.path.join(tempfile.gettempdir(), "simple_grpo-said-*")):
+                try:  # earlier launches' markers go, so they do not pile up in the temp folder
+                    if time.time() - os.path.getmtime(old) >= fresh_s:
+                        os.unlink(old)
+                except OSError:
+                    pass
             return True
         except FileExistsError:
             try:

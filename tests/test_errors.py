@@ -86,6 +86,7 @@ def test_a_line_every_rank_meets_is_printed_once_per_launch(monkeypatch, tmp_pat
     monkeypatch.setenv("MASTER_PORT", "29500")
     assert errors.first_report("x: error: a")  # the old marker is claimed again
     assert not errors.first_report("x: error: a")
+    assert len(list(tmp_path.iterdir())) == 1, "the claim removed the old launches' markers"
 
 
 @pytest.mark.slow
