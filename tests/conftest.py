@@ -97,3 +97,20 @@ def small_tmpfs(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def file_version_digest(data: bytes) -> str:
+    """A weights file's version digest by its definition (simple_grpo/wire/delta.py), from the
+    file's bytes alone: xxh3-128 of the header (with its length), then of each tensor's own
+    xxh3-128 digest, in file order. The tests' independent check of the code's digests."""
+    import json
+    import struct
+
+    import xxhash
+
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    h = xxhash.xxh3_128(data[:8 + n])
+    for a, b in sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__"):
+        h.update(xxhash.xxh3_128(data[8 + n + a:8 + n + b]).digest())
+    return h.hexdigest()

@@ -19,6 +19,7 @@ import zstandard
 from simple_grpo.wire import delta, delta_apply
 from simple_grpo.wire.delta import DeltaError
 from simple_grpo.wire.weights import iter_state_dict_safetensors
+from conftest import file_version_digest
 
 META = {"step": "7"}
 SHAPES = {"emb": (64, 16), "w": (40, 30), "b": (30,), "s": (), "e": (0, 4)}  # 1024, 1200, 30, 1, 0
@@ -38,17 +39,6 @@ def assert_bits(got: dict, want: dict) -> None:
 
 def st_file(sd: dict, metadata=META) -> bytes:
     return b"".join(iter_state_dict_safetensors(sd, metadata=metadata))
-
-
-def file_version_digest(data: bytes) -> str:
-    """By definition, from the file's bytes: xxh3-128 of the header (with its length), then of
-    each tensor's own xxh3-128 digest, in file order."""
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    h = xxhash.xxh3_128(data[:8 + n])
-    for a, b in sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__"):
-        h.update(xxhash.xxh3_128(data[8 + n + a:8 + n + b]).digest())
-    return h.hexdigest()
 
 
 def version0(dtype, shapes=SHAPES, seed=0) -> tuple[dict, dict]:

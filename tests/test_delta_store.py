@@ -8,14 +8,11 @@ with a reason; the publisher falls back to the full file when a delta would not 
 from __future__ import annotations
 
 import io
-import json
-import struct
 import time
 
 import pytest
 import requests
 import torch
-import xxhash
 
 from simple_grpo.server.weight_store import WeightStore
 from simple_grpo.server.wsgi import ApiError
@@ -24,18 +21,9 @@ from simple_grpo.wire import delta
 from simple_grpo.wire.client import RefClient, RefServerError
 from simple_grpo.wire.delta_apply import apply_chain_file
 from simple_grpo.wire.weights import iter_state_dict_safetensors, state_dict_safetensors_bytes
+from conftest import file_version_digest as digest
 
 BASE_FILES = ["full.json", "weights.json", "weights.safetensors"]
-
-
-def digest(file: bytes) -> str:
-    """A file's version digest from its bytes: xxh3-128 of its header, then its tensors' xxh3-128."""
-    (n,) = struct.unpack("<Q", file[:8])
-    spans = sorted(v["data_offsets"] for k, v in json.loads(file[8:8 + n]).items() if k != "__metadata__")
-    h = xxhash.xxh3_128(file[:8 + n])
-    for a, b in spans:
-        h.update(xxhash.xxh3_128(file[8 + n + a:8 + n + b]).digest())
-    return h.hexdigest()
 
 
 def files(n: int, size: int = 3000) -> tuple[list[dict[str, torch.Tensor]], list[bytes]]:

@@ -6,30 +6,18 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 import threading
 
 import pytest
 import requests
 import safetensors.torch
 import torch
-import xxhash
 
 from simple_grpo.server.weight_store import WeightStore
 from simple_grpo.wire.client import RefClient, RefServerAuthError, RefServerError
 from simple_grpo.wire.weights import (InvalidWeights, check_safetensors, iter_state_dict_safetensors,
                                       load_safetensors_file, state_dict_safetensors_bytes)
-
-
-def sha(data: bytes) -> str:
-    """A weights file's digest by its definition (simple_grpo/wire/delta.py): xxh3-128 of the
-    header (with its length) and of the tensors' own xxh3-128 digests, in file order."""
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    h = xxhash.xxh3_128(data[:8 + n])
-    for a, b in sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__"):
-        h.update(xxhash.xxh3_128(data[8 + n + a:8 + n + b]).digest())
-    return h.hexdigest()
+from conftest import file_version_digest as sha
 
 
 def assert_tensors_equal(got: dict, want: dict) -> None:

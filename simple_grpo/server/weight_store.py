@@ -187,11 +187,7 @@ class WeightStore:
                 os.close(fd)
             out = Path(name)
             try:
-                try:
-                    last = rebuild_file(self.path(), paths, out, full["version"], full["digest"])
-                except delta.DeltaError:
-                    self._revert(full)
-                    raise
+                last = rebuild_file(self.path(), paths, out, full["version"], full["digest"])
                 meta = {"version": last["to_version"], "bytes": last["bytes"], "digest": last["digest"],
                         "dtype": full["dtype"]}
                 with self._lock:
@@ -203,6 +199,9 @@ class WeightStore:
                         older = [d for d in self._deltas if d["to_version"] <= meta["version"]]
                         self._drop_deltas(len(older) - self.keep)
                     return dict(self._full)
+            except delta.DeltaError:
+                self._revert(full)
+                raise
             finally:
                 out.unlink(missing_ok=True)
 

@@ -201,14 +201,13 @@ class WeightPublisher:
                 sent = self._send_delta(changes, head, size, base_version, version)
             elif changes is not None:
                 delta.discard(changes)
-            if sent is None:
-                digest = delta.version_digest(head, delta.digests(list(base.values())))
+            if sent is None:  # the server's digest of the file it took is the next delta's base
                 meta = self.client.publish_weights(iter_state_dict_safetensors(base, metadata=metadata),
                                                    version=version)
-                sent = (meta, meta.get("bytes", 0), digest)
+                sent = (meta, meta.get("bytes", 0), meta.get("digest"))
         except RefServerError as e:
-            if e.status == 409:  # the server already has this version (a resumed run): most likely
-                self._held = {"version": version, "digest": None}  # this file (else a delta gets 412)
+            if e.status == 409:  # the server already has this version (a resumed run); its digest
+                self._held = {"version": version, "digest": None}  # unknown: the next upload is full
                 return
             self._failed(version, e)
             return

@@ -46,7 +46,7 @@ import zstandard
 
 FORMAT = 2
 MAGIC, CHAIN_MAGIC = b"SGWDELT2", b"SGWCHAIN"
-LEVEL = 1  # zstandard level: benchmarks/delta_codec.py, BENCHMARKS.md "Weight deltas"
+LEVEL = 1  # zstandard level: BENCHMARKS.md "Weight deltas"
 CHUNK_ELEMS = 1 << 24  # the read pass works on this many elements of a tensor at a time
 SPARSE_BELOW = 1 / 8  # a tensor goes sparse when fewer than this fraction of its elements changed
 MAX_HEADER = 64 << 20
@@ -345,7 +345,6 @@ def finish(changes: list[Change], base: dict[str, torch.Tensor], st_header: byte
               "bytes": file_bytes, "st_header": st_header[8:].decode(), "tensors": entries,
               "body_bytes": total}
     return EncodedDelta(header, spool), digest, tensor_digests
-
 
 
 def encode(base: dict[str, torch.Tensor], live: dict[str, torch.Tensor], st_header: bytes,

@@ -189,9 +189,8 @@ def _spans(path) -> tuple[bytes, dict[str, tuple[str, int, int]]]:
 def file_digest(path, threads: int = THREADS) -> tuple[str, dict[str, str]]:
     """A safetensors file's version digest and its tensors' digests (file order), hashed on
     threads from a memory map."""
-    prefix, spans = _spans(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if \
-            os.path.getsize(path) else _Empty() as mm:
+    prefix, spans = _spans(path)  # a valid file: at least its 8-byte header length
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         view = memoryview(mm)
         try:
             with ThreadPoolExecutor(threads) as pool:
@@ -200,14 +199,6 @@ def file_digest(path, threads: int = THREADS) -> tuple[str, dict[str, str]]:
         finally:
             view.release()
     return version_digest(prefix, got), dict(zip(spans, got))
-
-
-class _Empty:
-    def __enter__(self):
-        return b""
-
-    def __exit__(self, *exc):
-        return None
 
 
 def rebuild_file(base_path, link_paths: list[Path], out_path, from_version: int,
