@@ -6,7 +6,8 @@
 
 Engines, all through rollout.sample: `loop` (--sampler=loop, simple_grpo/gen/decode.py), `static`
 (--sampler=static, simple_grpo/gen/decode_static.py: a fixed-shape step, a CUDA graph on a GPU,
-compiled and recorded in an untimed call of the row's shape first) and `generate` (HF
+compiled and recorded in an untimed call of the row's shape first; a timed call that records
+the graph again, instead of replaying it, is a failed row) and `generate` (HF
 model.generate). A row of batch B is B/8 prompts x G=8, as in a GRPO step, temperature 1, top_p 1. Forced rows: min_new_tokens = max_new_tokens, so every row
 decodes the full length (checked). Variable rows end at different lengths: a real model at its own
 EOS; a random-weight model, whose samples spread over the whole vocabulary, at any of an end set of
@@ -191,14 +192,17 @@ def time_row(model, tok, engine: str, batch: int, new: int, variable: bool, rand
     device = next(model.parameters()).device
     d = info["dims"]
     eos = end_ids(model, tok, new, random_weights) if variable else eos_token_ids(tok, model)
-    if engine == "static" and device.type == "cuda":  # compile and record the graph of this shape
+    graphed = engine == "static" and device.type == "cuda"
+    if graphed:  # compile and record the graph of this shape
         _call(model, tok, engine, batch, new, eos, forced=not variable)
+    recorded = _graph_recordings()
     torch.manual_seed(0)
     _sync(device)
     t = time.perf_counter()
     prompt_ids, _, comp, lens = _call(model, tok, engine, batch, new, eos, forced=not variable)
     _sync(device)
     seconds = time.perf_counter() - t
+    recorded = _graph_recordings() - recorded
     steps, width = comp.shape[1], prompt_ids.shape[1]
     context = width + steps / 2
     floor = floor_bytes(d["weights"], d["layers"], d["kv_heads"], d["head_dim"], context, batch, d["b"])
@@ -209,9 +213,19 @@ def time_row(model, tok, engine: str, batch: int, new: int, variable: bool, rand
            "ms_step": 1e3 * seconds / steps, "floor_bytes": floor, "floor_ms": 1e3 * floor / info["bandwidth"],
            "compute_ms": 1e3 * flops / info["flops"]}
     row["ratio"] = row["ms_step"] / row["floor_ms"]
+    if graphed and recorded:  # the warm-up call's graph should replay (decode_static's kept cache)
+        row.update(ok=False, error=f"the timed call recorded CUDA graph nodes again ({recorded} inputs' worth)")
     if not variable and not bool((lens == new).all()):
         row.update(ok=False, error=f"forced rows ended early (shortest {int(lens.min())} of {new})")
     return row
+
+
+def _graph_recordings() -> int:
+    """inductor's running count of the inputs of every CUDA graph recorded so far (grows with each
+    recording; it stays put across a call whose graphs all replay)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_recorded_non_static_inputs"])
 
 
 def measure_device(model, device_name: str, tiny: bool) -> dict:

@@ -149,3 +149,42 @@ def test_compiled_step_equals_eager(eos_model):
     assert torch.equal(out[0].completion_ids_NC, out[1].completion_ids_NC)
     assert torch.allclose(out[0].logprobs_NC, out[1].logprobs_NC, atol=1e-5)
     assert torch.allclose(out[0].full_logprobs_NC, out[1].full_logprobs_NC, atol=1e-5)
+
+
+def test_kept_cache_keeps_its_addresses_and_changes_nothing(eos_model, monkeypatch):
+    """keep_cache (the compiled default): a CUDA graph replays at the addresses it recorded, so the
+    cache's buffers must be the same every call, and what a call samples must not depend on what an
+    earlier call left in them (a longer prompt first, then a shorter one: stale slots zeroed). A
+    larger call grows the buffers once; the next call of any smaller size reuses them."""
+    from simple_grpo.gen import decode_static as ds
+
+    tok, model = eos_model
+    monkeypatch.setattr(ds, "_KEPT", {})
+    seen = []
+    real = ds._kept_buffer
+
+    def spy(i, name, like, shape):
+        buf = real(i, name, like, shape)
+        seen[-1][(i, name)] = buf  # held, so a buffer made anew could not reuse a freed address
+        return buf
+
+    monkeypatch.setattr(ds, "_kept_buffer", spy)
+    calls = [(["A much longer prompt than the next one, with words"], 4), (["hi"], 4), (["x y", "zz"], 3)]
+    for texts, repeat in calls:
+        ids, attn = _enc(tok, texts)
+        out = {}
+        for keep in (True, False):
+            seen.append({})
+            torch.manual_seed(5)
+            out[keep] = decode_static(model, ids, attn, repeat=repeat, max_new_tokens=9, min_new_tokens=0,
+                                      eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, record_logprobs=True,
+                                      keep_cache=keep)
+        seen.pop()  # the keep=False call takes no kept buffer
+        assert torch.equal(out[True].completion_ids_NC, out[False].completion_ids_NC), texts
+        assert torch.equal(out[True].full_logprobs_NC, out[False].full_logprobs_NC), texts
+    layers = model.config.num_hidden_layers
+    assert len(seen[0]) == 2 * layers, "one buffer per layer's keys and one per its values"
+    ptrs = [{k: t.data_ptr() for k, t in s.items()} for s in seen]
+    assert ptrs[1] == ptrs[0], "a smaller call: the same addresses"
+    assert len(ds._KEPT) == 2 * layers
+    assert ds.release_kept_cache() > 0 and not ds._KEPT

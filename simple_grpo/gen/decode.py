@@ -47,14 +47,16 @@ class _InPlaceLayer(DynamicLayer):
     one slot instead of copying the whole cache (DynamicLayer's torch.cat)."""
 
     @classmethod
-    def take_over(cls, layer: DynamicLayer, repeat: int, extra: int) -> "_InPlaceLayer":
-        """`layer`'s keys/values [n, H, L, D], each row repeated `repeat` times, room for `extra`."""
+    def take_over(cls, layer: DynamicLayer, repeat: int, extra: int, alloc=None) -> "_InPlaceLayer":
+        """`layer`'s keys/values [n, H, L, D], each row repeated `repeat` times, room for `extra`;
+        `alloc(name, like, shape)` gives each buffer (default: a new one like the layer's)."""
         new = cls()
         new.__dict__.update(layer.__dict__)
         n, H, L, _ = layer.keys.shape
         for name in ("keys", "values"):
             src = getattr(layer, name)
-            buf = src.new_empty(n, repeat, H, L + extra, src.shape[-1])
+            shape = (n, repeat, H, L + extra, src.shape[-1])
+            buf = src.new_empty(shape) if alloc is None else alloc(name, src, shape)
             buf[:, :, :, :L] = src[:, None]
             setattr(new, "buf_" + name, buf.view(n * repeat, H, L + extra, src.shape[-1]))
         new.length = L

@@ -9,6 +9,11 @@ instead of a few hundred eager kernel launches and the host syncs transformers' 
   place), and each step attends over all T slots.
 - The prompts are run once each (decode.prefill, stock DynamicCache) and their keys and values
   copied into the G rows of their group; the slots after them start at zero.
+- Compiled, the cache's buffers are kept between calls (`keep_cache`), so every call's graph
+  inputs sit at the addresses the CUDA graph recorded: the graph of a shape is recorded once per
+  process, not once per call. Every element is written each call (prompt slots copied, the rest
+  zeroed), so nothing of an earlier call is read. Cost, Qwen2.5-1.5B bf16 (28 layers x K and V x 2
+  KV heads x 128 x 2 B = 28,672 B a slot): 128 rows x 1,344 slots = 4.9 GB held between calls.
 - The attention mask is 4-D and built inside the step from tensors made once: a slot is attended
   when it holds a real prompt token or a new token at or before the current one. transformers
   hands a 4-D mask to the attention as it is, so no mask helper runs (and none reads the device).
@@ -29,6 +34,30 @@ from simple_grpo.hf_compat import cache_kwargs
 
 _COMPILED: list = []  # forward_step under torch.compile, made on first use (dynamo keeps a graph per
 #                        model and shape, each guarded)
+_KEPT: dict[tuple, torch.Tensor] = {}  # (device, dtype, layer, "keys"/"values") -> the flat buffer a kept
+#                                         cache's layer lives in, across calls (keep_cache)
+
+
+def _kept_buffer(layer_index: int, name: str, like: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """A [shape] view of the start of the flat buffer kept for this layer's keys or values: the same
+    address every call (grown, at a new address, only when a call needs more elements than any before)."""
+    key = (str(like.device), like.dtype, layer_index, name)
+    need = 1
+    for n in shape:
+        need *= n
+    flat = _KEPT.get(key)
+    if flat is None or flat.numel() < need:
+        _KEPT.pop(key, None)  # the old one is freed before the larger one is allocated
+        flat = _KEPT[key] = like.new_empty(need)
+    return flat[:need].view(shape)
+
+
+def release_kept_cache() -> int:
+    """Free the kept cache buffers (keep_cache) -> bytes freed; the next kept call allocates anew (and
+    a compiled step records its CUDA graph again, once)."""
+    freed = sum(t.numel() * t.element_size() for t in _KEPT.values())
+    _KEPT.clear()
+    return freed
 
 
 class _SlotLayer(_InPlaceLayer):
@@ -43,17 +72,20 @@ class _SlotLayer(_InPlaceLayer):
         return self.buf_keys, self.buf_values
 
 
-def static_cache(cache, repeat: int, width: int, slot_1: torch.Tensor, compiled: bool = False):
+def static_cache(cache, repeat: int, width: int, slot_1: torch.Tensor, compiled: bool = False,
+                 keep: bool = False):
     """The prefill's cache (n rows of P prompt slots) -> the same cache object holding fixed-width
-    layers: n*repeat rows of `width` slots, the prompt's first, zeros after."""
+    layers: n*repeat rows of `width` slots, the prompt's first, zeros after. `keep`: the layers live
+    in buffers kept between calls (_KEPT), at the same addresses each call."""
     layers = getattr(cache, "layers", None)
     if not layers or any(type(layer) is not DynamicLayer for layer in layers):
         raise UserError("--sampler=static needs a model whose cache is transformers' DynamicCache with "
                         "full-attention layers only; use --sampler=loop or --sampler=generate")
     new = []
-    for layer in layers:
+    for i, layer in enumerate(layers):
         P = layer.keys.shape[2]
-        slot = _SlotLayer.take_over(layer, repeat, width - P)
+        alloc = (lambda name, like, shape, i=i: _kept_buffer(i, name, like, shape)) if keep else None
+        slot = _SlotLayer.take_over(layer, repeat, width - P, alloc)
         slot.buf_keys[:, :, P:].zero_()  # masked slots: zeros, never stale memory (NaN * 0 = NaN)
         slot.buf_values[:, :, P:].zero_()
         slot.keys, slot.values, slot.slot_1 = slot.buf_keys, slot.buf_values, slot_1
@@ -101,15 +133,21 @@ def decode_static(model, prompt_ids_nP: torch.Tensor, attn_nP: torch.Tensor, *, 
                   max_new_tokens: int, min_new_tokens: int, eos_ids: list[int], pad_id: int,
                   temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
                   record_logprobs: bool = False, sync_every: int | None = None,
-                  compile: bool | None = None, width_multiple: int = 64) -> Decoded:
+                  compile: bool | None = None, width_multiple: int = 64,
+                  keep_cache: bool | None = None) -> Decoded:
     """decode.decode's contract (row i*repeat + j is prompt i's j-th completion) with a static KV
     cache and a fixed-shape step; `compile` (default: on CUDA devices) wraps the step in
-    torch.compile(mode="reduce-overhead"), compiled once per model and (N, T) shape."""
+    torch.compile(mode="reduce-overhead"), compiled once per model and (N, T) shape. `keep_cache`
+    (default: when compiled) keeps the cache's buffers between calls: a CUDA graph replays only at
+    the addresses it recorded, so a new cache each call would record the step's graph again each
+    call, and cudagraph trees keep every recording (each later replay first checks them all). The
+    price: the cache's memory stays allocated between calls (release_kept_cache frees it)."""
     assert prompt_ids_nP.shape == attn_nP.shape, "prompt ids and attention mask differ in shape"
     assert max_new_tokens >= 1, "max_new_tokens must be at least 1"
     assert temperature > 0 or greedy, "temperature must be > 0 when sampling"
     device = prompt_ids_nP.device
     compile = device.type == "cuda" if compile is None else compile
+    keep_cache = compile if keep_cache is None else keep_cache
     masked = _mask_value(model)
     P = attn_nP.shape[1]
     T = P + max_new_tokens
@@ -117,7 +155,7 @@ def decode_static(model, prompt_ids_nP: torch.Tensor, attn_nP: torch.Tensor, *, 
         T = -(-T // width_multiple) * width_multiple
     cache, logits_nV = prefill(model, prompt_ids_nP, attn_nP, 1, in_place=False)
     slot_1 = torch.full((1,), P, dtype=torch.long, device=device)  # where the next token is written
-    cache = static_cache(cache, repeat, T, slot_1, compile)
+    cache = static_cache(cache, repeat, T, slot_1, compile, keep_cache)
     logits_NV = logits_nV.repeat_interleave(repeat, 0)
     pos_N1 = attn_nP.sum(1).repeat_interleave(repeat, 0)[:, None]  # position of the next token
     prompt_N11T = torch.zeros(pos_N1.shape[0], 1, 1, T, dtype=torch.bool, device=device)
