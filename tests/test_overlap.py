@@ -60,6 +60,22 @@ def _spy_samplers(monkeypatch) -> list:
     return started
 
 
+def _spy_trained_prompts(monkeypatch) -> list:
+    """Every trained batch's prompts (token tuples, one per group), a set per step."""
+    from simple_grpo.train import policy_step
+
+    seen, train = [], policy_step.train_on_batch
+
+    def spy(*a, **kw):
+        m, batch = train(*a, **kw)
+        ids, lens = batch.prompt_ids.tolist(), batch.prompt_lens.tolist()
+        seen.append({tuple(row[len(row) - n:]) for row, n in zip(ids, lens)})
+        return m, batch
+
+    monkeypatch.setattr(policy_step, "train_on_batch", spy)
+    return seen
+
+
 def test_overlap_trains_the_samplers_batches_one_step_stale(tiny_model_dir, tmp_path, monkeypatch):
     started = _spy_samplers(monkeypatch)
     grpo_ref_split.main(_args(tiny_model_dir, tmp_path, steps=6, overlap="true"))
@@ -138,10 +154,15 @@ def test_a_dead_sampler_falls_back_to_local_generation(tiny_model_dir, tmp_path,
             return wait(self, version, stop=stop)
 
         monkeypatch.setattr(rollout_source.RefConnection, "next_batch", next_batch)
+    prompts = _spy_trained_prompts(monkeypatch)
     grpo_ref_split.main(_args(tiny_model_dir, tmp_path, steps=5, overlap="true"))
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert [r["overlap_batch"] for r in rows[:2]] == [1.0, 1.0]
+    # the trainer's own batches continue the prompt stream after the sampler's: no prompt of
+    # steps 1-2 is drawn again (the stream has thousands; it stood at its start while the sampler ran)
+    assert len(prompts) == 5 and all(len(p) == 2 for p in prompts), prompts
+    assert len(set().union(*prompts)) == 10, "a prompt the sampler drew was drawn again"
     # step 3 on: the trainer's own batches (while waiting: the wait for step 3's batch ends at once)
     assert all(r["local_generation"] == 1.0 for r in rows[2:]), [r["local_generation"] for r in rows]
     warnings = [line for line in capsys.readouterr().err.splitlines() if "overlap sampler stopped" in line]

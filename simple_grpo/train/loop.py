@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from simple_grpo.algo.tis import TISSettings
-from simple_grpo.train import collectives, offpolicy, policy_step
+from simple_grpo.train import collectives, offpolicy, policy_step, sampler
 from simple_grpo.common import lora
 from simple_grpo.gen import rollout
 from simple_grpo.gen.reward_registry import RewardSpec
@@ -102,6 +102,7 @@ def step(ctx: StepContext, weight_version: int):
         max_tokens=c.max_tokens_per_micro_batch)
     if ref_seconds is not None:
         m["ref_seconds"] = ref_seconds
+    sampler.follow_streams(ctx.stream, trained, ctx.dist.rank)  # after the sampler's batches
     metrics = {**(roll.stats if roll is not None else {"gen_seconds": 0.0}), **m,
                "local_generation": float(roll is not None), "overlap_batch": float(overlapped and roll is None),
                **batch_stats(trained, weight_version, c.eval_reward)}

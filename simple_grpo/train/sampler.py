@@ -265,6 +265,23 @@ def start_overlap(cfg, dist, ref, module: torch.nn.Module, version: int, step: i
     return Overlap(sampler, dist, pid, ref.url, ref.token)
 
 
+def follow_streams(stream, batch, rank: int) -> None:
+    """After a rank trains a batch of the sampler's: its own prompt stream moves to where the sampler
+    left that rank's stream (the batch's meta STREAMS_AFTER, written after the step's draws). The
+    rank draws nothing itself while the sampler feeds it, so without this, the batches it makes
+    after the sampler stops would draw again every prompt the sampler had already drawn for it;
+    with it they continue right after them, and its checkpoints hold that position too. Other
+    producers' batches (workers, the rank's own) leave the stream where it is."""
+    from simple_grpo.gen.worker import SAMPLER_ID, STREAMS_AFTER
+
+    after = batch.meta.get(STREAMS_AFTER)
+    if batch.meta.get("producer") != SAMPLER_ID or not isinstance(after, dict):
+        return
+    shard = after["shards"][rank]
+    assert shard["rank"] == rank, f"the sampler's stream {shard['rank']} is not rank {rank}'s"
+    stream.load_state_dict(shard)
+
+
 def hold_next_batch(ctx, weight_version: int) -> dict | None:
     """Before a checkpoint, with the sampler running (every rank): take this rank's batch of the
     next step from the queue now and keep it for that step (ctx.prefetched); -> what an exact
