@@ -195,10 +195,28 @@ MINE = """from simple_grpo.gen.reward_registry import register
 def mine(completion, example):
     return {body}
 """
+HELPED = """import re
+from simple_grpo.gen.reward_registry import register
+
+_NUMBER = re.compile({pattern!r})
+
+
+def _score(text):
+    return {score}
+
+
+@register("contract_mine")
+def mine(completion, example):
+    return _score(completion)
+"""
 REWARD_FILES = {"a/mine.py": MINE.format(body="len(completion) / 100.0"),  # the trainer's
                 "b/mine.py": MINE.format(body="len(completion) / 100.0"),  # a copy in another folder
-                "c/mine.py": MINE.format(body="-len(completion) / 100.0")}  # the same name, other code
-MINE_A, MINE_B, MINE_C = ({"rewards_file": f, "rewards": "contract_mine"} for f in REWARD_FILES)
+                "c/mine.py": MINE.format(body="-len(completion) / 100.0"),  # the same name, other code
+                "d/mine.py": HELPED.format(pattern=r"\d+", score="float(bool(_NUMBER.search(text)))"),
+                "e/mine.py": HELPED.format(pattern=r"\d+", score="float(len(_NUMBER.findall(text)))"),
+                "f/mine.py": HELPED.format(pattern=r"-?\d+", score="float(bool(_NUMBER.search(text)))")}
+MINE_A, MINE_B, MINE_C, MINE_D, MINE_E, MINE_F = ({"rewards_file": f, "rewards": "contract_mine"}
+                                                  for f in REWARD_FILES)
 
 OPTION_CASES = [  # (the trainer's options, the worker's, the fields that differ)
     # identical configs: the contracts agree
@@ -225,6 +243,10 @@ OPTION_CASES = [  # (the trainer's options, the worker's, the fields that differ
     ({}, dict(reward_failure_value=-1.0), ["reward_code"]),
     # --rewards_file: the same reward name, other code
     (MINE_A, MINE_C, ["reward_code"]),
+    # the reward function's own lines unchanged, the helper it calls changed
+    (MINE_D, MINE_E, ["reward_code"]),
+    # the reward and its helper unchanged, the module's regex the helper reads changed
+    (MINE_D, MINE_F, ["reward_code"]),
 ]
 
 

@@ -5,8 +5,8 @@ uploads, from the same config fields, so a worker started with other options is 
 `model_id` names the base model: it is computed once when the model is loaded, before any update
 (a worker's later weight downloads and a resumed trainer's checkpoint do not change it).
 `expected_contract` is computed once at start-up, after the tokenizer and the rewards are loaded:
-it renders a probe prompt with the tokenizer (`prompt_id`) and reads the rewards' source
-(`reward_code`)."""
+it renders a probe prompt with the tokenizer (`prompt_id`) and reads the files the rewards are
+defined in (`reward_code`)."""
 from __future__ import annotations
 
 import hashlib
@@ -99,20 +99,33 @@ def task_id(cfg) -> str:
     return text if len(text) <= 300 else f"sha256:{_digest(text)}"
 
 
-def reward_code(specs, failure_value: float) -> str:
-    """16 hex digits of the sha256 of each reward's name and its function's source code
-    (inspect.getsource; the function's qualified name where no source can be read), in order,
-    then ";failure_value=" and --reward_failure_value."""
-    from simple_grpo.gen.reward_registry import _qualname, get_reward
+def reward_source(fn) -> list[str]:
+    """[the function's qualified name, the text of the whole file that defines it] (so a helper or
+    a constant beside it, such as a regex, counts, not only the function's own lines; line ends
+    normalised); a function with no file (made at run time): its own source, else its name alone.
+    Code it imports from other files, and library versions, are not covered."""
+    from simple_grpo.gen.reward_registry import _qualname
 
-    code = []
-    for spec in specs:
-        fn = get_reward(spec.name)
+    fn = inspect.unwrap(fn)
+    try:
+        file = inspect.getsourcefile(fn)
+        text = Path(file).read_text(encoding="utf-8") if file and Path(file).is_file() else None
+    except (OSError, TypeError, UnicodeDecodeError):
+        text = None
+    if text is None:
         try:
-            source = inspect.getsource(fn).replace("\r\n", "\n")
+            text = inspect.getsource(fn)
         except (OSError, TypeError):  # built in, made at run time, a callable object
-            source = _qualname(fn)
-        code.append([spec.name, source])
+            return [_qualname(fn)]
+    return [getattr(fn, "__qualname__", type(fn).__qualname__), text.replace("\r\n", "\n")]
+
+
+def reward_code(specs, failure_value: float) -> str:
+    """16 hex digits of the sha256 of each reward's name and `reward_source`, in order, then
+    ";failure_value=" and --reward_failure_value."""
+    from simple_grpo.gen.reward_registry import get_reward
+
+    code = [[spec.name, *reward_source(get_reward(spec.name))] for spec in specs]
     return f"{_digest(code)};failure_value={float(failure_value)!r}"
 
 

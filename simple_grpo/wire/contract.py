@@ -46,7 +46,7 @@ class BatchContract:
     model: str  # a short id of the base model the producer loaded
     prompt: str  # a short id of a fixed probe question rendered and tokenized as every prompt is
     task: str  # the task (a local file by its name) with its question and answer fields
-    reward_code: str  # a short id of the reward functions' source, then ";failure_value=<value>"
+    reward_code: str  # a short id of the reward functions' source files, then ";failure_value=<value>"
 
 
 # field -> the Python types its value may have (bool is not an int here, nor a float)
