@@ -122,10 +122,16 @@ def bundled_gguf() -> Path:
     return ggufs[0]
 
 
+def bundled_converted(cache_dir: Path = DEFAULT_CACHE) -> Path | None:
+    """The bundled SmolLM2's safetensors folder, or None before its first use converts it."""
+    out = Path(cache_dir) / "SmolLM2-135M-Instruct"
+    return out if (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists() else None
+
+
 def bundled_model_dir(cache_dir: Path = DEFAULT_CACHE) -> Path:
     """The bundled SmolLM2 as a safetensors folder, dequantizing the packaged GGUF on first use."""
     out = Path(cache_dir) / "SmolLM2-135M-Instruct"
-    if (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists():
+    if bundled_converted(cache_dir):
         return out
     gguf = bundled_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig

@@ -68,6 +68,8 @@ def test_a_7b_on_this_machine_is_a_memory_blocker_with_the_arithmetic(tmp_path, 
                                              "--max_new_tokens=256"]))
     shape = preflight.model_shape(cfg)
     assert shape["params"] == qwen2_params(QWEN2_7B) == 7_615_616_512
+    prompt, how = preflight.prompt_tokens(cfg)  # a folder holding only its config: no chat template
+    assert prompt == 256 and how.startswith("256 assumed ("), how
     need = preflight.memory_need(cfg, shape, world=4, bytes_per_weight=2)
     P = shape["params"]
     assert need["weights"] == 2 * P and need["optimizer"] == 12 * P / 4  # ZeRO-2: AdamW over 4 ranks
@@ -113,3 +115,27 @@ def test_under_a_launcher_only_rank_0_prints(tiny_model_dir, tmp_path, no_loadin
     with pytest.raises(SystemExit) as e:
         check(f"--model={tiny_model_dir}", f"--run_dir={tmp_path}", "--beta=0", "--prompts_per_step=2")
     assert e.value.code == 0 and capsys.readouterr().out == ""
+
+
+def test_the_estimate_takes_the_longest_of_the_tasks_prompts(tiny_model_dir, tmp_path, no_loading, capsys,
+                                                             monkeypatch):
+    """The memory estimate's prompt length is the task's longest prompt, rendered with the chat
+    template and tokenized: a task of short questions, then the same with one question of 1,000
+    letters (the tiny tokenizer is byte-level: one token a letter, the template around it the same)."""
+    rows = [{"question": "What is 1+1?", "answer": "2"}] * 5
+    for name, extra in (("short", []), ("long", [{"question": "x" * 1000, "answer": "0"}])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + extra))
+    got = {}
+    for name in ("short", "long"):
+        cfg = resolve(parse_config(TrainConfig, [f"--model={tiny_model_dir}", f"--task={tmp_path / name}.jsonl"]))
+        got[name] = preflight.prompt_tokens(cfg)
+    assert got["short"][1] == "the longest of 5 of the task's prompts" and got["short"][0] < 256
+    assert got["long"][0] - got["short"][0] == 1000 - len("What is 1+1?")
+    asked, need = [], preflight.memory_need
+    monkeypatch.setattr(preflight, "memory_need", lambda *a, **kw: (asked.append(a[4:] + tuple(kw.values())),
+                                                                    need(*a, **kw))[1])
+    check(f"--model={tiny_model_dir}", f"--task={tmp_path / 'long'}.jsonl", f"--run_dir={tmp_path / 'run'}",
+          "--max_new_tokens=64", "--beta=0")
+    assert asked == [(got["long"][0],)], "the memory rows are estimated for the measured prompt"
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("prompt tokens"))
+    assert "the longest of 6 of the task's prompts" in line and f"{got['long'][0]:,} + --max_new_tokens 64" in line

@@ -10,8 +10,9 @@ one would start; /dev/shm; flash-attn; the publish size against the server's lim
 checkpoints. A blocker is one line with its fix, and the exit code is 2; warnings do not block.
 
 Memory arithmetic per training device, P parameters (T of them trained: all, or LoRA's adapters),
-b bytes per weight (2 in bf16, 4 in fp32), W ranks, S = prompt (assumed <= 256 tokens) +
---max_new_tokens positions, m = --micro_batch_size rows, hidden H, L layers:
+b bytes per weight (2 in bf16, 4 in fp32), W ranks, S = prompt + --max_new_tokens positions (the
+prompt: the longest of up to 1,000 of the task's training prompts, rendered and tokenized as the
+trainer does; 256 tokens assumed when the tokenizer or the task cannot be read), m = --micro_batch_size rows, hidden H, L layers:
   weights P*b; gradients 4*T/W (ZeRO-2's fp32 partition) + the reduce bucket (5e7 elements, b each);
   AdamW 12*T/W (fp32 master, two moments; 0 with --offload_optimizer); activations
   34*S*m*H*L*b/2 (sdpa or flash, no S^2 term), with --gradient_checkpointing 2*S*m*H*L*b/2 + one
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-PROMPT_TOKENS = 256  # assumed prompt length for the memory estimate
+PROMPT_TOKENS = 256  # the prompt length assumed when the task's prompts cannot be measured
+PROMPT_SAMPLE = 1000  # training prompts rendered to find the longest
 GiB = 2**30
 
 
@@ -47,7 +49,7 @@ def model_shape(cfg) -> dict:
 
     from simple_grpo import models
 
-    if cfg.model == models.BUNDLED and not (models.DEFAULT_CACHE / "SmolLM2-135M-Instruct" / "config.json").exists():
+    if cfg.model == models.BUNDLED and not models.bundled_converted():
         gguf = models.bundled_gguf()  # not converted yet: its config from the GGUF's header
         conf = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     else:
@@ -66,10 +68,42 @@ def model_shape(cfg) -> dict:
             "vocab": text.vocab_size}
 
 
-def memory_need(cfg, shape: dict, world: int, bytes_per_weight: int) -> dict[str, float]:
-    """Bytes per training device, by part (module docstring)."""
+def prompt_tokens(cfg) -> tuple[int, str]:
+    """The longest training prompt in tokens over up to PROMPT_SAMPLE of the task's examples (a
+    seeded sample of larger tasks), rendered (system prompt, chat template) and tokenized as the
+    trainer does -> (tokens, where the number comes from). PROMPT_TOKENS when the tokenizer or the
+    task cannot be read (a model folder holding only its config)."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from simple_grpo import models
+    from simple_grpo.errors import UserError
+    from simple_grpo.gen import data
+
+    try:
+        if cfg.model == models.BUNDLED and not models.bundled_converted():
+            gguf = models.bundled_gguf()  # not converted yet: the tokenizer from the GGUF
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        else:
+            tok = models.load_tokenizer(cfg.model, **models.hub_options(cfg))
+        examples = data.load_examples(cfg.task, "train", seed=cfg.seed, question_field=cfg.question_field,
+                                      answer_field=cfg.answer_field)
+        if len(examples) > PROMPT_SAMPLE:
+            examples = random.Random(cfg.seed).sample(examples, PROMPT_SAMPLE)
+        render = data.prompt_renderer(tok, cfg.system_prompt, cfg.chat_template_kwargs)
+        longest = max(len(tok(render(ex), add_special_tokens=False).input_ids) for ex in examples)
+    except (UserError, OSError, ValueError) as e:  # the launch itself says these in full
+        why = (str(e).splitlines() or [type(e).__name__])[0][:100]
+        return PROMPT_TOKENS, f"{PROMPT_TOKENS} assumed ({why})"
+    return longest, f"the longest of {len(examples):,} of the task's prompts"
+
+
+def memory_need(cfg, shape: dict, world: int, bytes_per_weight: int,
+                prompt: int = PROMPT_TOKENS) -> dict[str, float]:
+    """Bytes per training device, by part (module docstring), for prompts of `prompt` tokens."""
     P, T, H, L, b = shape["params"], shape["trained"], shape["hidden"], shape["layers"], bytes_per_weight
-    S, m = PROMPT_TOKENS + cfg.max_new_tokens, cfg.micro_batch_size
+    S, m = prompt + cfg.max_new_tokens, cfg.micro_batch_size
     per_layer = 34 * S * m * H * b / 2
     act = (2 * S * m * H * L * b / 2 + per_layer) if cfg.gradient_checkpointing else per_layer * L
     rows = cfg.prompts_per_step // max(world, 1) * cfg.num_generations
@@ -106,7 +140,10 @@ def device_rows(cfg, shape: dict, world: int, local: int) -> list[Row]:
     if gpus and "nccl" in backend and local > gpus:
         rows.append(Row("a GPU per rank (NCCL)", f"{local}", f"{gpus}", "BLOCKER",
                         "fewer ranks per node, or --dist_backend=gloo (slow)"))
-    need = memory_need(cfg, shape, world, b)
+    prompt, measured = prompt_tokens(cfg)
+    rows.append(Row("prompt tokens (memory estimate)", measured, f"{prompt:,} + --max_new_tokens "
+                    f"{cfg.max_new_tokens} positions a row", "info"))
+    need = memory_need(cfg, shape, world, b, prompt)
     total = sum(need.values())
     parts = ", ".join(f"{k} {_gb(v)}" for k, v in need.items() if v)
     if gpus:
