@@ -8,6 +8,7 @@ with a reason; the publisher falls back to the full file when a delta would not 
 from __future__ import annotations
 
 import io
+import threading
 import time
 
 import pytest
@@ -365,3 +366,33 @@ def test_uploaded_and_rebuilt_weight_files_are_fsynced(ref_server, tmp_path, mon
     assert inode(folder / "delta-1-2.sgwd") in synced, "the kept delta was not fsynced"
     assert requests.get(srv.url + "/weights").content == v[1]  # rebuilt for the download
     assert inode(folder / "weights.safetensors") in synced, "the rebuilt file was not fsynced"
+
+
+def test_a_rebuild_due_while_one_runs_follows_it_at_once(tmp_path, monkeypatch):
+    """keep 1: every link makes the full file due. A link committed while a rebuild runs starts no
+    second one (one at a time); when the running one ends, the full file is still behind, so the
+    next rebuild starts then, not at the next upload or download (none comes here)."""
+    from simple_grpo.server import weight_store
+
+    t, v = files(4)
+    store = WeightStore(tmp_path, keep_deltas=1)
+    store.publish([v[0]], 1)
+    entered, release, real = threading.Event(), threading.Event(), weight_store.rebuild_file
+    calls = []
+
+    def held(*a, **kw):
+        calls.append(len(a[1]))  # links it applies
+        entered.set()
+        assert release.wait(10), "never released"
+        return real(*a, **kw)
+
+    monkeypatch.setattr(weight_store, "rebuild_file", held)
+    store.delta_publish([frame(t[0], t[1], 1, 2)], 2, 1)  # due: the background rebuild to 2 starts
+    assert entered.wait(10), "no background rebuild"
+    store.delta_publish([frame(t[1], t[2], 2, 3)], 3, 2)  # due again, while the first runs
+    store.delta_publish([frame(t[2], t[3], 3, 4)], 4, 3)
+    assert store.full_version() == 1
+    release.set()
+    wait_for(lambda: store.full_version() == 4, "the full file to catch up with no further request")
+    assert calls == [1, 2], "the second rebuild applies the two links committed during the first"
+    assert (tmp_path / "weights.safetensors").read_bytes() == v[3]

@@ -215,9 +215,17 @@ class WeightStore:
                 self._meta = dict(self._full)
 
     def _rebuild_quietly(self) -> None:
+        """The background rebuild, again at once while links committed during one leave the full
+        file due (their commits saw a rebuild running and started none), until it is not due or
+        stops advancing."""
         try:
-            self.rebuild()
-            self._rebuild_error = None
+            while True:
+                before = self.full_version()
+                after = (self.rebuild() or {}).get("version")
+                self._rebuild_error = None
+                with self._lock:
+                    if after == before or self._behind() < max(self.keep, 1):
+                        return
         except (OSError, delta.DeltaError) as e:  # the next full download tries again and says why
             self._rebuild_error = str(e)[:300]
 
