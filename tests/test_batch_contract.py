@@ -67,6 +67,26 @@ def test_contract_of_a_config(options, want):
     assert got.model == "m"
 
 
+def test_a_template_that_writes_todays_date_gives_one_prompt_id_on_every_day(monkeypatch):
+    """Llama 3's templates write the day (strftime_now): a trainer and a worker started on other
+    days render other prompts by that date alone, and must still agree on the contract."""
+    import datetime
+
+    from transformers.utils import chat_template_utils
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = "Today is {{ strftime_now('%d %b %Y') }}.\n" + tok.chat_template
+    ids, texts = [], []
+    for day in (datetime.datetime(2026, 12, 7, 23, 59), datetime.datetime(2026, 12, 8, 0, 1)):
+        fake = type("FakeDatetime", (datetime.datetime,), {"now": classmethod(lambda cls, tz=None, day=day: day)})
+        monkeypatch.setattr(chat_template_utils, "datetime", fake)  # the clock the template reads
+        texts.append(tok.apply_chat_template([{"role": "user", "content": "q"}], tokenize=False))
+        ids.append(contract_of(config(), tokenizer=tok).prompt)
+    assert texts[0].startswith("Today is 07 Dec 2026.") and texts[1].startswith("Today is 08 Dec 2026.")
+    assert ids[0] == ids[1]
+    assert ids[0] != contract_of(config(), tokenizer=build_tiny_tokenizer()).prompt, "the line counts"
+
+
 def test_differences_name_the_fields_in_order():
     a = contract_of(config())
     assert contract_differences(a, a) == []

@@ -9,6 +9,7 @@ it renders a probe prompt with the tokenizer (`prompt_id`) and reads the files t
 defined in (`reward_code`)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -72,17 +73,42 @@ def overlong_cache(cfg) -> int:
     return max(1, round(DEFAULT_OVERLONG_CACHE_FRACTION * cfg.max_new_tokens))
 
 
+@contextlib.contextmanager
+def _probe_day():
+    """While the probe renders, the clock chat templates read (transformers' `strftime_now` calls
+    chat_template_utils.datetime.now()) says 2000-01-01, whatever day a producer starts on. The
+    template data cannot carry a function of ours (transformers makes it plain data), hence the
+    clock itself; tests/test_batch_contract.py checks that this is the clock templates read."""
+    from transformers.utils import chat_template_utils
+
+    real = chat_template_utils.datetime
+
+    class _Day2000(real):
+        @classmethod
+        def now(cls, tz=None):
+            return real(2000, 1, 1, tzinfo=tz)
+
+    chat_template_utils.datetime = _Day2000
+    try:
+        yield
+    finally:
+        chat_template_utils.datetime = real
+
+
 def prompt_id(cfg, tokenizer) -> str:
     """16 hex digits of the sha256 of a fixed probe example made into a prompt the way every
     prompt is: a row holding PROBE_QUESTION in --question_field, its fields renamed as
     data.load_examples renames them, rendered by data.prompt_renderer (--system_prompt, the
     tokenizer's chat template, --chat_template_kwargs), tokenized as rollout.sample tokenizes
-    prompts; the text and the token ids are hashed."""
+    prompts; the text and the token ids are hashed. A template that writes today's date (its
+    `strftime_now`, as Llama 3's do) writes a fixed one here, so producers started on other days
+    agree (their prompts differ by that date alone)."""
     from simple_grpo.gen import data
 
     row = {cfg.answer_field: "42", cfg.question_field: PROBE_QUESTION}
     example = data._rename_fields([row], "the contract's probe", cfg.question_field, cfg.answer_field)[0]
-    text = data.prompt_renderer(tokenizer, cfg.system_prompt, cfg.chat_template_kwargs)(example)
+    with _probe_day():
+        text = data.prompt_renderer(tokenizer, cfg.system_prompt, cfg.chat_template_kwargs)(example)
     ids = tokenizer(text, add_special_tokens=False).input_ids
     return _digest({"text": text, "ids": [int(i) for i in ids]})
 
