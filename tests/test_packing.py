@@ -29,7 +29,9 @@ def test_plan_sorts_cuts_under_the_budget_and_trims():
     mbs = packing.plan(b, micro_batch=2, max_tokens=BUDGET)
     rows = torch.cat([mb.rows for mb in mbs]).tolist()
     assert sorted(rows) == list(range(dw.B)) and rows != list(range(dw.B))
-    assert [total[i] for i in rows] == sorted(total), "shortest rows first"
+    lens = [sorted(total[i] for i in mb.rows.tolist()) for mb in mbs]
+    assert sum(lens, []) == sorted(total), "shortest rows first, cut into consecutive runs"
+    assert all(mb.rows.tolist() == sorted(mb.rows.tolist()) for mb in mbs), "batch order inside each"
     for mb in mbs:
         assert mb.P == int(b.prompt_lens[mb.rows].max()) and mb.C == int(b.completion_lens[mb.rows].max())
         assert mb.positions <= BUDGET or len(mb.rows) == 1, "over the budget only as a row of its own"
@@ -49,6 +51,46 @@ def test_trimmed_micro_batches_give_the_full_width_log_probs():
         full = completion_logprobs(model, b.prompt_ids, b.prompt_lens, b.completion_ids, b.completion_lens)
         parts = [(mb, completion_logprobs(model, *mb.inputs(b, "cpu")))
                  for mb in packing.plan(b, micro_batch=2, max_tokens=BUDGET)]
+    assert torch.allclose(packing.scatter(parts, dw.B, dw.C), full, atol=1e-5)
+
+
+def grouped_batch():
+    """fixed_batch as 2 groups of 4 rows (a prompt each, rows 0-3 and 4-7), completion lengths
+    interleaved between the groups (1, 3, 5, 6 and 2, 4, 6, 6), so that sorting rows by length
+    alternates the groups."""
+    b = dw.fixed_batch()
+    for g in range(2):
+        rows = slice(4 * g, 4 * g + 4)
+        b.prompt_ids[rows] = b.prompt_ids[4 * g]
+        b.prompt_lens[rows] = b.prompt_lens[4 * g]
+    b.prompt_lens[4:] = b.prompt_lens[0]  # equal prompt lengths: the order is the completions'
+    b.completion_lens = torch.tensor([1, 3, 5, 6, 2, 4, 6, 6])
+    return b
+
+
+def grouped_budget(b) -> int:
+    """4 rows of grouped_batch's prompt + 4 completion tokens."""
+    return 4 * (int(b.prompt_lens.max()) + 4)
+
+
+def test_a_groups_rows_in_one_micro_batch_share_their_prompt_pass():
+    """Rows sorted by length alternate between the groups here; inside a micro-batch they go back
+    to batch order, so each group's rows there are next to each other: one prompt run per group
+    (logprobs.prompt_groups, what the shared prompt pass runs once), the same log-probs."""
+    from simple_grpo.algo.logprobs import prompt_groups
+
+    b = grouped_batch()
+    mbs = packing.plan(b, micro_batch=2, max_tokens=grouped_budget(b))
+    # sorted: 0 4 1 5 | 2 6 3 | 7 (lengths 1 2 3 4 | 5 6 6 | 6); the budget holds 4 rows of up to 4
+    # completion tokens, 3 of 6
+    assert [mb.rows.tolist() for mb in mbs] == [[0, 1, 4, 5], [2, 3, 6], [7]]
+    for mb, groups in zip(mbs, (2, 2, 1)):
+        ids, lens = mb.inputs(b, "cpu")[:2]
+        assert int(prompt_groups(ids, lens).unique().numel()) == groups, "one prompt run per group"
+    model = build_tiny_model(seed=1).eval()
+    with torch.no_grad():
+        full = completion_logprobs(model, b.prompt_ids, b.prompt_lens, b.completion_ids, b.completion_lens)
+        parts = [(mb, completion_logprobs(model, *mb.inputs(b, "cpu"))) for mb in mbs]
     assert torch.allclose(packing.scatter(parts, dw.B, dw.C), full, atol=1e-5)
 
 
@@ -81,15 +123,18 @@ def _step(batch, max_tokens: int, agg: str, iterations: int = 1, tis=None):
     ("seq-mean-token-sum-norm", 1, None),
     ("token-mean", 2, None),  # pi_old from the no-grad pass, scattered back to the batch's rows
     ("seq-mean-token-mean", 1, TISSettings("token", "mask", 2.0)),  # gen log-probs follow the rows
+    ("token-mean", 1, "grouped"),  # 2 groups: their rows share prompt passes inside micro-batches
 ])
 def test_budgeted_step_applies_the_one_micro_batch_gradient(dist_env, agg, iterations, tis):
-    batch = _tis_batch() if tis else dw.fixed_batch()
+    grouped = tis == "grouped"
+    tis = None if grouped else tis
+    batch = grouped_batch() if grouped else _tis_batch() if tis else dw.fixed_batch()
     m_one, want = _step(batch, 0, agg, iterations, tis)
-    m_bud, got = _step(batch, BUDGET, agg, iterations, tis)
+    m_bud, got = _step(batch, grouped_budget(batch) if grouped else BUDGET, agg, iterations, tis)
     num = sum(float((got[k] - want[k]).pow(2).sum()) for k in want)
     den = sum(float(want[k].pow(2).sum()) for k in want)
     assert den > 0 and (num / den) ** 0.5 < 1e-4, f"relative error {(num / den) ** 0.5:.3g}"
-    assert m_one["micro_batches"] == 1 and m_bud["micro_batches"] == 6
+    assert m_one["micro_batches"] == 1 and m_bud["micro_batches"] == (3 if grouped else 6)
     assert m_bud["pad_frac"] < m_one["pad_frac"], (m_bud["pad_frac"], m_one["pad_frac"])
     for k in ("loss", "kl", "ratio_mean", "loss_tokens"):
         assert m_bud[k] == pytest.approx(m_one[k], rel=1e-4, abs=1e-6), k

@@ -2,10 +2,12 @@
 
 Fixed (`max_tokens` 0, `--micro_batch_size`): consecutive slices of `micro_batch` rows at the
 batch's full width [P + C], as always. Budgeted (`--max_tokens_per_micro_batch=N`): the rows sorted
-by length (prompt_len + completion_len; a stable sort, so a group's equally long rows stay next to
-each other and still share their prompt pass) and cut greedily so that each micro-batch's padded
-size, rows x (its longest prompt + its longest completion), stays within N; a single row over N is a
-micro-batch of its own. Each micro-batch is trimmed to its own widths: the first C' completion
+by length (prompt_len + completion_len) and cut greedily so that each micro-batch's padded size,
+rows x (its longest prompt + its longest completion), stays within N; a single row over N is a
+micro-batch of its own. Inside a micro-batch the rows go back to batch order: a group's rows are
+consecutive in the batch, so those that share a micro-batch sit next to each other and share one
+prompt pass (algo/logprobs.py runs each run of equal prompts once); the order inside a micro-batch
+changes no width and no padding. Each micro-batch is trimmed to its own widths: the first C' completion
 columns (right padding) and the last P' prompt columns (left padding keeps its layout), so a row
 pays for the longest row of its micro-batch instead of the longest of the batch.
 
@@ -65,12 +67,12 @@ def plan(batch, *, micro_batch: int, max_tokens: int = 0) -> list[MicroBatch]:
     for i in order:
         pi, ci = min(P, max(1, int(p_B[i]))), min(C, max(1, int(c_B[i])))
         if rows and (len(rows) + 1) * (max(p, pi) + max(c, ci)) > max_tokens:
-            out.append(MicroBatch(torch.tensor(rows), p, c))
+            out.append(MicroBatch(torch.tensor(sorted(rows)), p, c))
             rows, p, c = [], 0, 0
         rows.append(i)
         p, c = max(p, pi), max(c, ci)
     if rows:
-        out.append(MicroBatch(torch.tensor(rows), p, c))
+        out.append(MicroBatch(torch.tensor(sorted(rows)), p, c))
     return out
 
 
