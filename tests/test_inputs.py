@@ -36,7 +36,7 @@ ROWS = [
     (["--lora_r=-1"], "--lora_r must be >= 0"),
     (["--adam_betas=0.9,1.5"], "--adam_betas must be two numbers"),
     (["--tis_cap=0.5"], "--tis_cap must be >= 1"),
-    (["--max_tokens_per_micro_batch=-1"], "--max_tokens_per_micro_batch must be >= 0"),
+    (["--max_tokens_per_micro_batch=-2"], "--max_tokens_per_micro_batch must be >= -1"),
     (["--dist_timeout=0"], "--dist_timeout must be > 0"),
     (["--dtype=float16"], "float16 training needs loss scaling"),
     (["--pg_loss=cispo", "--ratio_level=sequence"], "needs --ratio_level=token"),

@@ -44,6 +44,21 @@ def test_plan_sorts_cuts_under_the_budget_and_trims():
     assert torch.equal(ids_bP, b.prompt_ids[one[0].rows][:, dw.P - one[0].P:])
 
 
+def test_auto_is_the_budget_of_the_fixed_micro_batches():
+    """-1 (the trainer's default): budgeted under micro_batch x (P + C), the fixed slices' own size:
+    never more micro-batches than fixed, each at most that size, and when every row fills the
+    batch's widths, exactly the fixed slices."""
+    b = dw.fixed_batch()
+    auto = packing.plan(b, micro_batch=2, max_tokens=-1)
+    same = packing.plan(b, micro_batch=2, max_tokens=2 * (dw.P + dw.C))
+    assert [(mb.rows.tolist(), mb.P, mb.C) for mb in auto] == [(mb.rows.tolist(), mb.P, mb.C) for mb in same]
+    assert len(auto) <= dw.B // 2 and all(mb.positions <= 2 * (dw.P + dw.C) for mb in auto)
+    assert sum(mb.positions for mb in auto) < dw.B * (dw.P + dw.C), "less padding than fixed"
+    b.prompt_lens[:], b.completion_lens[:] = dw.P, dw.C
+    assert [(mb.rows.tolist(), mb.P, mb.C) for mb in packing.plan(b, micro_batch=2, max_tokens=-1)] == \
+        [([s, s + 1], dw.P, dw.C) for s in range(0, dw.B, 2)]
+
+
 def test_trimmed_micro_batches_give_the_full_width_log_probs():
     b = dw.fixed_batch()
     model = build_tiny_model(seed=1).eval()
@@ -190,6 +205,6 @@ def test_max_tokens_per_micro_batch_is_checked():
     from simple_grpo.common.config import TrainConfig, resolve
     from simple_grpo.errors import UserError
 
-    assert resolve(parse_config(TrainConfig, [])).max_tokens_per_micro_batch == 0
-    with pytest.raises(UserError, match="--max_tokens_per_micro_batch must be >= 0"):
-        resolve(parse_config(TrainConfig, ["--max_tokens_per_micro_batch=-1"]))
+    assert resolve(parse_config(TrainConfig, [])).max_tokens_per_micro_batch == -1  # auto
+    with pytest.raises(UserError, match="--max_tokens_per_micro_batch must be >= -1"):
+        resolve(parse_config(TrainConfig, ["--max_tokens_per_micro_batch=-2"]))

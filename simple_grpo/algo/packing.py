@@ -1,7 +1,10 @@
 """Which rows of a rank's batch go into which micro-batch, at which widths.
 
 Fixed (`max_tokens` 0, `--micro_batch_size`): consecutive slices of `micro_batch` rows at the
-batch's full width [P + C], as always. Budgeted (`--max_tokens_per_micro_batch=N`): the rows sorted
+batch's full width [P + C]. Auto (`max_tokens` -1, the trainer's default): budgeted under the fixed
+slices' own size, N = micro_batch x (P + C): the same peak, at most as many micro-batches (each
+holds at least micro_batch rows), and with rows of equal lengths the fixed slices themselves.
+Budgeted (`--max_tokens_per_micro_batch=N`): the rows sorted
 by length (prompt_len + completion_len) and cut greedily so that each micro-batch's padded size,
 rows x (its longest prompt + its longest completion), stays within N; a single row over N is a
 micro-batch of its own. Inside a micro-batch the rows go back to batch order: a group's rows are
@@ -55,10 +58,13 @@ def _trimmed(rows: torch.Tensor, prompt_lens_B, completion_lens_B, P: int, C: in
 
 
 def plan(batch, *, micro_batch: int, max_tokens: int = 0) -> list[MicroBatch]:
-    """The micro-batches of `batch` (module docstring): fixed slices when `max_tokens` is 0."""
+    """The micro-batches of `batch` (module docstring): fixed slices when `max_tokens` is 0, the
+    fixed slices' budget when it is -1."""
     B, P = batch.prompt_ids.shape
     C = batch.completion_ids.shape[1]
-    if max_tokens <= 0:
+    if max_tokens < 0:
+        max_tokens = micro_batch * (P + C)
+    if max_tokens == 0:
         assert B % micro_batch == 0, f"batch of {B} does not split into micro-batches of {micro_batch}"
         return [MicroBatch(torch.arange(s, s + micro_batch), P, C) for s in range(0, B, micro_batch)]
     p_B, c_B = batch.prompt_lens.cpu().long(), batch.completion_lens.cpu().long()

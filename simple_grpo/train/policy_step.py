@@ -93,7 +93,7 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
     TIS weighted), offpolicy_tokens / trained_tokens (tokens of late batches, corrected); ratio_max (the
     largest r = pi / pi_old) and tis_ratio_max (the largest pi_old / pi_sampler before the cap).
     TOKEN_MEANS are this rank's means over its `loss_tokens` (tokens in the loss, per pass).
-    `max_tokens` > 0: budgeted micro-batches (packing.plan); `micro_batches` (this rank's, per pass)
+    `max_tokens` > 0 (-1: auto): budgeted micro-batches (packing.plan); `micro_batches` (this rank's, per pass)
     and `pad_frac` (padded positions / all positions over the passes run here; filler passes count
     as padding) are reported either way.
 
@@ -163,7 +163,7 @@ def train_on_batch(engine, batch: RolloutBatch | None, *, micro_batch: int, num_
     sums["trained_tokens"] = float(mask_BC.sum())
     corrected = plan.old == "sampling" or plan.tis  # a late batch without sampling log-probs is not
     sums["offpolicy_tokens"] = sums["trained_tokens"] if plan.late and corrected else 0.0
-    budgeted = max_tokens > 0
+    budgeted = max_tokens != 0
     n_passes = _lockstep(len(mbs), budgeted, device)
     filler = packing.filler(batch) if n_passes > len(mbs) else None
     for it in range(0 if empty else num_iterations):
