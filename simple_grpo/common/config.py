@@ -111,11 +111,9 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Sequences per forward/backward pass on one rank (gradient accumulation covers the rest)."""
     max_tokens_per_micro_batch: int = -1
-    """> 0: a rank's rows sorted by length and cut into micro-batches of at most this many padded
-    positions (rows x (longest prompt + longest completion) of the micro-batch), each trimmed to its
-    own widths, instead of --micro_batch_size rows at the batch's width; -1 (auto): the budget of
-    the fixed micro-batches, --micro_batch_size x (the rank batch's widest prompt + widest
-    completion), so the same peak and never more passes, less padding; 0: fixed micro-batches."""
+    """A rank's rows sorted by length and cut into micro-batches of at most this many padded positions
+    (rows x (longest prompt + longest completion)), each trimmed to its own widths; -1: the fixed
+    micro-batches' size, --micro_batch_size x the batch's widths; 0: --micro_batch_size rows."""
     num_iterations: int = 1
     """mu: optimisation passes over each batch; old log-probs are recorded before the first."""
     max_logits_mb: int = 1024
@@ -361,8 +359,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         (0 <= cfg.min_new_tokens <= cfg.max_new_tokens, "--min_new_tokens must be in [0, max_new_tokens]"),
         (cfg.num_iterations >= 1, "--num_iterations must be >= 1"),
         (cfg.max_logits_mb >= 1, "--max_logits_mb must be >= 1"),
-        (cfg.max_tokens_per_micro_batch >= -1,
-         "--max_tokens_per_micro_batch must be >= -1 (-1: auto, 0: fixed micro-batches)"),
+        (cfg.max_tokens_per_micro_batch >= -1, "--max_tokens_per_micro_batch must be >= -1 (-1: auto)"),
         (cfg.lora_r >= 0, "--lora_r must be >= 0 (0: no LoRA)"),
         (cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1,
          "--lora_alpha must be > 0 and --lora_dropout in [0, 1)"),
