@@ -31,3 +31,52 @@ def test_overlap_auto_needs_a_device_beside_the_training_ranks(device, gpus, cpu
                            world_size=local_ranks, rank=0)
     assert sampler.enabled(cfg, dist) is want
     assert sampler.finalize(cfg, dist).overlap == ("true" if want else "false")
+
+
+def _part(i: int, producer: str = "trainer-sampler"):
+    """Part i of a sampler step: 2 rows whose ids and log-probs say i."""
+    from simple_grpo.wire.codec import RolloutBatch
+
+    return RolloutBatch(prompt_ids=torch.full((2, 3), 10 + i), prompt_lens=torch.full((2,), 3),
+                        completion_ids=torch.full((2, 4), 20 + i), completion_lens=torch.full((2,), 4),
+                        rewards=torch.full((2,), float(i)), advantages=torch.zeros(2),
+                        ref_logprobs=torch.full((2, 4), -0.5 - i), batch_id=f"part-{i}",
+                        meta={"producer": producer, "part": i})
+
+
+def _own_part_rank(rank: int, port: int, world: int, held: list, results) -> None:
+    """One gloo rank: hold part held[rank] (None: no batch), ask own_part for its own."""
+    import os
+    from types import SimpleNamespace
+
+    from simple_grpo.train.sampler import own_part
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        got = own_part(None if held[rank] is None else _part(held[rank]),
+                       SimpleNamespace(world_size=world, rank=rank, device=torch.device("cpu")))
+        results[rank] = None if got is None else (got.meta["part"], got.batch_id, int(got.completion_ids[0, 0]),
+                                                  float(got.ref_logprobs[0, 0]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("held, want", [
+    ([1, 2, 0], [0, 1, 2]),        # the queue handed the parts around: each gets its own back
+    ([0, 1, 2], [0, 1, 2]),        # already in order: kept
+    ([2, None, 0], [2, None, 0]),  # rank 1 got nothing (the sampler died): everyone keeps theirs
+])
+def test_each_rank_trains_the_part_of_its_own_stream(held, want):
+    """3 real gloo processes: whichever part of the sampler's step the queue handed a rank, it
+    trains the part drawn from its own stream (the same bytes), so a run's gradient sums do not
+    depend on the order in which ranks asked the queue."""
+    import torch.multiprocessing as mp
+
+    from simple_grpo.train.engine import free_port
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_own_part_rank, args=(free_port(), 3, held, results), nprocs=3, join=True)
+        got = [results[r] for r in range(3)]
+    assert got == [None if p is None else (p, f"part-{p}", 20 + p, -0.5 - p) for p in want], got

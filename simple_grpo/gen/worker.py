@@ -57,6 +57,7 @@ HEARTBEAT_S = 5.0  # a worker (and the overlap sampler) reports this often, gene
 WORKER_SILENCE_S = 20.0  # ... so the trainer says one silent this long has stopped
 SAMPLER_ID = "trainer-sampler"  # the overlap sampler's producer and worker id
 STREAMS_AFTER = "streams_after"  # meta of the sampler's batches: data.RankStreams.state_dict() after them
+PART = "part"  # meta of the sampler's batches: r, for the part drawn from trainer rank r's stream
 SYNC_COUNTS = {"delta_syncs": 0, "full_syncs": 0, "delta_fallbacks": 0, "delta_unavailable": 0,
                "delta_links": 0, "bytes_downloaded": 0, "sync_seconds": 0.0, "apply_seconds": 0.0,
                "load_seconds": 0.0, "sync_seconds_total": 0.0, "inexact_model": 0}
@@ -270,12 +271,12 @@ class Worker:
         # the sampler's streams are the trainer ranks' own: each part says where they stand after this
         # step's draws, so a rank that trains it continues there (train/sampler.follow_streams)
         after = {STREAMS_AFTER: self.stream.state_dict()} if self.id == SAMPLER_ID else {}
-        for part in rollout.split(roll, parts):
+        for r, part in enumerate(rollout.split(roll, parts)):
             batch = part.batch
             batch.batch_id = uuid.uuid4().hex
             batch.contract = self.contract  # the trainer drops it when its settings differ
             batch.meta.update(producer=self.id, reward_breakdown=rollout.json_breakdown(part.breakdown),
-                              gen_seconds=roll.stats["gen_seconds"], **after)
+                              gen_seconds=roll.stats["gen_seconds"], **after, **({PART: r} if after else {}))
             out.append((batch, part.stats))
         return out
 

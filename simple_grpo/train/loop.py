@@ -59,6 +59,8 @@ def step(ctx: StepContext, weight_version: int):
     if overlapped or ctx.prefetched is not None:  # the sampler's batch, sampled while the last step
         got = ctx.prefetched if ctx.prefetched is not None else \
             ctx.ref.next_batch(weight_version, stop=ctx.overlap.stopped)  # trained (None: it died)
+        if overlapped:  # every rank: its own part of the step
+            got = sampler.own_part(got, ctx.dist)
         overlapped, ctx.prefetched = True, None  # prefetched: held by a checkpoint
         if got is not None:
             pending = Future()

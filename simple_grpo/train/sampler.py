@@ -282,6 +282,31 @@ def follow_streams(stream, batch, rank: int) -> None:
     stream.load_state_dict(shard)
 
 
+def own_part(batch, dist):
+    """Every rank (while the sampler feeds them): the part of the sampler's step that was drawn from
+    this rank's stream (meta PART), whichever part the queue handed it. The queue hands a step's
+    parts in the order the ranks ask, which timing decides; with 3 or more ranks the sum of their
+    gradients then differs in the last bits from run to run, and rank r's stream would follow
+    another rank's draws. One all-gather of the part numbers a step; the batches themselves cross
+    (as the codec's bytes) only when some rank holds another's part and every rank holds a part of
+    one step. A rank without a batch (the sampler died while it waited) keeps what it has."""
+    import base64
+
+    from simple_grpo.gen.worker import PART, SAMPLER_ID
+    from simple_grpo.train import collectives
+    from simple_grpo.wire import codec
+
+    if dist.world_size == 1:
+        return batch
+    mine = batch.meta.get(PART) if batch is not None and batch.meta.get("producer") == SAMPLER_ID else None
+    parts = collectives.all_gather_objects(mine, dist.device)
+    if parts == list(range(dist.world_size)) or sorted(p if p is not None else -1 for p in parts) != \
+            list(range(dist.world_size)):
+        return batch  # in order already, or not one whole step (a part missing)
+    blobs = collectives.all_gather_objects(base64.b64encode(codec.encode(batch)).decode(), dist.device)
+    return codec.decode(base64.b64decode(blobs[parts.index(dist.rank)]))
+
+
 def hold_next_batch(ctx, weight_version: int) -> dict | None:
     """Before a checkpoint, with the sampler running (every rank): take this rank's batch of the
     next step from the queue now and keep it for that step (ctx.prefetched); -> what an exact
