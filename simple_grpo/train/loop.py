@@ -119,7 +119,8 @@ def step(ctx: StepContext, weight_version: int):
     metrics = average(metrics, ctx.dist)
     metrics = offpolicy.finish_ratios(metrics)  # logprob_mismatch, offpolicy_token_frac, tis_*
     info = {"batch_id": trained.batch_id, "producer": trained.meta.get("producer", "?"),
-            "weight_version": trained.weight_version, "rank": ctx.dist.rank}
+            "weight_version": trained.weight_version, "rank": ctx.dist.rank,
+            **({"part": trained.meta["part"]} if "part" in trained.meta else {})}  # the sampler's
     return metrics, (roll if ours else None), gather(info, ctx.dist)
 
 

@@ -3,6 +3,7 @@ model (tests/deploy/recipes.py says what is scaled down): the split reference se
 DeepSpeed trainer, the reference started for you, and LoRA in one process."""
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -88,3 +89,5 @@ def test_overlap_feeds_two_ranks(tiny_model_dir, procs, tmp_path):
     metrics = assert_every_rank_trained_every_step(run, steps=4, ranks=2)
     assert all(r["overlap_batch"] == 1.0 and r["batch_staleness"] <= 1 for r in metrics), metrics
     assert any(r["batch_staleness"] == 1 for r in metrics)
+    trained = [json.loads(x) for x in (run / "batches.jsonl").read_text().splitlines()]
+    assert [t["part"] for t in trained] == [t["rank"] for t in trained], "each rank trains its own part"
