@@ -131,6 +131,12 @@ def test_the_estimate_takes_the_longest_of_the_tasks_prompts(tiny_model_dir, tmp
         got[name] = preflight.prompt_tokens(cfg)
     assert got["short"][1] == "the longest of 5 of the task's prompts" and got["short"][0] < 256
     assert got["long"][0] - got["short"][0] == 1000 - len("What is 1+1?")
+    # 400 rows, the long one in the middle, one rendered: the questions' own lengths find it
+    many = rows * 40 + [{"question": "x" * 1000, "answer": "0"}] + rows * 40
+    (tmp_path / "many.jsonl").write_text("".join(json.dumps(r) + "\n" for r in many))
+    monkeypatch.setattr(preflight, "PROMPT_RENDERED", 1)
+    cfg = resolve(parse_config(TrainConfig, [f"--model={tiny_model_dir}", f"--task={tmp_path / 'many'}.jsonl"]))
+    assert preflight.prompt_tokens(cfg) == (got["long"][0], "the longest of 401 of the task's prompts")
     asked, need = [], preflight.memory_need
     monkeypatch.setattr(preflight, "memory_need", lambda *a, **kw: (asked.append(a[4:] + tuple(kw.values())),
                                                                     need(*a, **kw))[1])

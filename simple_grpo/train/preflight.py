@@ -11,8 +11,8 @@ checkpoints. A blocker is one line with its fix, and the exit code is 2; warning
 
 Memory arithmetic per training device, P parameters (T of them trained: all, or LoRA's adapters),
 b bytes per weight (2 in bf16, 4 in fp32), W ranks, S = prompt + --max_new_tokens positions (the
-prompt: the longest of up to 1,000 of the task's training prompts, rendered and tokenized as the
-trainer does; 256 tokens assumed when the tokenizer or the task cannot be read), m = --micro_batch_size rows, hidden H, L layers:
+prompt: the longest of the task's training prompts (up to 100,000 of them), rendered and
+tokenized as the trainer does; 256 tokens assumed when the tokenizer or the task cannot be read), m = --micro_batch_size rows, hidden H, L layers:
   weights P*b; gradients 4*T/W (ZeRO-2's fp32 partition) + the reduce bucket (5e7 elements, b each);
   AdamW 12*T/W (fp32 master, two moments; 0 with --offload_optimizer); activations
   34*S*m*H*L*b/2 (sdpa or flash, no S^2 term), with --gradient_checkpointing 2*S*m*H*L*b/2 + one
@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 PROMPT_TOKENS = 256  # the prompt length assumed when the task's prompts cannot be measured
-PROMPT_SAMPLE = 1000  # training prompts rendered to find the longest
+PROMPT_SAMPLE = 100_000  # training prompts measured (a seeded sample of larger tasks)
+PROMPT_RENDERED = 32  # of them, the longest questions rendered with the chat template
 GiB = 2**30
 
 
@@ -69,10 +70,12 @@ def model_shape(cfg) -> dict:
 
 
 def prompt_tokens(cfg) -> tuple[int, str]:
-    """The longest training prompt in tokens over up to PROMPT_SAMPLE of the task's examples (a
-    seeded sample of larger tasks), rendered (system prompt, chat template) and tokenized as the
-    trainer does -> (tokens, where the number comes from). PROMPT_TOKENS when the tokenizer or the
-    task cannot be read (a model folder holding only its config)."""
+    """The longest training prompt in tokens -> (tokens, where the number comes from). Every example
+    (up to PROMPT_SAMPLE, a seeded sample of larger tasks) has its question (and its own system
+    prompt, if any) tokenized; the PROMPT_RENDERED longest are rendered (system prompt, chat
+    template) and tokenized as the trainer does, since the template adds the same text around
+    every question. PROMPT_TOKENS when the tokenizer or the task cannot be read (a model folder
+    holding only its config)."""
     import random
 
     from transformers import AutoTokenizer
@@ -91,12 +94,15 @@ def prompt_tokens(cfg) -> tuple[int, str]:
                                       answer_field=cfg.answer_field)
         if len(examples) > PROMPT_SAMPLE:
             examples = random.Random(cfg.seed).sample(examples, PROMPT_SAMPLE)
+        texts = [ex["question"] + " " + ex.get("_system_prompt", "") for ex in examples]
+        sizes = [len(ids) for ids in tok(texts, add_special_tokens=False).input_ids]
+        top = sorted(range(len(examples)), key=lambda i: -sizes[i])[:PROMPT_RENDERED]
         render = data.prompt_renderer(tok, cfg.system_prompt, cfg.chat_template_kwargs)
-        longest = max(len(tok(render(ex), add_special_tokens=False).input_ids) for ex in examples)
+        longest = max(len(tok(render(examples[i]), add_special_tokens=False).input_ids) for i in top)
     except (UserError, OSError, ValueError) as e:  # the launch itself says these in full
         why = (str(e).splitlines() or [type(e).__name__])[0][:100]
         return PROMPT_TOKENS, f"{PROMPT_TOKENS} assumed ({why})"
-    return longest, f"the longest of {len(examples):,} of the task's prompts"
+    return longest, f"the longest of {len(examples):,} of the task's prompts"  # all, up to the sample
 
 
 def memory_need(cfg, shape: dict, world: int, bytes_per_weight: int,
