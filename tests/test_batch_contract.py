@@ -315,3 +315,33 @@ def test_a_worker_with_other_prompts_task_or_reward_code_is_refused(own_process,
                         f"this trainer's is {getattr(ours, f)!r} (start workers with the trainer's "
                         f"{FIXES[f]})" for f in fields]
     conn.close()
+
+
+def test_reward_code_covers_what_the_rewards_file_imports(tmp_path, monkeypatch):
+    """A reward's source counts its own file and what that file imports one level deep: a local
+    helper module's text (changed: another reward_code) and the versions of installed libraries
+    (another version: another one); the standard library (re) adds nothing."""
+    import importlib.metadata
+    import importlib.util
+
+    from simple_grpo.gen.batch_contract import reward_source
+
+    (tmp_path / "contract_helper.py").write_text("def score(text):\n    return 1.0\n")
+    (tmp_path / "contract_rewards.py").write_text(
+        "import re\nimport numpy\nfrom contract_helper import score\n\n\n"
+        "def helped(completion, example):\n    return score(completion) + len(re.findall('x', completion))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "contract_helper", raising=False)
+    spec = importlib.util.spec_from_file_location("contract_rewards_under_test", tmp_path / "contract_rewards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    first = reward_source(module.helped)
+    numpy = f"numpy=={importlib.metadata.version('numpy')}"
+    assert first[0] == "helped" and first[2:] == sorted(["def score(text):\n    return 1.0\n", numpy]), first
+    (tmp_path / "contract_helper.py").write_text("def score(text):\n    return 2.0\n")  # the helper changes
+    second = reward_source(module.helped)
+    assert second != first
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda d: "0.0.1" if d == "numpy" else real(d))
+    assert reward_source(module.helped)[2:] == sorted(["def score(text):\n    return 2.0\n", "numpy==0.0.1"])
+    monkeypatch.delitem(sys.modules, "contract_helper", raising=False)

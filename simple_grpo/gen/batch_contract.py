@@ -10,6 +10,7 @@ defined in (`reward_code`)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -125,11 +126,46 @@ def task_id(cfg) -> str:
     return text if len(text) <= 300 else f"sha256:{_digest(text)}"
 
 
+@functools.cache
+def _distributions() -> dict:
+    """importlib.metadata.packages_distributions(), read once (it scans every installed package)."""
+    import importlib.metadata
+
+    return importlib.metadata.packages_distributions()
+
+
+def _imports(namespace: dict) -> list[str]:
+    """What the module of `namespace` (a function's __globals__) takes from elsewhere, one level deep: "name==version" of each installed
+    distribution it imports from (a module, or a function or class of one), the text of each other
+    local file it imports (helpers beside rewards.py); the standard library is left out."""
+    import importlib.metadata
+    import sys
+    import sysconfig
+    from types import ModuleType
+
+    stdlib = tuple(str(Path(sysconfig.get_paths()[k]).resolve()) for k in ("stdlib", "platstdlib"))
+    owners = _distributions()
+    out = set()
+    for value in list(namespace.values()):
+        other = value if isinstance(value, ModuleType) else \
+            sys.modules.get(getattr(value, "__module__", None) or "") if callable(value) else None
+        if other is None or other.__name__ == namespace.get("__name__"):
+            continue
+        top = other.__name__.split(".")[0]
+        if top in owners:
+            out.update(f"{d}=={importlib.metadata.version(d)}" for d in owners[top])
+            continue
+        file = getattr(other, "__file__", None)
+        if file and Path(file).suffix == ".py" and not str(Path(file).resolve()).startswith(stdlib):
+            out.add(Path(file).read_text(encoding="utf-8").replace("\r\n", "\n"))
+    return sorted(out)
+
+
 def reward_source(fn) -> list[str]:
-    """[the function's qualified name, the text of the whole file that defines it] (so a helper or
-    a constant beside it, such as a regex, counts, not only the function's own lines; line ends
-    normalised); a function with no file (made at run time): its own source, else its name alone.
-    Code it imports from other files, and library versions, are not covered."""
+    """[the function's qualified name, the text of the whole file that defines it (so a helper or a
+    constant beside it, such as a regex, counts, not only the function's own lines; line ends
+    normalised), then what that file imports (`_imports`)]; a function with no file (made at run
+    time): its own source, else its name alone. Files imported two levels deep are not covered."""
     from simple_grpo.gen.reward_registry import _qualname
 
     fn = inspect.unwrap(fn)
@@ -143,7 +179,9 @@ def reward_source(fn) -> list[str]:
             text = inspect.getsource(fn)
         except (OSError, TypeError):  # built in, made at run time, a callable object
             return [_qualname(fn)]
-    return [getattr(fn, "__qualname__", type(fn).__qualname__), text.replace("\r\n", "\n")]
+    namespace = getattr(fn, "__globals__", None)
+    return [getattr(fn, "__qualname__", type(fn).__qualname__), text.replace("\r\n", "\n"),
+            *(_imports(namespace) if isinstance(namespace, dict) else [])]
 
 
 def reward_code(specs, failure_value: float) -> str:
