@@ -285,9 +285,9 @@ def follow_streams(stream, batch, rank: int) -> None:
 def own_part(batch, dist):
     """Every rank (while the sampler feeds them): the part of the sampler's step that was drawn from
     this rank's stream (meta PART), whichever part the queue handed it. The queue hands a step's
-    parts in the order the ranks ask, which timing decides; with 3 or more ranks the sum of their
-    gradients then differs in the last bits from run to run, and rank r's stream would follow
-    another rank's draws. One all-gather of the part numbers a step; the batches themselves cross
+    parts in the order the ranks ask, which timing decides: rank r would train the prompts drawn
+    for another rank, and with 3 or more ranks the sum of their gradients would differ in the last
+    bits from run to run. One all-gather of the part numbers a step; the batches themselves cross
     (as the codec's bytes) only when some rank holds another's part and every rank holds a part of
     one step. A rank without a batch (the sampler died while it waited) keeps what it has."""
     import base64
