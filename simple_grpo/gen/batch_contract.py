@@ -135,9 +135,10 @@ def _distributions() -> dict:
 
 
 def _imports(namespace: dict) -> list[str]:
-    """What the module of `namespace` (a function's __globals__) takes from elsewhere, one level deep: "name==version" of each installed
-    distribution it imports from (a module, or a function or class of one), the text of each other
-    local file it imports (helpers beside rewards.py); the standard library is left out."""
+    """What the module of `namespace` (a function's __globals__) takes from elsewhere, one level
+    deep: "name==version" of each installed distribution it imports from (a module, or a function
+    or class of one), the text of each other local file it imports (helpers beside rewards.py);
+    the standard library is left out."""
     import importlib.metadata
     import sys
     import sysconfig

@@ -11,8 +11,9 @@ checkpoints. A blocker is one line with its fix, and the exit code is 2; warning
 
 Memory arithmetic per training device, P parameters (T of them trained: all, or LoRA's adapters),
 b bytes per weight (2 in bf16, 4 in fp32), W ranks, S = prompt + --max_new_tokens positions (the
-prompt: the longest of the task's training prompts (up to 100,000 of them), rendered and
-tokenized as the trainer does; 256 tokens assumed when the tokenizer or the task cannot be read), m = --micro_batch_size rows, hidden H, L layers:
+prompt: the longest of the task's training prompts, up to 100,000 of them, rendered and tokenized
+as the trainer does; 256 tokens assumed when the tokenizer or the task cannot be read),
+m = --micro_batch_size rows, hidden H, L layers:
   weights P*b; gradients 4*T/W (ZeRO-2's fp32 partition) + the reduce bucket (5e7 elements, b each);
   AdamW 12*T/W (fp32 master, two moments; 0 with --offload_optimizer); activations
   34*S*m*H*L*b/2 (sdpa or flash, no S^2 term), with --gradient_checkpointing 2*S*m*H*L*b/2 + one
