@@ -68,8 +68,10 @@ def test_a_7b_on_this_machine_is_a_memory_blocker_with_the_arithmetic(tmp_path, 
                                              "--max_new_tokens=256"]))
     shape = preflight.model_shape(cfg)
     assert shape["params"] == qwen2_params(QWEN2_7B) == 7_615_616_512
-    prompt, how = preflight.prompt_tokens(cfg)  # a folder holding only its config: no chat template
-    assert prompt == 256 and how.startswith("256 assumed ("), how
+    prompt, why = preflight.prompt_tokens(cfg)  # a folder holding only its config: no chat template
+    assert prompt is None and "has no chat template" in why, why
+    (row,) = [r for r in preflight.device_rows(cfg, shape, world=1, local=1) if r.what.startswith("prompt tokens")]
+    assert row.status == "WARN" and row.need.startswith("256 assumed (") and row.have.startswith("256 + ")
     need = preflight.memory_need(cfg, shape, world=4, bytes_per_weight=2)
     P = shape["params"]
     assert need["weights"] == 2 * P and need["optimizer"] == 12 * P / 4  # ZeRO-2: AdamW over 4 ranks

@@ -70,12 +70,12 @@ def model_shape(cfg) -> dict:
             "vocab": text.vocab_size}
 
 
-def prompt_tokens(cfg) -> tuple[int, str]:
+def prompt_tokens(cfg) -> tuple[int | None, str]:
     """The longest training prompt in tokens -> (tokens, where the number comes from). Every example
     (up to PROMPT_SAMPLE, a seeded sample of larger tasks) has its question (and its own system
     prompt, if any) tokenized; the PROMPT_RENDERED longest are rendered (system prompt, chat
     template) and tokenized as the trainer does, since the template adds the same text around
-    every question. PROMPT_TOKENS when the tokenizer or the task cannot be read (a model folder
+    every question. (None, why) when the tokenizer or the task cannot be read (a model folder
     holding only its config)."""
     import random
 
@@ -101,8 +101,8 @@ def prompt_tokens(cfg) -> tuple[int, str]:
         render = data.prompt_renderer(tok, cfg.system_prompt, cfg.chat_template_kwargs)
         longest = max(len(tok(render(examples[i]), add_special_tokens=False).input_ids) for i in top)
     except (UserError, OSError, ValueError) as e:  # the launch itself says these in full
-        why = (str(e).splitlines() or [type(e).__name__])[0][:100]
-        return PROMPT_TOKENS, f"{PROMPT_TOKENS} assumed ({why})"
+        why = (str(e).splitlines() or [type(e).__name__])[0][:240]
+        return None, why
     return longest, f"the longest of {len(examples):,} of the task's prompts"  # all, up to the sample
 
 
@@ -148,8 +148,12 @@ def device_rows(cfg, shape: dict, world: int, local: int) -> list[Row]:
         rows.append(Row("a GPU per rank (NCCL)", f"{local}", f"{gpus}", "BLOCKER",
                         "fewer ranks per node, or --dist_backend=gloo (slow)"))
     prompt, measured = prompt_tokens(cfg)
+    if prompt is None:  # the launch reads the tokenizer and the task too: it would stop there
+        prompt, measured = PROMPT_TOKENS, f"{PROMPT_TOKENS} assumed ({measured})"
     rows.append(Row("prompt tokens (memory estimate)", measured, f"{prompt:,} + --max_new_tokens "
-                    f"{cfg.max_new_tokens} positions a row", "info"))
+                    f"{cfg.max_new_tokens} positions a row", "WARN" if "assumed" in measured else "info",
+                    "the launch renders prompts the same way: fix what the row says"
+                    if "assumed" in measured else ""))
     need = memory_need(cfg, shape, world, b, prompt)
     total = sum(need.values())
     parts = ", ".join(f"{k} {_gb(v)}" for k, v in need.items() if v)
