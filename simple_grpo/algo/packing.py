@@ -1,18 +1,19 @@
 """Which rows of a rank's batch go into which micro-batch, at which widths.
 
 Fixed (`max_tokens` 0, `--micro_batch_size`): consecutive slices of `micro_batch` rows at the
-batch's full width [P + C]. Auto (`max_tokens` -1, the trainer's default): budgeted under the fixed
-slices' own size, N = micro_batch x (P + C): the same peak, at most as many micro-batches (each
-holds at least micro_batch rows), and with rows of equal lengths the fixed slices themselves.
-Budgeted (`--max_tokens_per_micro_batch=N`): the rows sorted
-by length (prompt_len + completion_len) and cut greedily so that each micro-batch's padded size,
+batch's full width [P + C]. Budgeted (`--max_tokens_per_micro_batch=N`): the rows sorted by length
+(prompt_len + completion_len) and cut greedily so that each micro-batch's padded size,
 rows x (its longest prompt + its longest completion), stays within N; a single row over N is a
-micro-batch of its own. Inside a micro-batch the rows go back to batch order: a group's rows are
-consecutive in the batch, so those that share a micro-batch sit next to each other and share one
-prompt pass (algo/logprobs.py runs each run of equal prompts once); the order inside a micro-batch
-changes no width and no padding. Each micro-batch is trimmed to its own widths: the first C' completion
-columns (right padding) and the last P' prompt columns (left padding keeps its layout), so a row
-pays for the longest row of its micro-batch instead of the longest of the batch.
+micro-batch of its own. Auto (`max_tokens` -1, the trainer's default): budgeted with the fixed
+slices' own size, N = micro_batch x (P + C): the same peak, at most as many micro-batches (each
+holds at least micro_batch rows), and when every row fills the batch's widths, the fixed slices.
+
+Inside a micro-batch the rows go back to batch order: a group's rows are consecutive in the batch,
+so those that share a micro-batch sit next to each other and share one prompt pass
+(algo/logprobs.py runs each run of equal prompts once); the order changes no width and no padding.
+Each micro-batch is trimmed to its own widths: the first C' completion columns (right padding) and
+the last P' prompt columns (left padding keeps its layout), so a row pays for the longest row of its
+micro-batch instead of the longest of the batch.
 
 Every [B, ...] tensor of the batch follows the rows through `MicroBatch.take`; outputs computed per
 micro-batch come back to the batch's row order and width through `scatter`.
