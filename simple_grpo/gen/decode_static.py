@@ -25,6 +25,8 @@ rounding. Attention must be `sdpa` or `eager` (a 4-D mask); flash-attention's ne
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers.cache_utils import DynamicLayer
 
@@ -42,9 +44,7 @@ def _kept_buffer(layer_index: int, name: str, like: torch.Tensor, shape: tuple) 
     """A [shape] view of the start of the flat buffer kept for this layer's keys or values: the same
     address every call (grown, at a new address, only when a call needs more elements than any before)."""
     key = (str(like.device), like.dtype, layer_index, name)
-    need = 1
-    for n in shape:
-        need *= n
+    need = math.prod(shape)
     flat = _KEPT.get(key)
     if flat is None or flat.numel() < need:
         _KEPT.pop(key, None)  # the old one is freed before the larger one is allocated

@@ -148,12 +148,12 @@ def device_rows(cfg, shape: dict, world: int, local: int) -> list[Row]:
         rows.append(Row("a GPU per rank (NCCL)", f"{local}", f"{gpus}", "BLOCKER",
                         "fewer ranks per node, or --dist_backend=gloo (slow)"))
     prompt, measured = prompt_tokens(cfg)
-    if prompt is None:  # the launch reads the tokenizer and the task too: it would stop there
+    assumed = prompt is None  # the launch reads the tokenizer and the task too: it would stop there
+    if assumed:
         prompt, measured = PROMPT_TOKENS, f"{PROMPT_TOKENS} assumed ({measured})"
     rows.append(Row("prompt tokens (memory estimate)", measured, f"{prompt:,} + --max_new_tokens "
-                    f"{cfg.max_new_tokens} positions a row", "WARN" if "assumed" in measured else "info",
-                    "the launch renders prompts the same way: fix what the row says"
-                    if "assumed" in measured else ""))
+                    f"{cfg.max_new_tokens} positions a row", "WARN" if assumed else "info",
+                    "the launch renders prompts the same way: fix what the row says" if assumed else ""))
     need = memory_need(cfg, shape, world, b, prompt)
     total = sum(need.values())
     parts = ", ".join(f"{k} {_gb(v)}" for k, v in need.items() if v)

@@ -289,7 +289,10 @@ def own_part(batch, dist):
     for another rank, and with 3 or more ranks the sum of their gradients would differ in the last
     bits from run to run. One all-gather of the part numbers a step; the batches themselves cross
     (as the codec's bytes) only when some rank holds another's part and every rank holds a part of
-    one step. A rank without a batch (the sampler died while it waited) keeps what it has."""
+    one step. A rank without a batch (the sampler died while it waited) keeps what it has.
+    Bytes, estimated for a GSM8K-style 7B step: a part of 64 rows x 1,300 positions holds int64 ids
+    (1.3 MB) and three fp32 [64, 1024] log-prob tensors (0.8 MB), 2.8 MB as base64; out of order, each
+    of 8 ranks receives 8 x 2.8 = 22 MB, milliseconds over NVLink or the node's network, once a step."""
     import base64
 
     from simple_grpo.gen.worker import PART, SAMPLER_ID
